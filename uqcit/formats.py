@@ -1,0 +1,115 @@
+"""Storage formats for one weight tensor, and what each costs in bits.
+
+A ``QuantFormat`` says how a tensor is stored: group-wise integer codes at 2/3/4/8
+bits with fp16 scales (and fp16 zero points when asymmetric), or fp16
+pass-through; optionally a top fraction of weights (by importance) kept at a
+higher precision, located by a 1-bit mask. ``bits_for`` is the exact storage
+cost that ``quant.quantize`` produces: the same arithmetic, so planned and stored
+bits agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+INT_BITS = (2, 3, 4, 8)
+FLOAT_BITS = 16
+HIGH_BITS = (8, 16)
+SCALE_BITS = 16  # scales and zero points are stored as fp16
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+    """How one tensor is stored.
+
+    >>> QuantFormat(bits=4, group_size=128).name
+    'w4-g128'
+    >>> QuantFormat(bits=2, group_size=128, high_bits=16, high_fraction=0.1).name
+    'w2-g128+w16@0.1'
+    """
+
+    bits: int = 4  # 2, 3, 4, 8 (integer codes) or 16 (fp16 pass-through)
+    group_size: int = 128  # weights sharing one scale, consecutive in row-major order
+    symmetric: bool = False  # symmetric stores no zero point; asymmetric fits skewed groups better
+    high_bits: int | None = None  # salient weights' precision: 8 (int8 groups) or 16 (fp16)
+    high_fraction: float = 0.0  # fraction of weights, by importance, stored at high_bits
+
+    def __post_init__(self) -> None:
+        if self.bits not in INT_BITS + (FLOAT_BITS,):
+            raise ValueError(f"bits must be one of {INT_BITS + (FLOAT_BITS,)}, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.high_bits is not None:
+            if self.high_bits not in HIGH_BITS:
+                raise ValueError(f"high_bits must be one of {HIGH_BITS} or None, got {self.high_bits}")
+            if not 0.0 < self.high_fraction < 1.0:
+                raise ValueError(
+                    f"high_fraction must be in (0, 1) when high_bits is set, got {self.high_fraction}"
+                )
+            if self.bits == FLOAT_BITS:
+                raise ValueError("a mixed format needs integer low bits, not fp16")
+        elif self.high_fraction:
+            raise ValueError("high_fraction is set but high_bits is None")
+
+    @property
+    def mixed(self) -> bool:
+        return self.high_bits is not None
+
+    @property
+    def name(self) -> str:
+        if self.bits == FLOAT_BITS:
+            return "fp16"
+        base = f"w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
+        if self.mixed:
+            base += f"+w{self.high_bits}@{self.high_fraction:g}"
+        return base
+
+    def high_count(self, numel: int) -> int:
+        """How many weights of a ``numel`` tensor go to high precision (rounded to nearest)."""
+        if not self.mixed:
+            return 0
+        return int(round(self.high_fraction * numel))
+
+    def bits_for(self, numel: int) -> int:
+        """Exact number of bits stored for a tensor of ``numel`` weights in this format."""
+        if self.bits == FLOAT_BITS:
+            return FLOAT_BITS * numel
+        n_high = self.high_count(numel)
+        n_low = numel - n_high
+        total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric)
+        if self.mixed:
+            total += _packed_bits(numel, 1)  # the mask
+            if self.high_bits == FLOAT_BITS:
+                total += FLOAT_BITS * n_high
+            else:
+                total += _int_part_bits(n_high, self.high_bits, self.group_size, self.symmetric)
+        return total
+
+    def bits_per_weight(self, numel: int) -> float:
+        return self.bits_for(numel) / numel
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantFormat":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantFormat key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def _packed_bits(count: int, bits: int) -> int:
+    """Bits of ``count`` codes packed ``bits`` wide into whole bytes (as ``packing.pack`` stores them)."""
+    return 8 * math.ceil(count * bits / 8)
+
+
+def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool) -> int:
+    if count == 0:
+        return 0
+    groups = math.ceil(count / group_size)
+    per_group = SCALE_BITS if symmetric else 2 * SCALE_BITS
+    # Codes of the padded last group are not stored: packing covers exactly `count` codes.
+    return _packed_bits(count, bits) + groups * per_group

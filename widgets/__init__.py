@@ -1,0 +1,1 @@
+"""The lab layer of UQCIT Workbench (ipywidgets + plotly); holds no compression logic."""
