@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 INT_BITS = (2, 3, 4, 8)
@@ -113,3 +114,28 @@ def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool) -> i
     per_group = SCALE_BITS if symmetric else 2 * SCALE_BITS
     # Codes of the padded last group are not stored: packing covers exactly `count` codes.
     return _packed_bits(count, bits) + groups * per_group
+
+
+_NAME_RE = re.compile(
+    r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
+)
+
+
+def parse_format(name: str) -> QuantFormat:
+    """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w2-g64-sym+w16@0.1"``, ``"fp16"``."""
+    if name == "fp16":
+        return QuantFormat(bits=FLOAT_BITS)
+    m = _NAME_RE.match(name.strip())
+    if not m:
+        raise ValueError(
+            f"cannot read format {name!r}; expected e.g. 'w4-g128', 'w3-g64-sym', "
+            "'w2-g128+w16@0.1' or 'fp16'"
+        )
+    high = m.group("high")
+    return QuantFormat(
+        bits=int(m.group("bits")),
+        group_size=int(m.group("group")),
+        symmetric=bool(m.group("sym")),
+        high_bits=int(high) if high else None,
+        high_fraction=float(m.group("frac")) if high else 0.0,
+    )

@@ -1,0 +1,161 @@
+"""The ``uqcit`` command line: the library's recipes, run in batch."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _eval_config(args, recipe=None):
+    from .evaluate import EvalConfig
+
+    base = (recipe.stage("eval") if recipe is not None else None) or EvalConfig()
+    if getattr(args, "quick", None):
+        base = base.replace(max_windows=args.quick)
+    return base
+
+
+def cmd_compress(args) -> int:
+    from .pipeline import run_job
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    report = run_job(args.model, recipe, args.out, eval_config=_eval_config(args, recipe),
+                     progress=not args.no_progress)
+    print(report.format_table())
+    if args.json:
+        Path(args.json).write_text(report.to_json() + "\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_many
+    from .models import load_model
+    from .package import load_package
+
+    pkg = load_package(args.package, progress=not args.no_progress)
+    reference = None
+    if args.reference != "none":
+        ref_name = args.reference or pkg.metadata.get("source_model")
+        reference = load_model(ref_name, progress=not args.no_progress).model
+    res = evaluate_many({"package": pkg.model}, pkg.tokenizer, _eval_config(args),
+                        reference=reference, progress=not args.no_progress)
+    out = {"package": res["package"].to_dict()}
+    if reference is not None:
+        out["reference"] = res["reference"].to_dict()
+        print(res["reference"].summary())
+    print(res["package"].summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .package import package_bytes, read_metadata
+
+    path = Path(args.package)
+    meta = read_metadata(path)
+    print(f"package       {path}")
+    print(f"source model  {meta.get('source_model')}")
+    print(f"method        {meta.get('method')}")
+    print(f"bits/weight   {meta['average_bits_per_param']:.3f} over {meta['quantized_weight_count']:,} quantized weights")
+    print(f"package bytes {package_bytes(path):,}")
+    print("levels:")
+    for lvl, d in meta.get("level_distribution", {}).items():
+        print(f"  {lvl}: {d['percent']:.1f}% of weights, {d['avg_bits']:.3f} bits/weight")
+    vdir = path / "validation"
+    for name in ("perplexity", "benchmarks"):
+        f = vdir / f"{name}.json"
+        if f.is_file():
+            data = json.loads(f.read_text())
+            if name == "perplexity" and data.get("reference_ppl") is not None:
+                scope = "full protocol" if data.get("full_protocol") else f"quick, {data.get('windows')} window(s)"
+                print(f"perplexity    reference {data['reference_ppl']:.3f} → package {data['package_ppl']:.3f} ({scope})")
+            if name == "benchmarks" and data.get("kl") is not None:
+                print(f"KL / top-1    {data['kl']:.4f} / {data['top1']:.2f}%")
+    if args.layers:
+        print("modules:")
+        for name, e in meta["modules"].items():
+            tied = f" (tied to {e['tied_to']})" if e.get("tied_to") else ""
+            print(f"  {e['layer']:>9}  L{e.get('level')}  {e['format']:<20} {name}{tied}")
+    return 0
+
+
+def cmd_fetch_data(args) -> int:
+    from .data import fetch_corpora
+
+    for p in fetch_corpora():
+        print(p)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipe import builtin_recipe, builtin_recipes
+
+    if args.name:
+        print(builtin_recipe(args.name).to_json())
+    else:
+        for n in builtin_recipes():
+            print(f"{n:28} {builtin_recipe(n).description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uqcit", description="UQCIT Workbench: compress, evaluate and "
+                                "inspect transformer language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="run a recipe on a model, export the package, evaluate it",
+                       description="Load a model, run the recipe's stages, export a package, load it "
+                       "back and evaluate it against the uncompressed model; prints a table.")
+    c.add_argument("--model", default="smollm2-135m", help="model name, Hugging Face id or local folder")
+    c.add_argument("--recipe", default="uqcit-default", help="built-in recipe name or recipe JSON file")
+    c.add_argument("--out", required=True, help="package folder to write (replaced atomically)")
+    c.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
+    c.add_argument("--json", help="also write the report as JSON to this file")
+    c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="evaluate a package", description="Evaluate a package with the "
+                       "protocol of DESIGN.md, against its source model unless --reference none.")
+    e.add_argument("package")
+    e.add_argument("--reference", help="reference model (default: the package's source model); 'none' to skip")
+    e.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
+    e.add_argument("--json", help="write the results as JSON to this file")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="print a package's layers, bits, levels and figures",
+                       description="Read a package's metadata and validation files (no weights loaded).")
+    i.add_argument("package")
+    i.add_argument("--layers", action="store_true", help="list every module with its level and format")
+    i.set_defaults(fn=cmd_inspect)
+
+    f = sub.add_parser("fetch-data", help="download the evaluation corpus (gensim wheel from PyPI)",
+                       description="Extract lee_background.cor and lee.cor from gensim's wheel.")
+    f.set_defaults(fn=cmd_fetch_data)
+
+    r = sub.add_parser("recipes", help="list built-in recipes, or print one",
+                       description="List the built-in recipes, or print one as JSON.")
+    r.add_argument("name", nargs="?")
+    r.set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's first parallel region
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .package import PackageError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, PackageError, FileNotFoundError) as exc:
+        print(f"uqcit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The compressed package on disk (seed 002 §5.1), safetensors and JSON only.
+
+Layout::
+
+    package/
+      config.json              the transformers config of the model
+      uqcit_metadata.json      recipe, plan, measured bits and figures, module index
+      layers/layer_NNN/        one folder per transformer block NNN
+        weights.safetensors    packed codes, fp16 scales/zeros, masks, float params of the block
+        rotation.safetensors   rotations not folded into weights (none yet: an empty file)
+        precision_map.json     per module: format, stored bits, bits/weight
+        ghz_clusters.json      correlation clusters of the block's modules
+      layers/outer/            the same files for modules outside the blocks (embeddings, head, final norm)
+      tokenizer/
+      validation/{perplexity,benchmarks,noise_profile}.json
+
+A package is written to a temporary sibling folder and renamed into place, so an
+existing package is never left half-overwritten. ``load_package`` rebuilds a
+runnable transformers model whose quantized modules run from the packed codes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .formats import parse_format
+from .quant import QuantizedTensor
+from .results import Result
+from .runtime import QuantEmbedding, QuantLinear, replace_module
+
+FORMAT_VERSION = 1
+METADATA_FILE = "uqcit_metadata.json"
+OUTER = "outer"
+VALIDATION_FILES = ("perplexity", "benchmarks", "noise_profile")
+
+
+class PackageError(ValueError):
+    """A folder that is not a readable UQCIT package; the message names the file."""
+
+
+@dataclasses.dataclass
+class LoadedPackage:
+    """A package read back: runnable model, tokenizer and its metadata."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    metadata: dict[str, Any]
+    path: Path
+    seconds: float
+
+    def __repr__(self) -> str:
+        return (f"<LoadedPackage {self.path.name}: {self.metadata.get('method')}, "
+                f"{self.metadata.get('average_bits_per_param', float('nan')):.3f} bits/weight>")
+
+
+# --------------------------------------------------------------------------- export
+
+def export_package(quantized, tokenizer, path: str | os.PathLike, *, recipe=None,
+                   source_model: str = "unknown", levels=None,
+                   validation: Mapping[str, Any] | None = None,
+                   extra_metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``quantized`` (a ``QuantizeResult``) as a package at ``path``, atomically.
+
+    Returns the package path. ``validation`` maps ``perplexity``/``benchmarks``/
+    ``noise_profile`` to JSON-able dicts (measured elsewhere); missing ones are
+    written with what this function can measure itself (the weight noise profile).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_package(quantized, tokenizer, tmp, recipe=recipe, source_model=source_model,
+                       levels=levels, validation=validation or {}, extra=extra_metadata or {})
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _layer_dir(block: int | None) -> str:
+    return OUTER if block is None else f"layer_{block:03d}"
+
+
+def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, levels,
+                   validation, extra) -> None:
+    from .levels import block_of
+
+    model = quantized.model
+    by_name = {m.name: m for m in quantized.modules}
+    qmods = {name: mod for name, mod in model.named_modules() if isinstance(mod, (QuantLinear, QuantEmbedding))}
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    _write_json(root / "config.json", config)
+
+    # Group every stored tensor by the block it belongs to.
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    precision: dict[str, dict[str, Any]] = {}
+    module_index: dict[str, Any] = {}
+    stored_ptrs: dict[tuple[int, int], str] = {}
+    for name, mod in qmods.items():
+        rec = by_name.get(name)
+        layer = _layer_dir(block_of(name))
+        q = mod.qtensor
+        key_ptr = (q.tensors[next(iter(q.tensors))].data_ptr(), q.numel)
+        tied_to = rec.tied_to if rec is not None else stored_ptrs.get(key_ptr)
+        entry = {"layer": layer, "kind": "embedding" if isinstance(mod, QuantEmbedding) else "linear",
+                 "shape": list(q.shape), "format": q.fmt.name, "tied_to": tied_to,
+                 "level": rec.level if rec is not None else None,
+                 "has_bias": isinstance(mod, QuantLinear) and mod.bias is not None}
+        module_index[name] = entry
+        if tied_to is None:
+            stored_ptrs[key_ptr] = name
+            tensors.setdefault(layer, {}).update(q.state_dict(prefix=f"{name}."))
+            precision.setdefault(layer, {})[name] = {
+                "format": q.fmt.to_dict() | {"name": q.fmt.name}, "level": entry["level"],
+                "numel": q.numel, "stored_bits": q.stored_bits, "bits_per_weight": q.bits_per_weight,
+                "rel_error": rec.rel_error if rec is not None else None}
+        if entry["has_bias"]:
+            tensors.setdefault(layer, {})[f"{name}.bias"] = mod.bias.detach().contiguous()
+
+    # Float parameters and persistent buffers of everything not quantized.
+    float_index: dict[str, Any] = {}
+    seen: dict[int, str] = {}
+    for key, value in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in qmods:
+            continue
+        ptr = value.data_ptr()
+        if ptr in seen and value.numel() > 0:
+            float_index[key] = {"tied_to": seen[ptr]}
+            continue
+        seen[ptr] = key
+        layer = _layer_dir(block_of(key))
+        float_index[key] = {"layer": layer, "dtype": str(value.dtype).replace("torch.", "")}
+        tensors.setdefault(layer, {})[key] = value.detach().contiguous()
+
+    layer_names = sorted(set(tensors) | set(precision))
+    clusters = (extra.get("ghz_clusters") or {})
+    for layer in layer_names:
+        ldir = root / "layers" / layer
+        ldir.mkdir(parents=True)
+        save_file(tensors.get(layer, {}), str(ldir / "weights.safetensors"),
+                  metadata={"uqcit_format_version": str(FORMAT_VERSION), "layer": layer})
+        save_file({}, str(ldir / "rotation.safetensors"),
+                  metadata={"rotations": "none", "note": "no rotation applied in this package"})
+        _write_json(ldir / "precision_map.json", precision.get(layer, {}))
+        _write_json(ldir / "ghz_clusters.json", clusters.get(layer, {"computed": False, "clusters": []}))
+
+    tok_dir = root / "tokenizer"
+    tok_dir.mkdir()
+    tokenizer.save_pretrained(str(tok_dir))
+
+    vdir = root / "validation"
+    vdir.mkdir()
+    noise = validation.get("noise_profile") or {
+        "measure": "relative weight error ||W - W_hat|| / ||W|| per quantized module",
+        "modules": {m.name: {"rel_error": m.rel_error, "sqnr_db": m.sqnr_db}
+                    for m in quantized.stored}}
+    _write_json(vdir / "noise_profile.json", noise)
+    _write_json(vdir / "perplexity.json", validation.get("perplexity") or {"measured": False})
+    _write_json(vdir / "benchmarks.json", validation.get("benchmarks") or {"measured": False})
+
+    level_bits: dict[int, list[int]] = {}
+    for m in quantized.stored:
+        acc = level_bits.setdefault(m.level, [0, 0])
+        acc[0] += m.numel
+        acc[1] += m.stored_bits
+    total_w = quantized.weight_count
+    metadata = {
+        "uqcit_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "source_model": source_model,
+        "model_class": type(model).__name__,
+        "method": quantized.plan.name,
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "plan": quantized.plan.to_dict(),
+        "average_bits_per_param": quantized.bpw,
+        "quantized_weight_count": total_w,
+        "quantized_stored_bytes": quantized.stored_bits // 8,
+        "level_distribution": {
+            f"level_{lvl}": {"percent": 100 * w / max(total_w, 1), "avg_bits": b / w}
+            for lvl, (w, b) in sorted(level_bits.items())},
+        "modules": module_index,
+        "float_tensors": float_index,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    metadata.update({k: v for k, v in extra.items() if k != "ghz_clusters"})
+    # Bytes of everything else are known now; the metadata file's own size is added after.
+    _write_json(root / METADATA_FILE, metadata)
+    metadata["package_bytes"] = package_bytes(root)
+    _write_json(root / METADATA_FILE, metadata)
+    metadata["package_bytes"] = package_bytes(root)
+    _write_json(root / METADATA_FILE, metadata)
+
+
+def package_bytes(path: str | os.PathLike) -> int:
+    """Total bytes of every file in a package folder."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def write_validation(path: str | os.PathLike, name: str, data: Mapping[str, Any]) -> None:
+    """Replace one ``validation/<name>.json`` of an existing package atomically."""
+    if name not in VALIDATION_FILES:
+        raise ValueError(f"validation file must be one of {VALIDATION_FILES}, got {name!r}")
+    path = Path(path)
+    _read_metadata(path)  # refuses a folder that is not a package
+    _write_json(path / "validation" / f"{name}.json", dict(data))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- load
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise PackageError(f"{path}: file missing; this folder is not a complete UQCIT package")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc}); the package is corrupt") from exc
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise PackageError(f"{path}: no such package folder")
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise PackageError(f"{meta_path}: missing; {path} is not a UQCIT package "
+                           "(export one with uqcit.package.export_package or `uqcit compress`)")
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise PackageError(f"{meta_path}: format_version {meta.get('format_version') if isinstance(meta, dict) else None!r} "
+                           f"is not {FORMAT_VERSION}; this package was written by another version")
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a package, validated, without loading any weights."""
+    return _read_metadata(Path(path))
+
+
+def _load_layer(path: Path, layer: str) -> dict[str, torch.Tensor]:
+    f = path / "layers" / layer / "weights.safetensors"
+    if not f.is_file():
+        raise PackageError(f"{f}: file missing; the package is incomplete")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PackageError(f"{f}: cannot be read as safetensors ({exc}); the package is corrupt "
+                           "or truncated") from exc
+
+
+def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPackage:
+    """Load a package into a runnable transformers model whose quantized layers run from packed codes.
+
+    >>> # pkg = load_package("runs/default/package"); pkg.model.generate(...)
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    meta = _read_metadata(path)
+    config_dict = _read_json(path / "config.json")
+    try:
+        config = AutoConfig.for_model(**config_dict)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PackageError(f"{path / 'config.json'}: not a transformers config ({exc})") from exc
+
+    builder = AutoModelForCausalLM if meta.get("model_class", "").endswith("ForCausalLM") else AutoModel
+    model = _build_from_config(builder, config, meta.get("model_class"))
+
+    layers = sorted({e["layer"] for e in meta["modules"].values() if "layer" in e}
+                    | {e["layer"] for e in meta["float_tensors"].values() if "layer" in e})
+    state: dict[str, torch.Tensor] = {}
+    for layer in tqdm(layers, desc="load package", unit="layer", disable=not progress):
+        state.update(_load_layer(path, layer))
+
+    built: dict[str, QuantizedTensor] = {}
+    modules = meta["modules"]
+    for name, entry in modules.items():
+        if entry.get("tied_to"):
+            continue
+        try:
+            fmt = parse_format(entry["format"])
+            q = QuantizedTensor.from_state_dict(state, f"{name}.", tuple(entry["shape"]), fmt)
+        except (KeyError, ValueError) as exc:
+            raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: "
+                               f"module {name} cannot be rebuilt ({exc})") from exc
+        built[name] = q
+    named = dict(model.named_modules())
+    for name, entry in modules.items():
+        if name not in named:
+            raise PackageError(f"{path / METADATA_FILE}: module {name} does not exist in a "
+                               f"{type(model).__name__} built from config.json")
+        q = built[entry["tied_to"]] if entry.get("tied_to") else built[name]
+        if entry["kind"] == "embedding":
+            new = QuantEmbedding(q, padding_idx=getattr(named[name], "padding_idx", None))
+        else:
+            bias = state.get(f"{name}.bias") if entry.get("has_bias") else None
+            new = QuantLinear(q, bias)
+        replace_module(model, name, new)
+
+    float_state = {}
+    for key, entry in meta["float_tensors"].items():
+        src = entry.get("tied_to", key)
+        if src not in state:
+            raise PackageError(f"{path / 'layers'}: float tensor {src} is missing from the weight files")
+        float_state[key] = state[src]
+    own = model.state_dict()
+    missing = [k for k in own if k not in float_state and k.rsplit(".", 1)[0] not in modules]
+    if missing:
+        raise PackageError(f"{path}: the package does not hold {len(missing)} tensor(s) the model "
+                           f"needs, e.g. {missing[:5]}")
+    model.load_state_dict(float_state, strict=False, assign=False)
+    model.eval()
+
+    tok_dir = path / "tokenizer"
+    if not tok_dir.is_dir():
+        raise PackageError(f"{tok_dir}: folder missing; the package has no tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{tok_dir}: tokenizer cannot be loaded ({exc})") from exc
+    return LoadedPackage(model, tokenizer, meta, path, time.perf_counter() - t0)
+
+
+def _build_from_config(builder, config, model_class: str | None):
+    """An un-trained model of the package's class; its random init is overwritten right after."""
+    import transformers
+
+    cls = getattr(transformers, model_class, None) if model_class else None
+    gen_state = torch.random.get_rng_state()
+    try:
+        model = cls._from_config(config) if cls is not None else builder.from_config(config)
+    finally:
+        torch.random.set_rng_state(gen_state)  # building must not disturb the caller's RNG
+    return model

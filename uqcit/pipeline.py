@@ -1,0 +1,230 @@
+"""Run recipes: a registry from config type to stage handler, a session, and the main job.
+
+A ``Session`` holds the reference model and every stage's result; running a
+stage config looks its handler up in ``STAGE_HANDLERS`` so a new stage plugs in
+with ``register_stage`` and no edit here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .compress import QuantizeConfig, QuantizeResult, quantize_model
+from .config import StageConfig
+from .evaluate import EvalConfig, EvalResult, evaluate_many
+from .levels import LevelsConfig, analyze_levels
+from .plan import PlanConfig, build_plan
+from .recipe import Recipe
+from .results import Result, fmt, html_table
+
+Handler = Callable[["Session", Any], Result]
+STAGE_HANDLERS: dict[type[StageConfig], Handler] = {}
+
+
+def register_stage(config_type: type[StageConfig]) -> Callable[[Handler], Handler]:
+    """Decorator: ``handler(session, config) -> Result`` runs stages of ``config_type``."""
+    def deco(fn: Handler) -> Handler:
+        STAGE_HANDLERS[config_type] = fn
+        return fn
+    return deco
+
+
+@dataclasses.dataclass
+class Session:
+    """A model under compression: the float reference, its tokenizer and each stage's result.
+
+    >>> s = Session.from_model("tiny-llama", progress=False)
+    >>> s.run_stage(LevelsConfig()).n_blocks
+    4
+    """
+
+    name: str
+    reference: torch.nn.Module
+    tokenizer: Any
+    progress: bool = True
+    results: dict[str, Result] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, name: str, *, progress: bool = True) -> "Session":
+        """Load a model by name (see ``uqcit.models.load_model``) into a new session."""
+        from .models import load_model
+
+        loaded = load_model(name, progress=progress)
+        s = cls(name=name, reference=loaded.model, tokenizer=loaded.tokenizer, progress=progress)
+        s.seconds["load"] = loaded.seconds
+        return s
+
+    def run_stage(self, config: StageConfig) -> Result:
+        """Run one stage and keep its result under its type tag."""
+        handler = STAGE_HANDLERS.get(type(config))
+        if handler is None:
+            known = sorted(c.type_tag for c in STAGE_HANDLERS)
+            raise ValueError(f"no handler for stage type {config.type_tag!r}; known: {known}")
+        t0 = time.perf_counter()
+        result = handler(self, config)
+        self.seconds[config.type_tag] = time.perf_counter() - t0
+        self.results[config.type_tag] = result
+        return result
+
+    def run(self, recipe: Recipe, *, skip: tuple[str, ...] = ()) -> dict[str, Result]:
+        """Run every stage of a recipe in order (except those whose type is in ``skip``)."""
+        self.state["recipe"] = recipe
+        for cfg in recipe.stages:
+            if cfg.type_tag not in skip:
+                self.run_stage(cfg)
+        return self.results
+
+    def require(self, tag: str) -> Result:
+        if tag not in self.results:
+            raise RuntimeError(f"stage {tag!r} has not run yet in this session; run it first")
+        return self.results[tag]
+
+    @property
+    def compressed(self) -> torch.nn.Module | None:
+        q = self.results.get("quantize")
+        return q.model if isinstance(q, QuantizeResult) else None
+
+
+@register_stage(LevelsConfig)
+def _levels(session: Session, cfg: LevelsConfig):
+    return analyze_levels(session.reference, cfg)
+
+
+@register_stage(PlanConfig)
+def _plan(session: Session, cfg: PlanConfig):
+    levels = session.require("levels")
+    plan = build_plan(levels, cfg)
+    session.state["plan"] = plan
+    return plan.summarize(levels)
+
+
+@register_stage(QuantizeConfig)
+def _quantize(session: Session, cfg: QuantizeConfig):
+    levels = session.require("levels")
+    if "plan" not in session.state:
+        raise RuntimeError("stage 'quantize' needs a bit plan; run a 'plan' stage first")
+    return quantize_model(session.reference, levels, session.state["plan"], cfg,
+                          progress=session.progress)
+
+
+@register_stage(EvalConfig)
+def _eval(session: Session, cfg: EvalConfig):
+    model = session.compressed
+    if model is None:
+        raise RuntimeError("stage 'eval' needs a compressed model; run a 'quantize' stage first")
+    res = evaluate_many({"compressed": model}, session.tokenizer, cfg, reference=session.reference,
+                        progress=session.progress)
+    session.state["eval_reference"] = res["reference"]
+    return res["compressed"]
+
+
+# --------------------------------------------------------------------------- the main job
+
+@dataclasses.dataclass
+class JobReport(Result):
+    """The main job's outcome: measured quality, size and time of one compressed package."""
+
+    model: str
+    method: str
+    package: str
+    bpw: float
+    package_bytes: int
+    reference_bytes: int  # the float32 model's parameter bytes
+    reference: EvalResult
+    compressed: EvalResult
+    seconds: dict[str, float]
+
+    def summary(self) -> str:
+        return (f"{self.model} → {self.method}: {self.bpw:.3f} bits/weight, "
+                f"{self.package_bytes / 2**20:.1f} MiB package; {self.compressed.summary()}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "method": self.method, "package": self.package,
+                "bpw": self.bpw, "package_bytes": self.package_bytes,
+                "reference_bytes": self.reference_bytes,
+                "reference": self.reference.to_dict(), "compressed": self.compressed.to_dict(),
+                "seconds": self.seconds}
+
+    def rows(self) -> list[tuple[str, str]]:
+        r, c = self.reference, self.compressed
+        rows = [
+            ("method", self.method),
+            ("bits/weight (quantized layers, all stored bits)", f"{self.bpw:.3f}"),
+            ("package bytes", f"{self.package_bytes:,} ({self.package_bytes / 2**20:.1f} MiB)"),
+            ("float32 parameter bytes", f"{self.reference_bytes:,} ({self.reference_bytes / 2**20:.1f} MiB)"),
+            ("perplexity reference → package", f"{r.ppl:.3f} → {c.ppl:.3f}"),
+            ("KL(ref ‖ package), nats/token", f"{c.kl:.4f}"),
+            ("top-1 agreement", f"{c.top1:.2f}%"),
+            ("evaluation", "full protocol" if c.full_protocol else
+             f"QUICK: {c.windows} window(s), not the full protocol"),
+        ]
+        rows += [(f"time: {k}", f"{v:.1f} s") for k, v in self.seconds.items()]
+        return rows
+
+    def format_table(self) -> str:
+        rows = self.rows()
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+    def _repr_html_(self) -> str:
+        return f"<p><b>JobReport</b>: {self.summary()}</p>" + html_table(("", ""), self.rows())
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        names = list(self.seconds)
+        fig = go.Figure(go.Bar(x=names, y=[self.seconds[k] for k in names], uid="job-seconds"))
+        fig.update_layout(title="Time per stage (s)", height=320)
+        return fig
+
+
+def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
+            eval_config: EvalConfig | None = None, progress: bool = True,
+            session: Session | None = None) -> JobReport:
+    """The main job: load, analyse, plan, quantize, export, load the package back, evaluate it.
+
+    The evaluation runs on the model loaded from disk, and its numbers are written
+    into the package's ``validation/`` files.
+    """
+    from . import package as pkg
+
+    session = session or Session.from_model(model_name, progress=progress)
+    session.run(recipe, skip=("eval",))
+    quantized: QuantizeResult = session.require("quantize")  # type: ignore[assignment]
+    out = Path(out)
+
+    t0 = time.perf_counter()
+    pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
+                       levels=session.results.get("levels"))
+    session.seconds["export"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    loaded = pkg.load_package(out, progress=progress)
+    session.seconds["load_package"] = time.perf_counter() - t0
+
+    cfg = eval_config or recipe.stage("eval") or EvalConfig()
+    t0 = time.perf_counter()
+    res = evaluate_many({"package": loaded.model}, session.tokenizer, cfg,
+                        reference=session.reference, progress=progress)
+    session.seconds["evaluate"] = time.perf_counter() - t0
+
+    ref, comp = res["reference"], res["package"]
+    protocol = cfg.to_dict()
+    pkg.write_validation(out, "perplexity", {
+        "protocol": protocol, "full_protocol": comp.full_protocol, "windows": comp.windows,
+        "tokens": comp.tokens, "reference_ppl": ref.ppl, "package_ppl": comp.ppl})
+    pkg.write_validation(out, "benchmarks", {
+        "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
+        "package": comp.to_dict()})
+    meta = pkg.read_metadata(out)
+    ref_bytes = sum(p.numel() * p.element_size() for p in session.reference.parameters())
+    return JobReport(model=model_name, method=quantized.plan.name, package=str(out), bpw=quantized.bpw,
+                     package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,
+                     compressed=comp, seconds={k: round(v, 2) for k, v in session.seconds.items()})
