@@ -139,8 +139,8 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         qtensors[entry.name] = q
         err = quant_error(_matrix(module), q)
         records.append(ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
-                                   fmt.name, q.stored_bits, float(err["rel_error"]),
-                                   float(err["sqnr_db"]), time.perf_counter() - t0))
+                                   fmt.name, q.stored_bits, err["rel_fro"],
+                                   err["sqnr_db"], time.perf_counter() - t0))
     for entry in levels.modules:
         if entry.tied_to is None or entry.tied_to not in qtensors:
             continue

@@ -1,0 +1,94 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from uqcit.compress import QuantizeConfig
+from uqcit.evaluate import EvalConfig
+from uqcit.levels import LevelsConfig
+from uqcit.pipeline import STAGE_HANDLERS, Session, run_job
+from uqcit.plan import PlanConfig
+from uqcit.recipe import builtin_recipe
+from uqcit.tiny import tiny_model
+
+QUICK = EvalConfig(max_windows=1, window=128, total_tokens=1024)
+
+
+def _tiny_session():
+    model, tok = tiny_model("llama")
+    return Session(name="tiny-llama", reference=model, tokenizer=tok, progress=False)
+
+
+def test_stages_run_in_order_and_need_their_inputs():
+    s = _tiny_session()
+    with pytest.raises(RuntimeError, match="'levels' has not run"):
+        s.run_stage(PlanConfig())
+    s.run_stage(LevelsConfig())
+    with pytest.raises(RuntimeError, match="needs a bit plan"):
+        s.run_stage(QuantizeConfig())
+    s.run_stage(PlanConfig(preset="uniform", bits=4, group_size=32))
+    q = s.run_stage(QuantizeConfig())
+    assert q.bpw == pytest.approx(4 + 32 / 32)  # 4-bit codes + fp16 scale and zero per 32 weights
+    ev = s.run_stage(QUICK)
+    assert ev.kl > 0 and 0 < ev.top1 <= 100
+    assert set(s.seconds) >= {"levels", "plan", "quantize", "eval"}
+
+
+def test_a_new_stage_plugs_in_without_editing_the_runner():
+    import dataclasses
+
+    from uqcit.config import StageConfig
+    from uqcit.pipeline import register_stage
+    from uqcit.results import Result
+
+    @dataclasses.dataclass(frozen=True)
+    class CountConfig(StageConfig):
+        type_tag = "count-test"
+
+    @dataclasses.dataclass
+    class CountResult(Result):
+        n: int
+
+        def to_dict(self):
+            return {"n": self.n}
+
+    try:
+        register_stage(CountConfig)(lambda s, c: CountResult(sum(1 for _ in s.reference.parameters())))
+        s = _tiny_session()
+        assert s.run_stage(CountConfig()).n == len(list(s.reference.parameters()))
+    finally:
+        STAGE_HANDLERS.pop(CountConfig, None)
+
+
+def test_run_job_on_tiny_model_writes_validation(tmp_path):
+    s = _tiny_session()
+    report = run_job("tiny-llama", builtin_recipe("uqcit-default"), tmp_path / "pkg",
+                     eval_config=QUICK, progress=False, session=s)
+    assert report.compressed.kl > 0
+    v = json.loads((tmp_path / "pkg" / "validation" / "perplexity.json").read_text())
+    assert v["package_ppl"] == report.compressed.ppl and v["full_protocol"] is False
+    table = report.format_table()
+    assert "bits/weight" in table and "QUICK" in table
+
+
+@pytest.mark.slow
+def test_main_job_on_smollm2_reproduces_in_a_new_process(smollm2, tmp_path):
+    """The README's main job (quick evaluation), then `uqcit eval` in a fresh process."""
+    s = Session(name="smollm2-135m", reference=smollm2.model, tokenizer=smollm2.tokenizer, progress=False)
+    cfg = EvalConfig(max_windows=1)
+    report = run_job("smollm2-135m", builtin_recipe("uqcit-default"), tmp_path / "pkg",
+                     eval_config=cfg, progress=False, session=s)
+    assert 5.0 < report.bpw < 8.0
+    assert report.compressed.ppl > report.reference.ppl * 0.9
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "uqcit.cli", "eval", str(tmp_path / "pkg"),
+                           "--reference", "none", "--quick", "1", "--json", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(out.read_text())["package"]
+    assert again["ppl"] == pytest.approx(report.compressed.ppl, rel=1e-6)
+    inspect = subprocess.run([sys.executable, "-m", "uqcit.cli", "inspect", str(tmp_path / "pkg")],
+                             capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0 and "level_3" in inspect.stdout and "perplexity" in inspect.stdout
