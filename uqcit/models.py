@@ -18,6 +18,7 @@ with a marker file, so an interrupted conversion never leaves a half cache.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -89,10 +90,10 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, progress: bool 
     ``HF_HUB_OFFLINE`` is not set. Decoders load with ``AutoModelForCausalLM``,
     encoders (per the config's ``architectures``) with ``AutoModel``.
 
-    ``progress`` switches the workbench's own bars (the stages of the first
-    SmolLM2 conversion). Bars drawn by transformers itself follow transformers'
-    settings (``transformers.utils.logging.disable_progress_bar()``); the GGUF
-    reader's de-quantization bar ignores them and shows once, on the first load.
+    ``progress=False`` hides the workbench's own bars (the stages of the first
+    SmolLM2 conversion) and, for this call only, transformers' weight-loading
+    bar; the GGUF reader's de-quantization bar ignores every switch and shows
+    once, on the first load.
 
     Raises ``ModelNotFoundError`` (an ``OSError`` and a ``ValueError``) when the
     model cannot be found; its message says what to do.
@@ -102,20 +103,36 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, progress: bool 
     'GPT2LMHeadModel'
     """
     start = time.perf_counter()
-    if name == SMOLLM2:
-        model, tokenizer, source = _load_smollm2(dtype, progress)
-    elif name == MINILM:
-        model, tokenizer, source = _load_minilm(dtype)
-    elif name.startswith("tiny-") and name.removeprefix("tiny-") in TINY_FAMILIES:
-        family = name.removeprefix("tiny-")
-        model, tokenizer = tiny_model(family)
-        model = model.to(dtype)
-        source = f"uqcit.tiny.tiny_model({family!r})"
-    else:
-        model, tokenizer, source = _load_pretrained(name, dtype)
+    with _transformers_bars(progress):
+        if name == SMOLLM2:
+            model, tokenizer, source = _load_smollm2(dtype, progress)
+        elif name == MINILM:
+            model, tokenizer, source = _load_minilm(dtype)
+        elif name.startswith("tiny-") and name.removeprefix("tiny-") in TINY_FAMILIES:
+            family = name.removeprefix("tiny-")
+            model, tokenizer = tiny_model(family)
+            model = model.to(dtype)
+            source = f"uqcit.tiny.tiny_model({family!r})"
+        else:
+            model, tokenizer, source = _load_pretrained(name, dtype)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
                        seconds=time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool):
+    """Switch transformers' progress bars for one call and restore the caller's setting."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if before and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------- packaged assets

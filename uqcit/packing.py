@@ -122,12 +122,13 @@ def unpack_at(packed: torch.Tensor, bits: int, count: int, index: torch.Tensor) 
     bitpos = index.to(torch.int64) * bits
     byte = bitpos >> 3
     shift = (bitpos & 7).to(torch.int32)
-    low = packed[byte].to(torch.int32)
-    # A code only reaches into the next byte if that byte exists (the stream ends with the byte
-    # holding the last code), so clamping the second read to the last byte only ever reads bits
-    # that the mask below discards.
-    high = packed[(byte + 1).clamp_(max=packed.numel() - 1)].to(torch.int32)
-    return (((low | (high << 8)) >> shift) & ((1 << bits) - 1)).to(torch.uint8)
+    word = packed[byte].to(torch.int32)
+    if 8 % bits:  # 3-bit codes may straddle two bytes; 1/2/4/8-bit codes never do
+        # A code only reaches into the next byte if that byte exists (the stream ends with the
+        # byte holding the last code), so clamping the second read to the last byte only ever
+        # reads bits that the mask below discards.
+        word |= packed[(byte + 1).clamp_(max=packed.numel() - 1)].to(torch.int32) << 8
+    return ((word >> shift) & ((1 << bits) - 1)).to(torch.uint8)
 
 
 def _chunk(bits: int) -> tuple[int, int]:

@@ -15,18 +15,18 @@ Integer rule for one group of ``b`` bits (``qmax = 2**b - 1``), all arithmetic i
   ``scale = fp16((hi - lo) / qmax)``, ``zero = round(-lo / scale)``,
   ``code = clamp(round(w / scale) + zero, 0, qmax)``, ``w_hat = (code - zero) * scale``.
 - symmetric: ``scale = fp16(absmax / (2**(b-1) - 1))``,
-  ``code = clamp(round(w / scale), -2**(b-1), 2**(b-1) - 1) + 2**(b-1)`` stored unsigned,
-  ``w_hat = (code - 2**(b-1)) * scale``. The most negative level is never produced (absmax
-  maps to +-(2**(b-1) - 1)), so 2-bit symmetric uses the three levels -1, 0, 1.
+  ``code = clamp(round(w / scale), -(2**(b-1) - 1), 2**(b-1) - 1) + 2**(b-1)`` stored unsigned,
+  ``w_hat = (code - 2**(b-1)) * scale``. The clamp is symmetric, so the most negative level
+  ``-2**(b-1)`` (code 0) is never produced: 2-bit symmetric uses the three levels -1, 0, 1.
 
 Scales (and zeros) are rounded to fp16 *before* the codes are computed, so the codes are the
 best codes for the stored scale. ``round`` is torch's round-half-to-even. Two details make
 ``quantize(dequantize(q))`` reproduce ``q`` exactly (codes, scales, zeros):
 
 - the group's extremes land on the end codes: the lowest value (or 0) on code 0, and if the
-  fp16 rounding of the scale would leave the highest value one code short of ``qmax``, the
-  scale steps down one fp16 ulp (the dequantized group then spans the full code range again,
-  and re-quantizing it recomputes the same scale bit for bit);
+  fp16 rounding of the scale would leave the highest value (symmetric: the largest magnitude)
+  short of the top code, the scale steps down one fp16 ulp (the dequantized group then spans
+  the full code range again, and re-quantizing it recomputes the same scale bit for bit);
 - a constant group (all values equal to ``c``) gets ``scale = fp16(|c|)`` and code +-1, so it
   dequantizes to ``c`` exactly whenever ``c`` is an fp16 value; an all-zero group gets scale 1.
 
@@ -289,18 +289,19 @@ def _quantize_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, 
     if symmetric:
         scale = _symmetric_params(lo, hi, bits)
         zero = None
-        # + 2**(b-1) turns the signed level into the unsigned code; the clamp to [0, qmax] is
-        # the clamp of the signed level to [-2**(b-1), 2**(b-1) - 1].
+        # + 2**(b-1) turns the signed level into the unsigned code; clamping the code to
+        # [1, qmax] clamps the level to +-(2**(b-1) - 1), symmetric, so code 0 is never used.
         offset = torch.full_like(lo, float(1 << (bits - 1)))
     else:
         scale, zero = _asymmetric_params(lo, hi, bits)
         offset = zero.to(torch.float32)
     s32 = scale.to(torch.float32)
     qmax = (1 << bits) - 1
+    qmin = 1 if symmetric else 0
 
     def encode(part: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        q = torch.round(part / s)  # same op, same operands as the scale check in _asymmetric_params
-        return q.add_(z).clamp_(0, qmax).to(torch.uint8)
+        q = torch.round(part / s)  # same op, same operands as the top-code checks of the params
+        return q.add_(z).clamp_(qmin, qmax).to(torch.uint8)
 
     codes = _per_group(x, group_size, encode, s32, offset)
     out = {prefix + "codes": pack(codes, bits), prefix + "scales": scale}
@@ -316,13 +317,9 @@ def _asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[t
     hi0 = hi.clamp(min=0.0)
     scale = _fp16_scale((hi0 - lo0) / qmax)
     zero, top = _zero_and_top(lo0, hi0, scale, qmax)
-    # fp16 rounding may shrink the code range so the highest value lands on qmax - 1; a scale one
-    # fp16 ulp smaller widens it again (fp16 keeps 11 bits, so one ulp moves the top code by
-    # at least qmax * 2**-11 of a code, well past float32 noise).
-    short = (top < qmax) & (scale > _FP16_TINY)
+    short = _short(scale, top, qmax)
     if bool(short.any()):
-        smaller = (scale.view(torch.int16) - 1).view(torch.float16)
-        scale = torch.where(short, smaller, scale)
+        scale = torch.where(short, _one_ulp_down(scale), scale)
         zero, _ = _zero_and_top(lo0, hi0, scale, qmax)
     const = lo == hi
     if bool(const.any()):
@@ -344,10 +341,31 @@ def _symmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Te
     qpos = (1 << (bits - 1)) - 1
     absmax = torch.maximum(-lo, hi)
     scale = _fp16_scale(absmax / qpos)
+    top = torch.round(absmax / scale.to(torch.float32))  # |level| of the absmax value, as in encode
+    short = _short(scale, top, qpos)
+    if bool(short.any()):
+        scale = torch.where(short, _one_ulp_down(scale), scale)
     const = lo == hi
     if bool(const.any()):
         scale = torch.where(const, _const_scale(lo), scale)
     return scale
+
+
+def _short(scale: torch.Tensor, top: torch.Tensor, qtop: int) -> torch.Tensor:
+    """Groups whose largest value fell short of the top code because fp16 rounded the scale up.
+
+    A scale rounded to the nearest fp16 can exceed the exact one: by up to 2**-12 relative for
+    normal fp16, far more for subnormal scales (below 2**-14, where fp16 has fewer digits). Then
+    the group's extreme lands below the top code, and re-quantizing the dequantized group
+    would find a smaller range and a different scale. One fp16 ulp down puts the scale below
+    the exact one, so the extreme reaches the top code (or just past it, and is clamped).
+    """
+    return (top < qtop) & (scale > _FP16_TINY)
+
+
+def _one_ulp_down(scale: torch.Tensor) -> torch.Tensor:
+    """The next smaller fp16 of positive fp16 ``scale`` (positive floats order like their bits)."""
+    return (scale.view(torch.int16) - 1).view(torch.float16)
 
 
 def _const_scale(c: torch.Tensor) -> torch.Tensor:
@@ -491,19 +509,22 @@ def _dequantize_int_at(t: dict[str, torch.Tensor], prefix: str, count: int, bits
     return codes.sub_(offset[group]).mul_(scale[group])  # the ops of _dequantize_int, element-wise
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each uint8 (SWAR bit tricks: a few cheap uint8 passes, no lookup gather)."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
 
 
 def _mask_rank(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each position in ``index``: is its mask bit set, and how many set bits precede it."""
-    popcount = _POPCOUNT.to(mask.device)
-    per_byte = popcount[mask.to(torch.int64)]
-    before_byte = torch.cumsum(per_byte, 0) - per_byte  # set bits in all earlier bytes
+    per_byte = _popcount(mask)
+    before_byte = torch.cumsum(per_byte, 0, dtype=torch.int64) - per_byte  # set bits in earlier bytes
     byte, bit = index >> 3, index & 7
-    value = mask[byte].to(torch.int64)
+    value = mask[byte]
     is_high = ((value >> bit) & 1).bool()
-    rank = before_byte[byte] + popcount[value & ((1 << bit) - 1)]
-    return is_high, rank
+    below = _popcount(value & ((1 << bit) - 1).to(torch.uint8))  # set bits before it in its byte
+    return is_high, before_byte[byte] + below
 
 
 def codes_of(q: QuantizedTensor) -> dict[str, torch.Tensor]:
