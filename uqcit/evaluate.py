@@ -154,9 +154,8 @@ def evaluate_many(
                 f"{name}: {type(model).__name__} is not a causal language model; the evaluation "
                 "protocol (perplexity, KL, top-1 of next-token predictions) needs one")
     if windows is None:
-        text = None if config.corpus in ("lee_background", "lee") else data.read_text(config.corpus)
-        if text is None:
-            text = data.read_text(data.corpus_path(config.corpus))
+        text = (data.corpus_text(config.corpus) if config.corpus in data.CORPORA
+                else data.read_text(config.corpus))
         windows = data.eval_windows(tokenizer, text, total_tokens=config.total_tokens,
                                     window=config.window, max_windows=config.max_windows)
     n = windows.shape[0]

@@ -30,12 +30,19 @@ best codes for the stored scale. ``round`` is torch's round-half-to-even. Two de
 - a constant group (all values equal to ``c``) gets ``scale = fp16(|c|)`` and code +-1, so it
   dequantizes to ``c`` exactly whenever ``c`` is an fp16 value; an all-zero group gets scale 1.
 
-Groups so narrow that their scale is below the smallest fp16 subnormal (2**-24) use that
-subnormal as scale; they dequantize within half of it but are not guaranteed to round-trip.
+Two kinds of group are not guaranteed to round-trip (both are degenerate, neither loses
+accuracy): groups so narrow that their scale floors at the smallest fp16 subnormal (2**-24;
+they dequantize within half of it), and non-constant groups whose values all get one code
+(e.g. ``[0.99, 1.0]`` at 2 bits: both map to the top code, so the dequantized group is
+constant and re-quantizes by the constant-group rule).
 
 Mixed formats pick the ``fmt.high_count(numel)`` weights of largest importance (default
 ``|w|``; ties go to the lower row-major index), mark them in a packed 1-bit mask, and quantize
 the high and low weights separately, each compacted in row-major order.
+
+``quantize`` is ``quant_params`` (choose the mask and grids from ``w``) followed by
+``quantize_with`` (encode on them); the two halves are public so that error-feedback rounding
+(``uqcit.gptq``) can fix the grid from the original weights and encode updated ones on it.
 
 >>> import torch
 >>> from uqcit.formats import QuantFormat
@@ -191,21 +198,105 @@ def quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None 
     ``importance`` (same shape as ``w``) ranks weights for the high-precision part of a mixed
     format; it defaults to ``|w|`` and is ignored by other formats.
     """
+    return _quantize(w, fmt, importance, None)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IntGrid:
+    """The grid of one integer part: an fp16 scale (and zero point) per group of its values."""
+
+    scales: torch.Tensor  # fp16 [groups]
+    zeros: torch.Tensor | None  # fp16 [groups]; None for symmetric formats
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantParams:
+    """What ``quantize`` decides before it writes codes: the mask and each part's grid.
+
+    ``quant_params`` computes them from a tensor, ``quantize_with`` encodes a (possibly
+    different) tensor of the same shape on them. Error-feedback rounding (``uqcit.gptq``)
+    fixes the grid from the original weights, moves the weights, and stores them this way.
+    """
+
+    shape: tuple[int, ...]
+    fmt: QuantFormat
+    low: IntGrid | None  # the integer part (all weights, or the low ones of a mixed format); None for fp16
+    mask: torch.Tensor | None  # bool [numel], row-major, True = high precision; mixed formats only
+    high: IntGrid | None  # the int8 high part of a mixed format; None otherwise (fp16 high values have no grid)
+
+
+def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None) -> QuantParams:
+    """The mask and grids ``quantize(w, fmt, importance)`` uses (same rules, same bits)."""
+    flat, shape = _flat(w)
+    if fmt.bits == FLOAT_BITS:
+        return QuantParams(shape, fmt, None, None, None)
+    gs, sym = fmt.group_size, fmt.symmetric
+    if not fmt.mixed:
+        return QuantParams(shape, fmt, _int_grid(flat, fmt.bits, gs, sym), None, None)
+    _check_fp16_range(flat, "w")
+    mask = _high_mask(flat, shape, fmt, importance)
+    low = _int_grid(_select(flat, ~mask), fmt.bits, gs, sym)
+    high = None if fmt.high_bits == FLOAT_BITS else _int_grid(_select(flat, mask), fmt.high_bits, gs, sym)
+    return QuantParams(shape, fmt, low, mask, high)
+
+
+def quantize_with(w: torch.Tensor, params: QuantParams) -> QuantizedTensor:
+    """Encode ``w`` on fixed ``params`` (from ``quant_params``, usually of another tensor).
+
+    Values outside a group's range clamp to its end codes. ``quantize_with(w, quant_params(w,
+    fmt))`` is ``quantize(w, fmt)``, byte for byte.
+    """
+    if not isinstance(params, QuantParams):
+        raise TypeError(f"params must be a QuantParams (from quant_params), got {type(params).__name__}")
+    return _quantize(w, params.fmt, None, params)
+
+
+def _flat(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise ValueError(f"w must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
     # Read-only from here on: `flat` may alias `w` when it is already contiguous float32.
-    flat = w.detach().reshape(-1).to(torch.float32)
-    shape = tuple(w.shape)
+    return w.detach().reshape(-1).to(torch.float32), tuple(w.shape)
+
+
+def _quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None,
+              params: QuantParams | None) -> QuantizedTensor:
+    """``quantize`` (``params`` None: grids from ``w``) and ``quantize_with`` (grids given)."""
+    flat, shape = _flat(w)
+    if params is not None:
+        if shape != params.shape:
+            raise ValueError(f"w has shape {shape}, the quantization params are for {params.shape}")
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("w contains NaN or infinite values")
+    gs, sym = fmt.group_size, fmt.symmetric
+
+    def encode(x: torch.Tensor, bits: int, grid: IntGrid | None, prefix: str) -> dict[str, torch.Tensor]:
+        if grid is None:
+            grid = _int_grid(x, bits, gs, sym)
+        return _encode_int(x, bits, gs, sym, grid, prefix)
 
     if fmt.bits == FLOAT_BITS:
         _check_fp16_range(flat, "w")
         return QuantizedTensor(shape, fmt, {"values": flat.to(torch.float16)})
     if not fmt.mixed:
-        return QuantizedTensor(shape, fmt, _quantize_int(flat, fmt.bits, fmt.group_size, fmt.symmetric, ""))
+        return QuantizedTensor(shape, fmt, encode(flat, fmt.bits, None if params is None else params.low, ""))
 
     _check_fp16_range(flat, "w")  # before ranking: NaN would scramble the selection
+    mask = _high_mask(flat, shape, fmt, importance) if params is None else params.mask
+    tensors = encode(_select(flat, ~mask), fmt.bits, None if params is None else params.low, "")
+    tensors["mask"] = pack(mask.view(torch.uint8), 1)
+    high = _select(flat, mask)
+    if fmt.high_bits == FLOAT_BITS:
+        tensors["high_values"] = high.to(torch.float16)
+    else:
+        tensors.update(encode(high, fmt.high_bits, None if params is None else params.high, "high_"))
+    return QuantizedTensor(shape, fmt, tensors)
+
+
+def _high_mask(flat: torch.Tensor, shape: tuple[int, ...], fmt: QuantFormat,
+               importance: torch.Tensor | None) -> torch.Tensor:
+    """The ``fmt.high_count`` weights of largest importance (default ``|w|``), as a 1-D bool mask."""
     if importance is None:
         importance = flat.abs()
     else:
@@ -214,15 +305,7 @@ def quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None 
         importance = importance.detach().reshape(-1).to(device=flat.device, dtype=torch.float32)
         if not torch.isfinite(importance.sum()) and bool(torch.isnan(importance).any()):
             raise ValueError("importance contains NaN")
-    mask = top_mask(importance, fmt.high_count(flat.numel()))
-    tensors = _quantize_int(_select(flat, ~mask), fmt.bits, fmt.group_size, fmt.symmetric, "")
-    tensors["mask"] = pack(mask.view(torch.uint8), 1)
-    high = _select(flat, mask)
-    if fmt.high_bits == FLOAT_BITS:
-        tensors["high_values"] = high.to(torch.float16)
-    else:
-        tensors.update(_quantize_int(high, fmt.high_bits, fmt.group_size, fmt.symmetric, "high_"))
-    return QuantizedTensor(shape, fmt, tensors)
+    return top_mask(importance, fmt.high_count(flat.numel()))
 
 
 def top_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
@@ -276,24 +359,38 @@ def _select(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask]
 
 
-def _quantize_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, prefix: str) -> dict[str, torch.Tensor]:
-    """Group-wise integer quantization of 1-D float32 ``x``: packed codes, scales, zeros."""
+def _int_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> IntGrid:
+    """Group-wise fp16 scales (and zeros) of 1-D float32 ``x`` (rules in the module doc)."""
     if x.numel() == 0:
-        layout = _int_layout(prefix, 0, bits, group_size, symmetric)
-        return {k: torch.empty(0, dtype=spec.dtype, device=x.device) for k, spec in layout.items()}
+        empty = torch.empty(0, dtype=torch.float16, device=x.device)
+        return IntGrid(empty, None if symmetric else empty.clone())
     lo, hi = _group_minmax(x, group_size)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("w contains NaN or infinite values")
     if float(torch.maximum(-lo, hi).max()) > _FP16_MAX:
         raise ValueError(f"integer formats store fp16 scales: |w| must be <= {_FP16_MAX}")
     if symmetric:
-        scale = _symmetric_params(lo, hi, bits)
-        zero = None
+        return IntGrid(_symmetric_params(lo, hi, bits), None)
+    return IntGrid(*_asymmetric_params(lo, hi, bits))
+
+
+def _encode_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, grid: IntGrid,
+                prefix: str) -> dict[str, torch.Tensor]:
+    """Packed codes of 1-D float32 ``x`` on ``grid``, with the grid's scales and zeros."""
+    groups = math.ceil(x.numel() / group_size)
+    if grid.scales.numel() != groups or (grid.zeros is None) != symmetric or (
+            grid.zeros is not None and grid.zeros.numel() != groups):
+        raise ValueError(f"a grid of {grid.scales.numel()} groups does not fit {x.numel()} values "
+                         f"in groups of {group_size} ({'symmetric' if symmetric else 'asymmetric'})")
+    if x.numel() == 0:
+        layout = _int_layout(prefix, 0, bits, group_size, symmetric)
+        return {k: torch.empty(0, dtype=spec.dtype, device=x.device) for k, spec in layout.items()}
+    scale, zero = grid.scales, grid.zeros
+    if symmetric:
         # + 2**(b-1) turns the signed level into the unsigned code; clamping the code to
         # [1, qmax] clamps the level to +-(2**(b-1) - 1), symmetric, so code 0 is never used.
-        offset = torch.full_like(lo, float(1 << (bits - 1)))
+        offset = torch.full_like(scale, float(1 << (bits - 1)), dtype=torch.float32)
     else:
-        scale, zero = _asymmetric_params(lo, hi, bits)
         offset = zero.to(torch.float32)
     s32 = scale.to(torch.float32)
     qmax = (1 << bits) - 1

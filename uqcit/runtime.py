@@ -30,7 +30,9 @@ class _QuantStorage(nn.Module):
 
     ``model.to(torch.bfloat16)`` (or ``.half()``) casts every floating buffer; the fp16 scales
     and values are part of the storage format, so ``_apply`` lets device moves through and
-    undoes dtype changes on them. A dequantized-weight cache, when enabled, is dropped
+    undoes dtype changes on them. The buffers are ``q``'s own tensors, not copies (so modules
+    built from one ``QuantizedTensor``, like a tied embedding and LM head, share storage, and
+    ``load_state_dict`` writes into ``q``). A dequantized-weight cache, when enabled, is dropped
     whenever the buffers move or are loaded.
     """
 
