@@ -92,3 +92,13 @@ def test_main_job_on_smollm2_reproduces_in_a_new_process(smollm2, tmp_path):
     inspect = subprocess.run([sys.executable, "-m", "uqcit.cli", "inspect", str(tmp_path / "pkg")],
                              capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0 and "level_3" in inspect.stdout and "perplexity" in inspect.stdout
+
+
+def test_package_bytes_in_metadata_stay_true_after_validation(tmp_path):
+    from uqcit.package import package_bytes, read_metadata
+
+    s = _tiny_session()
+    report = run_job("tiny-llama", builtin_recipe("uqcit-default"), tmp_path / "pkg",
+                     eval_config=QUICK, progress=False, session=s)
+    assert read_metadata(tmp_path / "pkg")["package_bytes"] == package_bytes(tmp_path / "pkg")
+    assert report.package_bytes == package_bytes(tmp_path / "pkg")

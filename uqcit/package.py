@@ -209,12 +209,8 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     metadata.update({k: v for k, v in extra.items() if k != "ghz_clusters"})
-    # Bytes of everything else are known now; the metadata file's own size is added after.
     _write_json(root / METADATA_FILE, metadata)
-    metadata["package_bytes"] = package_bytes(root)
-    _write_json(root / METADATA_FILE, metadata)
-    metadata["package_bytes"] = package_bytes(root)
-    _write_json(root / METADATA_FILE, metadata)
+    _refresh_package_bytes(root, metadata)
 
 
 def package_bytes(path: str | os.PathLike) -> int:
@@ -227,8 +223,18 @@ def write_validation(path: str | os.PathLike, name: str, data: Mapping[str, Any]
     if name not in VALIDATION_FILES:
         raise ValueError(f"validation file must be one of {VALIDATION_FILES}, got {name!r}")
     path = Path(path)
-    _read_metadata(path)  # refuses a folder that is not a package
+    meta = _read_metadata(path)  # refuses a folder that is not a package
     _write_json(path / "validation" / f"{name}.json", dict(data))
+    _refresh_package_bytes(path, meta)
+
+
+def _refresh_package_bytes(root: Path, metadata: dict[str, Any]) -> None:
+    """Record the package's total bytes in its metadata; rewritten until the figure includes itself."""
+    for _ in range(3):
+        metadata["package_bytes"] = package_bytes(root)
+        _write_json(root / METADATA_FILE, metadata)
+        if package_bytes(root) == metadata["package_bytes"]:
+            return
 
 
 def _write_json(path: Path, data: Any) -> None:

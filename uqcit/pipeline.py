@@ -20,7 +20,7 @@ from .evaluate import EvalConfig, EvalResult, evaluate_many
 from .levels import LevelsConfig, analyze_levels
 from .plan import PlanConfig, build_plan
 from .recipe import Recipe
-from .results import Result, fmt, html_table
+from .results import Result, html_table
 
 Handler = Callable[["Session", Any], Result]
 STAGE_HANDLERS: dict[type[StageConfig], Handler] = {}
@@ -223,7 +223,6 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     pkg.write_validation(out, "benchmarks", {
         "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
         "package": comp.to_dict()})
-    meta = pkg.read_metadata(out)
     ref_bytes = sum(p.numel() * p.element_size() for p in session.reference.parameters())
     return JobReport(model=model_name, method=quantized.plan.name, package=str(out), bpw=quantized.bpw,
                      package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,
