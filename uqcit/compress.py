@@ -3,20 +3,33 @@
 The caller's model is never modified: ``quantize_model`` works on a deep copy.
 Tied weights (an LM head tied to the embedding) are quantized once and the two
 modules share the same packed tensors, so they are stored and counted once.
+
+Two rounding methods: ``rtn`` (round to nearest) and ``gptq`` (error-feedback rounding,
+``uqcit.gptq``, against each Linear's input Hessian on calibration text). GPTQ is sequential
+by default, as in the paper: the block stack is run one block at a time, and each block's
+Hessians are collected on the outputs of the blocks before it, already quantized
+(``calibration.BlockReplay``). Modules outside the stack (an untied LM head), all modules of
+models with several stacks, and ``sequential=False`` use one-shot Hessians from the float
+model. Block inputs start from the float embeddings. Embeddings have no input Hessian and are
+always rounded to nearest (so is an LM head tied to one).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import time
 from typing import Any, Literal
 
 import torch
 
 from .config import StageConfig, register_config
-from .formats import QuantFormat
+from .calibration import BlockReplay, InputStats, channel_importance, collect_input_stats
+from .formats import FLOAT_BITS
+from .gptq import gptq_quantize, hessian_error
+from .importance import activation_source
 from .plan import LEVEL_COLORS, BitPlan
-from .quant import QuantizedTensor, quant_error, quantize
+from .quant import QuantizedTensor, dequantize, quant_error, quantize
 from .results import Result
 from .runtime import QuantEmbedding, QuantLinear, linear_weight, replace_module
 
@@ -28,8 +41,24 @@ class QuantizeConfig(StageConfig):
 
     type_tag = "quantize"
 
-    method: Literal["rtn"] = "rtn"  # round-to-nearest; error-feedback rounding comes with the allocator
-    importance: Literal["magnitude"] = "magnitude"  # which weights a mixed format keeps high
+    method: Literal["rtn", "gptq"] = "rtn"  # gptq: error-feedback rounding on calibration inputs
+    importance: Literal["magnitude", "activation"] = "magnitude"  # mixed formats keep the top |W| or |W|·‖x‖ high
+    damp: float = 0.01  # gptq: λ = damp · mean diag(H), the paper's value
+    act_order: bool = True  # gptq: columns with the largest inputs first; clearly better at 2-3 bits
+    block_size: int = 128  # gptq: lazy-batch width; only speed depends on it
+    sequential: bool = True  # gptq: Hessians from the outputs of the blocks already quantized (as in the paper)
+    calib_samples: int = 32  # calibration sequences (gptq, activation importance)
+    calib_seq_len: int = 512  # tokens per calibration sequence
+    seed: int = 0  # calibration offsets: same seed, same model
+
+    def __post_init__(self) -> None:
+        if self.damp < 0:
+            raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.calib_samples < 1 or self.calib_seq_len < 1:
+            raise ValueError(f"calib_samples and calib_seq_len must be >= 1, got "
+                             f"{self.calib_samples}, {self.calib_seq_len}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +76,8 @@ class ModuleQuant:
     sqnr_db: float
     seconds: float
     tied_to: str | None = None
+    method: str = "rtn"  # how this module was rounded: "rtn" or "gptq"
+    out_error: float | None = None  # ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on calibration inputs (gptq modules)
 
     @property
     def bpw(self) -> float:
@@ -61,6 +92,18 @@ class QuantizeResult(Result):
     modules: list[ModuleQuant]
     plan: BitPlan
     seconds: float
+    method: str = "rtn"  # QuantizeConfig.method
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, quantize
+    sequential: bool = False  # gptq ran block by block (else one-shot, from the float model)
+
+    @property
+    def method_name(self) -> str:
+        """The plan's name with the rounding method in it, e.g. ``gptq-w3-g128`` for ``rtn-w3-g128``."""
+        if self.method == "rtn":
+            return self.plan.name
+        if self.plan.name.startswith("rtn-"):
+            return self.method + self.plan.name[3:]
+        return f"{self.plan.name}-{self.method}"
 
     @property
     def stored(self) -> list[ModuleQuant]:
@@ -80,8 +123,8 @@ class QuantizeResult(Result):
         return self.stored_bits / max(self.weight_count, 1)
 
     def summary(self) -> str:
-        return (f"{self.plan.name}: {len(self.stored)} modules quantized, {self.bpw:.3f} bits/weight "
-                f"stored, {self.stored_bits / 8 / 2**20:.2f} MiB of codes, {self.seconds:.1f} s")
+        return (f"{self.method_name}: {len(self.stored)} modules quantized ({self.method}), {self.bpw:.3f} "
+                f"bits/weight stored, {self.stored_bits / 8 / 2**20:.2f} MiB of codes, {self.seconds:.1f} s")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +133,9 @@ class QuantizeResult(Result):
             "stored_bits": self.stored_bits,
             "weight_count": self.weight_count,
             "seconds": self.seconds,
+            "method": self.method,
+            "stage_seconds": self.stage_seconds,
+            "sequential": self.sequential,
             "modules": [dataclasses.asdict(m) for m in self.modules],
         }
 
@@ -114,10 +160,14 @@ class QuantizeResult(Result):
 
 
 def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
-                   config: QuantizeConfig = QuantizeConfig(), *, progress: bool = True) -> QuantizeResult:
+                   config: QuantizeConfig = QuantizeConfig(), *, tokenizer=None,
+                   calibration: torch.Tensor | None = None, progress: bool = True) -> QuantizeResult:
     """Quantize a copy of ``model`` per ``plan``; modules the plan leaves at ``None`` stay float.
 
     ``levels`` is the ``LevelsResult`` of ``model`` (it names the weight-bearing modules).
+    ``method="gptq"`` and ``importance="activation"`` (with mixed formats in the plan) need
+    calibration text: ``calibration`` (``LongTensor [n, seq]``) or a ``tokenizer`` to draw
+    ``data.calibration_batch`` with the config's samples, length and seed.
     """
     from tqdm.auto import tqdm
 
@@ -125,22 +175,84 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     out = copy.deepcopy(model)
     out.eval()
     named = dict(out.named_modules())
-    records: list[ModuleQuant] = []
+    entries = [m for m in levels.modules if m.tied_to is None and plan.format_for(m.name) is not None]
+    done: dict[str, ModuleQuant] = {}
     qtensors: dict[str, QuantizedTensor] = {}
-    entries = [m for m in levels.modules if m.tied_to is None]
-    for entry in tqdm(entries, desc="quantize", unit="module", disable=not progress):
-        fmt = plan.format_for(entry.name)
-        if fmt is None:
-            continue
-        module = named[entry.name]
+    seconds = {"calibration": 0.0, "quantize": 0.0}
+
+    gptq_names = {e.name for e in entries if config.method == "gptq" and e.kind != "embedding"
+                  and plan.format_for(e.name).bits != FLOAT_BITS}
+    act_sources = {e.name: activation_source(levels, e.name) for e in entries
+                   if config.importance == "activation" and plan.format_for(e.name).mixed}
+    stack_name, block_of = _block_stack(out, levels, gptq_names) if config.sequential else (None, {})
+
+    def quantize_one(entry, hessian: torch.Tensor | None) -> None:
         t0 = time.perf_counter()
-        q, new = _quantize_module(module, fmt)
-        replace_module(out, entry.name, new)
+        fmt, module = plan.format_for(entry.name), named[entry.name]
+        weight = _matrix(module)
+        importance = None
+        if entry.name in act_sources:
+            importance = channel_importance(stats[act_sources[entry.name]], weight)
+        out_error = None
+        if hessian is not None:
+            q = gptq_quantize(weight, hessian, fmt, damp=config.damp, act_order=config.act_order,
+                              block_size=config.block_size, importance=importance)
+            out_error = hessian_error(weight, dequantize(q), hessian)
+        else:
+            q = quantize(weight, fmt, importance)
+        replace_module(out, entry.name, _runtime_module(module, q))
         qtensors[entry.name] = q
-        err = quant_error(_matrix(module), q)
-        records.append(ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
-                                   fmt.name, q.stored_bits, err["rel_fro"],
-                                   err["sqnr_db"], time.perf_counter() - t0))
+        err = quant_error(weight, q)
+        done[entry.name] = ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
+                                       fmt.name, q.stored_bits, err["rel_fro"], err["sqnr_db"],
+                                       time.perf_counter() - t0,
+                                       method="rtn" if hessian is None else "gptq", out_error=out_error)
+        seconds["quantize"] += time.perf_counter() - t0
+
+    # Calibration statistics from the float copy: activation norms, and the Hessians of the GPTQ
+    # modules (one-shot), or of those outside the block stack (sequential; the rest come below).
+    stats: dict[str, InputStats] = {}
+    replay = None
+    if gptq_names or act_sources:
+        t0 = time.perf_counter()
+        batch = calibration if calibration is not None else _calibration(tokenizer, config)
+        want = {n: False for n in act_sources.values()}
+        want.update({n: True for n in gptq_names if n not in block_of})
+        if stack_name is None:
+            stats = collect_input_stats(out, batch, sorted(want), hessian=bool(gptq_names), progress=progress)
+        else:
+            replay = BlockReplay(out, out.get_submodule(stack_name), batch, capture=want, progress=progress)
+            stats = dict(replay.captured)
+        seconds["calibration"] += time.perf_counter() - t0
+
+    by_name = {e.name: e for e in entries}
+    if replay is not None:
+        # Sequential GPTQ: each block's Hessians come from the outputs of the blocks before it,
+        # already quantized, so every layer compensates the error that reaches it.
+        last = max(block_of.values())
+        for b in tqdm(range(last + 1), desc="gptq blocks", unit="block", disable=not progress):
+            names = [e.name for e in entries if block_of.get(e.name) == b]
+            if names:
+                t0 = time.perf_counter()
+                block_stats = replay.collect(b, names)
+                seconds["calibration"] += time.perf_counter() - t0
+                for n in names:
+                    quantize_one(by_name[n], block_stats.pop(n).hessian)
+            if b < last:
+                t0 = time.perf_counter()
+                replay.advance(b)
+                seconds["calibration"] += time.perf_counter() - t0
+        del replay  # the stored block inputs
+    rest = [e for e in entries if e.name not in done]
+    for entry in tqdm(rest, desc="quantize", unit="module", disable=not progress or not rest):
+        hessian = None
+        if entry.name in gptq_names:
+            hessian = stats[entry.name].hessian
+            if entry.name not in act_sources.values():
+                del stats[entry.name]  # its Hessian is no longer needed
+        quantize_one(entry, hessian)
+
+    records = [done[e.name] for e in entries]
     for entry in levels.modules:
         if entry.tied_to is None or entry.tied_to not in qtensors:
             continue
@@ -150,7 +262,44 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         replace_module(out, entry.name, QuantLinear(q, None if bias is None else bias.detach().clone()))
         records.append(ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
                                    q.fmt.name, 0, 0.0, float("inf"), 0.0, tied_to=entry.tied_to))
-    return QuantizeResult(out, records, plan, time.perf_counter() - t_start)
+    if not (gptq_names or act_sources):
+        del seconds["calibration"]
+    return QuantizeResult(out, records, plan, time.perf_counter() - t_start, method=config.method,
+                          stage_seconds=seconds, sequential=stack_name is not None)
+
+
+def _block_stack(model: torch.nn.Module, levels, names: set[str]) -> tuple[str | None, dict[str, int]]:
+    """The block stack (dotted name of its ``ModuleList``) holding the GPTQ modules inside blocks,
+    and each such module's block index. ``(None, {})`` when they span several stacks (e.g. an
+    encoder and a decoder): those models get one-shot GPTQ."""
+    pattern = levels.ruleset.block_pattern
+    stacks: set[str] = set()
+    block_of: dict[str, int] = {}
+    for name in names:
+        m = re.search(pattern, name)
+        if m:
+            stacks.add(name[: m.start(1)].rstrip("."))
+            block_of[name] = int(m.group(1))
+    if len(stacks) != 1:
+        return None, {}
+    (stack,) = stacks
+    try:
+        container = model.get_submodule(stack)
+    except AttributeError:
+        return None, {}
+    if not isinstance(container, torch.nn.ModuleList):
+        return None, {}
+    return stack, block_of
+
+
+def _calibration(tokenizer, config: QuantizeConfig) -> torch.Tensor:
+    if tokenizer is None:
+        raise ValueError(f"quantize with method={config.method!r}, importance={config.importance!r} needs "
+                         "calibration text: pass tokenizer=... (or calibration=LongTensor[n, seq])")
+    from .data import calibration_batch
+
+    return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
+                             seed=config.seed)
 
 
 def _matrix(module: torch.nn.Module) -> torch.Tensor:
@@ -159,10 +308,9 @@ def _matrix(module: torch.nn.Module) -> torch.Tensor:
     return linear_weight(module)[0]
 
 
-def _quantize_module(module: torch.nn.Module, fmt: QuantFormat) -> tuple[QuantizedTensor, torch.nn.Module]:
+def _runtime_module(module: torch.nn.Module, q: QuantizedTensor) -> torch.nn.Module:
+    """The module that runs from ``q`` in place of ``module``."""
     if isinstance(module, torch.nn.Embedding):
-        q = quantize(module.weight.detach(), fmt)
-        return q, QuantEmbedding(q, padding_idx=module.padding_idx)
-    weight, bias = linear_weight(module)
-    q = quantize(weight, fmt)
-    return q, QuantLinear(q, None if bias is None else bias.detach().clone())
+        return QuantEmbedding(q, padding_idx=module.padding_idx)
+    bias = linear_weight(module)[1]
+    return QuantLinear(q, None if bias is None else bias.clone())

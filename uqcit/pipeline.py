@@ -14,13 +14,17 @@ from typing import Any, Callable
 
 import torch
 
+from .allocate import AllocateConfig, allocate
+from .clusters import ClustersConfig, detect_clusters
 from .compress import QuantizeConfig, QuantizeResult, quantize_model
 from .config import StageConfig
 from .evaluate import EvalConfig, EvalResult, evaluate_many
+from .importance import ImportanceConfig, score_importance
 from .levels import LevelsConfig, analyze_levels
 from .plan import PlanConfig, build_plan
 from .recipe import Recipe
 from .results import Result, html_table
+from .sensitivity import SensitivityConfig, measure_sensitivity
 
 Handler = Callable[["Session", Any], Result]
 STAGE_HANDLERS: dict[type[StageConfig], Handler] = {}
@@ -111,7 +115,36 @@ def _quantize(session: Session, cfg: QuantizeConfig):
     if "plan" not in session.state:
         raise RuntimeError("stage 'quantize' needs a bit plan; run a 'plan' stage first")
     return quantize_model(session.reference, levels, session.state["plan"], cfg,
-                          progress=session.progress)
+                          tokenizer=session.tokenizer, progress=session.progress)
+
+
+@register_stage(ImportanceConfig)
+def _importance(session: Session, cfg: ImportanceConfig):
+    levels = session.require("levels")
+    return score_importance(session.reference, levels, cfg, tokenizer=session.tokenizer,
+                            sensitivity=session.results.get("sensitivity"), progress=session.progress)
+
+
+@register_stage(SensitivityConfig)
+def _sensitivity(session: Session, cfg: SensitivityConfig):
+    levels = session.require("levels")
+    return measure_sensitivity(session.reference, session.tokenizer, levels, cfg, progress=session.progress)
+
+
+@register_stage(AllocateConfig)
+def _allocate(session: Session, cfg: AllocateConfig):
+    levels = session.require("levels")
+    result = allocate(levels, session.require("sensitivity"), cfg)
+    session.state["plan"] = result.plan  # a following "quantize" stage uses it
+    return result
+
+
+@register_stage(ClustersConfig)
+def _clusters(session: Session, cfg: ClustersConfig):
+    levels = session.require("levels")
+    result = detect_clusters(session.reference, levels, cfg, session.tokenizer, progress=session.progress)
+    session.state["clusters"] = result
+    return result
 
 
 @register_stage(EvalConfig)
