@@ -168,7 +168,8 @@ class AllocationResult(Result):
             rows = [r for r in self.rows if r.level == lvl]
             fig.add_bar(
                 uid=f"alloc-L{lvl}", name=f"L{lvl}", x=[index[r.module] for r in rows], y=[r.bpw for r in rows],
-                marker=dict(color=LEVEL_COLORS.get(lvl), line=dict(color="black", width=[2 if r.pinned else 0 for r in rows])),
+                marker=dict(color=LEVEL_COLORS.get(lvl),
+                            line=dict(color="black", width=[2 if r.pinned else 0 for r in rows])),
                 hovertext=[f"{r.module}<br>{r.format}{' (pinned)' if r.pinned else ''}<br>{r.bpw:.3f} bits/weight"
                            f"<br>KL {'not measured' if r.kl is None else f'{r.kl:.3e}'}" for r in rows],
                 hoverinfo="text")
@@ -206,16 +207,16 @@ def allocate(levels, sensitivity, config: AllocateConfig = AllocateConfig()) -> 
             fmt = pins[e.name]
             bits = FLOAT_BITS * e.numel if fmt is None else fmt.bits_for(e.numel)
             name = FLOAT if fmt is None else fmt.name
-            kl = _measured(sensitivity, e.name, name)
+            kl = sensitivity.value(e.name, name)
             fixed_rows[e.name] = AllocationRow(e.name, e.level, e.block, e.numel, name, bits, kl, True)
             continue
-        if e.name not in sensitivity._row:
+        if e.name not in sensitivity.modules:
             raise ValueError(f"module {e.name!r} has no sensitivity measurement: measure it, or pin it "
                              "(AllocateConfig(pins={...}))")
-        if e.numel != sensitivity.numel[sensitivity._row[e.name]]:
+        if e.numel != sensitivity.numel_of(e.name):
             raise ValueError(f"module {e.name!r} has {e.numel} weights but was measured with "
-                             f"{sensitivity.numel[sensitivity._row[e.name]]}: a measurement of another model?")
-        cands = [(f, parse_format(f).bits_for(e.numel), _measured(sensitivity, e.name, f)) for f in allowed]
+                             f"{sensitivity.numel_of(e.name)}: a measurement of another model?")
+        cands = [(f, parse_format(f).bits_for(e.numel), sensitivity.value(e.name, f)) for f in allowed]
         cands = [c for c in cands if c[2] is not None]
         if not cands:
             raise ValueError(f"module {e.name!r} has no measured candidate among {allowed}; resume the "
@@ -281,14 +282,6 @@ def _expand_pins(levels, pins: dict[str, str]) -> dict[str, QuantFormat | None]:
         for h in hits:
             out[h] = fmt
     return out
-
-
-def _measured(sensitivity, module: str, fmt: str) -> float | None:
-    i, j = sensitivity._row.get(module), sensitivity._col.get(fmt)
-    if i is None or j is None:
-        return None
-    value = float(sensitivity.table[i, j])
-    return None if math.isnan(value) else value
 
 
 def _solve(candidates: list[list[tuple[str, int, float]]], budget: int, weights: int,

@@ -30,20 +30,23 @@ What makes it affordable, and what each shortcut costs (nothing is approximated)
   the noise of a small sample is measured, not guessed.
 
 The reference distribution is kept in memory as ``fp16(p · 2**15)`` for every position and
-vocabulary entry (4 × 128 × 49,152 × 2 bytes = 50 MB for SmolLM2 by default, 201 MB at 8 × 256),
-because an exact KL needs the whole distribution. The scale keeps probabilities down to about 2e-9 in normal fp16 range.
-KL is computed against that stored distribution renormalized (``P̃``), so the KL of the
-unperturbed model is not 0 but ``floor_kl`` (second order in fp16 rounding, ~1e-7 nats/token);
-it is measured and recorded, and tells how small a sensitivity can be resolved. The recorded
-block outputs take ``n_blocks × tokens × hidden × 4`` bytes (35 MB for SmolLM2 at 4 × 128).
+vocabulary entry (4 × 128 × 49,152 × 2 bytes = 50 MB for SmolLM2 by default, 201 MB at
+8 × 256), because an exact KL needs the whole distribution; the scale keeps probabilities
+down to about 2e-9 in normal fp16 range. KL is computed against that stored distribution
+renormalized (``P̃``), so the KL of the unperturbed model is not exactly 0 but ``floor_kl``
+(fp16 storage plus float32 rounding: about ±3e-8 nats/token on the models tried, sometimes
+slightly negative). It is measured and recorded: sensitivities below it are not resolved.
+The recorded block outputs take ``n_blocks × tokens × hidden × 4`` bytes (35 MB for SmolLM2
+at 4 × 128).
 
 The model is modified during the measurement (one weight, and blocks swapped for stand-ins)
 and restored in ``finally`` blocks: do not use it from another thread meanwhile.
 
-Results are stored in a safetensors file (``[modules, formats]`` tables of KL and of its standard
-error, NaN where not yet measured, plus JSON header metadata); never pickle. The measurement is resumable: with a
-``path`` the file is rewritten atomically every ``flush_every`` modules (and when the run stops,
-even by an exception), and a restart with the same settings skips what the file already holds.
+Results are stored in a safetensors file (``[modules, formats]`` tables of KL and of its
+standard error, NaN where not yet measured, plus JSON header metadata); never pickle. The
+measurement is resumable: with a ``path`` the file is rewritten atomically every
+``flush_every`` modules (and when the run stops, even by an exception), and a restart with the
+same settings skips what the file already holds.
 
 >>> from uqcit.tiny import tiny_model
 >>> from uqcit.levels import analyze_levels
@@ -172,6 +175,18 @@ class SensitivityResult(Result):
         if math.isnan(value):
             raise ValueError(f"{module} in {format_name} has not been measured yet (resume the measurement)")
         return value
+
+    def value(self, module: str, format_name: str) -> float | None:
+        """Like ``kl``, but None when the module or format is not in the table or not measured."""
+        i, j = self._row.get(module), self._col.get(format_name)
+        if i is None or j is None:
+            return None
+        v = float(self.table[i, j])
+        return None if math.isnan(v) else v
+
+    def numel_of(self, module: str) -> int:
+        i, _ = self.index(module, self.formats[0])
+        return self.numel[i]
 
     def row(self, module: str) -> dict[str, float]:
         i, _ = self.index(module, self.formats[0])
@@ -354,6 +369,7 @@ def measure_sensitivity(model: nn.Module, tokenizer, levels, config: Sensitivity
     try:
         with torch.no_grad():
             probe = _Probe(model, levels, ids, config.batch_size, config.replay)
+            result.meta["seconds_reference"] = time.perf_counter() - t_start  # reference pass + floor check
             result.meta.setdefault("floor_kl", probe.floor_kl)
             result.meta["replay"] = probe.replay_blocks is not None
             fp16 = [j for j, f in enumerate(fmts) if f.bits == FLOAT_BITS]
@@ -407,10 +423,10 @@ def select_modules(levels, pattern: str | None) -> list:
 
 
 def _stamp(result: SensitivityResult, t_start: float) -> SensitivityResult:
-    """Record total measured seconds (this run's plus any earlier run's) in the metadata."""
-    done = result.seconds[~torch.isnan(result.seconds)]
-    result.meta["seconds_total"] = float(done.sum())
-    result.meta["seconds_this_run"] = time.perf_counter() - t_start
+    """Record wall time in the metadata: this run's, and the total over every run of the file."""
+    this_run = time.perf_counter() - t_start
+    result.meta["seconds_this_run"] = this_run
+    result.meta["seconds_total"] = result.meta.get("seconds_previous_runs", 0.0) + this_run
     result.meta["torch"] = torch.__version__
     return result
 
@@ -428,7 +444,7 @@ def _resume(blank: SensitivityResult, path: Path) -> SensitivityResult:
     if problems:
         raise ValueError(f"{path} was measured with other settings: {'; '.join(problems)}. "
                          "Delete it, or give another path, to measure afresh.")
-    prior.meta = {**prior.meta, "settings": new}
+    prior.meta = {**prior.meta, "settings": new, "seconds_previous_runs": prior.meta.get("seconds_total", 0.0)}
     return prior
 
 
@@ -439,7 +455,8 @@ def _settings(model, named, entries, fmts, config, ids, text) -> dict[str, Any]:
         w = named[e.name].weight.detach()
         # A strided sample of every weight: cheap, and differs between any two real checkpoints.
         flat = w.reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel())).long()
+        k = min(4096, flat.numel())
+        idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)  # exact integers
         digest.update(e.name.encode())
         digest.update(str(tuple(w.shape)).encode())
         digest.update(flat[idx].to(torch.float32).contiguous().numpy().tobytes())
@@ -449,6 +466,7 @@ def _settings(model, named, entries, fmts, config, ids, text) -> dict[str, Any]:
         "weights_sha256": digest.hexdigest(),
         "formats": [f.name for f in fmts],
         "modules_pattern": config.modules,
+        "fp16_joint": config.fp16_joint,
         "calibration": {
             "samples": config.calib_samples, "seq_len": config.calib_seq_len, "seed": config.seed,
             "text": "lee_background" if text is None else "sha256:" + hashlib.sha256(text.encode()).hexdigest(),
@@ -538,7 +556,6 @@ class _Probe:
     def __init__(self, model: nn.Module, levels, ids: torch.Tensor, batch_size: int, replay: bool):
         self.model = model
         self.batches = list(ids.split(batch_size))
-        self.n_positions = ids.numel()
         self.cursor = [0]
         found = _block_container(model, levels) if replay else None
         self.replay_blocks: nn.ModuleList | None = found[1] if found else None
