@@ -123,3 +123,23 @@ def test_package_with_float_modules_and_uniform_plan(tmp_path):
     assert meta["modules"]["lm_head"]["format"] == "w8-g32"
     prec = json.loads((path / "layers" / "layer_000" / "precision_map.json").read_text())
     assert prec["model.layers.0.self_attn.q_proj"]["format"]["name"] == "w3-g32"
+
+
+def test_clusters_and_sensitivity_travel_with_the_package(tmp_path):
+    from uqcit.clusters import ClustersConfig, detect_clusters
+    from uqcit.sensitivity import SensitivityConfig, SensitivityResult, measure_sensitivity
+
+    model, tok, levels, q = _compress("llama")
+    clusters = detect_clusters(model, levels, ClustersConfig(threshold=0.2))
+    sens = measure_sensitivity(model, tok, levels, SensitivityConfig(formats=("w2", "w8"), group_size=32,
+                                                                      calib_samples=2, calib_seq_len=32),
+                               progress=False)
+    path = export_package(q, tok, tmp_path / "pkg", levels=levels, clusters=clusters, sensitivity=sens)
+    ghz = json.loads((path / "layers" / "layer_000" / "ghz_clusters.json").read_text())
+    assert ghz["computed"] is True and ghz["threshold"] == 0.2
+    assert sum(len(v["clusters"]) for v in clusters.for_layer_dir().values()) == \
+        sum(len(json.loads((d / "ghz_clusters.json").read_text())["clusters"])
+            for d in (path / "layers").iterdir())
+    back = SensitivityResult.load(path / "validation" / "sensitivity.safetensors")
+    assert back.modules == sens.modules and torch.equal(torch.as_tensor(back.table), torch.as_tensor(sens.table))
+    assert read_metadata(path)["package_bytes"] == package_bytes(path)

@@ -69,12 +69,16 @@ class LoadedPackage:
 def export_package(quantized, tokenizer, path: str | os.PathLike, *, recipe=None,
                    source_model: str = "unknown", levels=None,
                    validation: Mapping[str, Any] | None = None,
+                   clusters=None, sensitivity=None,
                    extra_metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``quantized`` (a ``QuantizeResult``) as a package at ``path``, atomically.
 
     Returns the package path. ``validation`` maps ``perplexity``/``benchmarks``/
     ``noise_profile`` to JSON-able dicts (measured elsewhere); missing ones are
     written with what this function can measure itself (the weight noise profile).
+    ``clusters`` (a ``ClustersResult``) fills each layer's ``ghz_clusters.json``;
+    ``sensitivity`` (a ``SensitivityResult``) is stored as ``validation/sensitivity.safetensors``
+    so another budget can be solved from the package without re-measuring.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +86,11 @@ def export_package(quantized, tokenizer, path: str | os.PathLike, *, recipe=None
     tmp.mkdir()
     try:
         _write_package(quantized, tokenizer, tmp, recipe=recipe, source_model=source_model,
-                       levels=levels, validation=validation or {}, extra=extra_metadata or {})
+                       levels=levels, validation=validation or {}, extra=extra_metadata or {},
+                       clusters=clusters.for_layer_dir() if clusters is not None else {})
+        if sensitivity is not None:
+            sensitivity.save(tmp / "validation" / "sensitivity.safetensors")
+            _refresh_package_bytes(tmp, _read_metadata(tmp))
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,7 +113,7 @@ def _layer_dir(block: int | None) -> str:
 
 
 def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, levels,
-                   validation, extra) -> None:
+                   validation, extra, clusters) -> None:
     from .levels import block_of
 
     model = quantized.model
@@ -159,7 +167,6 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         tensors.setdefault(layer, {})[key] = value.detach().contiguous()
 
     layer_names = sorted(set(tensors) | set(precision))
-    clusters = (extra.get("ghz_clusters") or {})
     for layer in layer_names:
         ldir = root / "layers" / layer
         ldir.mkdir(parents=True)
@@ -168,7 +175,9 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         save_file({}, str(ldir / "rotation.safetensors"),
                   metadata={"rotations": "none", "note": "no rotation applied in this package"})
         _write_json(ldir / "precision_map.json", precision.get(layer, {}))
-        _write_json(ldir / "ghz_clusters.json", clusters.get(layer, {"computed": False, "clusters": []}))
+        _write_json(ldir / "ghz_clusters.json",
+                    clusters.get(layer, {"computed": False, "clusters": [],
+                                         "note": "no cluster detection ran for this package"}))
 
     tok_dir = root / "tokenizer"
     tok_dir.mkdir()
@@ -208,7 +217,7 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         "float_tensors": float_index,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    metadata.update({k: v for k, v in extra.items() if k != "ghz_clusters"})
+    metadata.update(extra)
     _write_json(root / METADATA_FILE, metadata)
     _refresh_package_bytes(root, metadata)
 

@@ -235,7 +235,8 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
 
     t0 = time.perf_counter()
     pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
-                       levels=session.results.get("levels"))
+                       levels=session.results.get("levels"), clusters=session.results.get("clusters"),
+                       sensitivity=session.results.get("sensitivity"))
     session.seconds["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
