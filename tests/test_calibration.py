@@ -135,3 +135,18 @@ def test_block_replay_reproduces_the_model_block_by_block(family):
         replay.advance(b)
     with pytest.raises(RuntimeError, match="in order"):
         replay.collect(1, [names[1]])
+
+
+def test_collector_gathers_stats_during_the_fisher_pass():
+    from uqcit.calibration import InputStatsCollector
+
+    model, _ = tiny_model("llama")
+    batch = ids(2, 16, seed=5)
+    with InputStatsCollector(model, [DOWN], hessian=False) as col:
+        accumulate_fisher(model, batch, modules=[DOWN], progress=False)
+    during = col.stats()[DOWN]
+    plain = collect_input_stats(model, batch, [DOWN], hessian=False, progress=False)[DOWN]
+    torch.testing.assert_close(during.channel_sq, plain.channel_sq, rtol=1e-5, atol=1e-7)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="already taken"):
+        col.stats()

@@ -144,6 +144,9 @@ def test_block_size_changes_speed_not_result():
     assert float((a != b).float().mean()) < 0.01
     assert gptq_quantize(w, h, fmt).shape == (OUT, IN)
     assert torch.equal(w, weights(seed=12))  # inputs untouched
+    row, h_copy = w[:1].clone(), h.clone()
+    gptq_quantize(row, h, fmt)  # a single row: its transpose is contiguous, still not updated in place
+    assert torch.equal(row, w[:1]) and torch.equal(h, h_copy)
 
 
 def test_quant_params_split_reproduces_quantize_bytes():
@@ -157,3 +160,68 @@ def test_quant_params_split_reproduces_quantize_bytes():
         quantize_with(w[:4], quant_params(w, FORMATS[0]))
     with pytest.raises(ValueError, match="NaN"):
         quantize_with(torch.full_like(w, float("nan")), quant_params(w, FORMATS[0]))
+
+
+def test_gptq_through_quantize_model_and_the_pipeline():
+    from uqcit.compress import QuantizeConfig, quantize_model
+    from uqcit.evaluate import EvalConfig, evaluate_many
+    from uqcit.levels import LevelsConfig
+    from uqcit.pipeline import Session
+    from uqcit.plan import PlanConfig
+    from uqcit.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    s = Session(name="tiny-llama", reference=model, tokenizer=tok, progress=False)
+    s.run_stage(LevelsConfig())
+    s.run_stage(PlanConfig(preset="uniform", bits=3, group_size=32))
+    rtn = quantize_model(model, s.results["levels"], s.state["plan"], progress=False)
+    gptq = s.run_stage(QuantizeConfig(method="gptq", calib_samples=4, calib_seq_len=64))
+    assert gptq.method == "gptq" and gptq.method_name == "gptq-w3-g32"
+    assert gptq.bpw == rtn.bpw and gptq.stored_bits == rtn.stored_bits
+    by = {m.name: m for m in gptq.modules}
+    assert by["model.embed_tokens"].method == "rtn" and by["model.layers.0.self_attn.q_proj"].method == "gptq"
+    assert 0 < by["model.layers.0.self_attn.q_proj"].out_error < 1 and {"calibration", "quantize"} <= set(gptq.stage_seconds)
+    ev = evaluate_many({"rtn": rtn.model, "gptq": gptq.model}, tok,
+                       EvalConfig(max_windows=2, window=256, total_tokens=1024), reference=model,
+                       progress=False)
+    assert ev["gptq"].kl < ev["rtn"].kl
+    assert not gptq.sequential
+    seq = quantize_model(model, s.results["levels"], s.state["plan"],
+                         QuantizeConfig(method="gptq", sequential=True, calib_samples=4, calib_seq_len=64),
+                         tokenizer=tok, progress=False)
+    assert seq.sequential and seq.stored_bits == rtn.stored_bits
+    assert {m.method for m in seq.modules if m.kind == "linear" and m.tied_to is None} == {"gptq"}
+
+
+def test_sequential_gptq_on_an_untied_head_model():
+    from uqcit.compress import QuantizeConfig, quantize_model
+    from uqcit.levels import analyze_levels
+    from uqcit.plan import uniform_plan
+    from uqcit.tiny import tiny_model
+
+    model, tok = tiny_model("mistral")  # untied LM head: outside the block stack
+    levels = analyze_levels(model)
+    plan = uniform_plan([m.name for m in levels.quantizable()], QuantFormat(bits=4, group_size=32))
+    batch = torch.randint(0, 256, (4, 32), generator=_gen(14))
+    res = quantize_model(model, levels, plan, QuantizeConfig(method="gptq", sequential=True),
+                         calibration=batch, progress=False)
+    by = {m.name: m for m in res.modules}
+    assert res.sequential and by["lm_head"].method == "gptq" and by["model.embed_tokens"].method == "rtn"
+    assert [m.name for m in res.modules] == [m.name for m in levels.quantizable()]  # model order kept
+    with torch.no_grad():
+        logits = res.model(input_ids=batch[:1]).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_inverse_cholesky_is_the_papers_factor():
+    from uqcit.gptq import _inverse_cholesky_upper
+
+    x = correlated_inputs(n=512, width=64, seed=15)
+    h = x.T @ x / 512
+    u = _inverse_cholesky_upper(h, 0.01)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(u, reference, rtol=1e-3, atol=1e-5)
+    assert torch.equal(u, torch.triu(u))
+    with pytest.warns(RuntimeWarning, match="retrying"), pytest.raises(ValueError, match="singular"):
+        _inverse_cholesky_upper(torch.full((4, 4), float("nan")), 0.01)

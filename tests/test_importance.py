@@ -168,26 +168,3 @@ def test_activation_importance_keeps_the_loud_column_high_in_mixed_formats():
     assert not bool(masks["magnitude"][:, 5].any())
     with pytest.raises(ValueError, match="needs calibration text"):
         quantize_model(model, levels, plan, QuantizeConfig(importance="activation"), progress=False)
-
-
-def test_gptq_through_quantize_model_and_the_pipeline():
-    from uqcit.evaluate import EvalConfig, evaluate_many
-    from uqcit.levels import LevelsConfig
-    from uqcit.pipeline import Session
-    from uqcit.plan import PlanConfig
-
-    model, tok = tiny_model("llama")
-    s = Session(name="tiny-llama", reference=model, tokenizer=tok, progress=False)
-    s.run_stage(LevelsConfig())
-    s.run_stage(PlanConfig(preset="uniform", bits=3, group_size=32))
-    rtn = quantize_model(model, s.results["levels"], s.state["plan"], progress=False)
-    gptq = s.run_stage(QuantizeConfig(method="gptq", calib_samples=4, calib_seq_len=64))
-    assert gptq.method == "gptq" and gptq.method_name == "gptq-w3-g32"
-    assert gptq.bpw == rtn.bpw and gptq.stored_bits == rtn.stored_bits
-    by = {m.name: m for m in gptq.modules}
-    assert by["model.embed_tokens"].method == "rtn" and by[Q0].method == "gptq"
-    assert 0 < by[Q0].out_error < 1 and {"calibration", "quantize"} <= set(gptq.stage_seconds)
-    ev = evaluate_many({"rtn": rtn.model, "gptq": gptq.model}, tok,
-                       EvalConfig(max_windows=2, window=256, total_tokens=1024), reference=model,
-                       progress=False)
-    assert ev["gptq"].kl < ev["rtn"].kl

@@ -23,7 +23,7 @@ torch.Size([128, 128])
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -84,14 +84,84 @@ def collect_input_stats(model: nn.Module, batch: torch.Tensor, modules: Iterable
 
     batch = _check_batch(batch)
     _check_micro_batch(micro_batch)
-    targets = _resolve(model, modules)
+    modules = _names(modules)
     device = _model_device(model)
-    with _Collector({n: (m, hessian) for n, m in targets.items()}) as col, torch.no_grad():
+    with InputStatsCollector(model, modules, hessian=hessian) as col, torch.no_grad():
         for s in tqdm(range(0, batch.shape[0], micro_batch), desc="calibration inputs", unit="batch",
                       disable=not progress):
             _forward(model, batch[s:s + micro_batch].to(device))
             col.end_batch()
-    return col.finish()
+    return col.stats()
+
+
+class InputStatsCollector:
+    """Context manager collecting input statistics during whatever forward passes run inside it.
+
+    ``collect_input_stats`` is this around a calibration loop; use it directly to gather the
+    statistics during another pass, e.g. the Fisher pass of ``accumulate_fisher``:
+
+    >>> from uqcit.tiny import tiny_model
+    >>> model, _ = tiny_model("llama")
+    >>> batch = torch.randint(0, 256, (2, 16))
+    >>> with InputStatsCollector(model, ["lm_head"], hessian=False) as col:
+    ...     fisher = accumulate_fisher(model, batch, modules=["lm_head"], progress=False)
+    >>> col.stats()["lm_head"].tokens
+    32
+
+    ``modules`` is a list of names, or a mapping name -> whether that module gets a Hessian
+    (``hessian`` applies to a list). Hooks are removed on exit, also on error.
+    """
+
+    def __init__(self, model: nn.Module, modules: Iterable[str] | Mapping[str, bool], *, hessian: bool = True):
+        targets = _resolve(model, modules)
+        want = dict(modules) if isinstance(modules, Mapping) else {n: hessian for n in targets}
+        self._targets = {n: (m, bool(want[n])) for n, m in targets.items()}
+        self._acc: dict[str, _Acc] = {}
+        self._shared = _SharedProduct()
+        self._handles: list = []
+        self._taken = False
+
+    def __enter__(self) -> "InputStatsCollector":
+        if self._handles or self._acc:
+            raise RuntimeError("an InputStatsCollector collects once; make a new one")
+        try:
+            for name, (module, hessian) in self._targets.items():
+                if isinstance(module, nn.Embedding):
+                    a = _Acc(name, "embedding", torch.zeros(module.num_embeddings, dtype=torch.float64,
+                                                            device=module.weight.device))
+                    hook = _embedding_hook(a)
+                else:
+                    n_in = linear_weight(module)[0].shape[1]
+                    dev = module.weight.device
+                    a = _Acc(name, "linear", torch.zeros(n_in, dtype=torch.float32, device=dev),
+                             torch.zeros(n_in, n_in, dtype=torch.float32, device=dev) if hessian else None)
+                    hook = _linear_hook(a, self._shared)
+                self._acc[name] = a
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def end_batch(self) -> None:
+        """Drop the one input still referenced (optional: only frees its memory sooner)."""
+        self._shared.clear()
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._shared.clear()
+
+    def stats(self) -> dict[str, InputStats]:
+        """The statistics per module, token means over everything seen. Call it once, after
+        collecting: the sums become means in place (no second copy of the Hessians)."""
+        if self._handles:
+            raise RuntimeError("stats() is read after the `with` block has ended")
+        if self._taken:
+            raise RuntimeError("stats() was already taken from this collector")
+        self._taken = True
+        return {name: a.finish() for name, a in self._acc.items()}
 
 
 class BlockReplay:
@@ -121,12 +191,11 @@ class BlockReplay:
         self.hidden: list[torch.Tensor] = []  # per micro-batch: the input of the next block to run
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in stack]  # per block, per micro-batch: (args[1:], kwargs)
         self._next = 0
-        targets = _resolve(model, capture) if capture else {}
         recorders = [blk.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
                      for i, blk in enumerate(stack)]
         device = _model_device(model)
         try:
-            with _Collector({n: (m, capture[n]) for n, m in targets.items()}) as col, torch.no_grad():
+            with InputStatsCollector(model, capture or {}) as col, torch.no_grad():
                 for s in tqdm(range(0, batch.shape[0], micro_batch), desc="calibration inputs",
                               unit="batch", disable=not progress):
                     _forward(model, batch[s:s + micro_batch].to(device))
@@ -134,7 +203,7 @@ class BlockReplay:
         finally:
             for h in recorders:
                 h.remove()
-        self.captured: dict[str, InputStats] = col.finish()
+        self.captured: dict[str, InputStats] = col.stats()
 
     def _recorder(self, index: int):
         def hook(module, args, kwargs):
@@ -153,12 +222,11 @@ class BlockReplay:
     def collect(self, index: int, modules: Iterable[str], *, hessian: bool = True) -> dict[str, InputStats]:
         """Input statistics of ``modules`` (inside block ``index``) on the block's current inputs."""
         self._check(index)
-        targets = _resolve(self.model, modules)
-        with _Collector({n: (m, hessian) for n, m in targets.items()}) as col, torch.no_grad():
+        with InputStatsCollector(self.model, modules, hessian=hessian) as col, torch.no_grad():
             for mb, (args, kwargs) in enumerate(self.calls[index]):
                 self.stack[index](self.hidden[mb], *args, **kwargs)
                 col.end_batch()
-        return col.finish()
+        return col.stats()
 
     def advance(self, index: int) -> None:
         """Run block ``index`` as it is now; its outputs become the next block's inputs."""
@@ -190,7 +258,7 @@ def accumulate_fisher(model: nn.Module, batch: torch.Tensor, *, modules: Iterabl
     _check_micro_batch(micro_batch)
     if modules is None:
         modules = [n for n, m in model.named_modules() if _is_weight_module(m)]
-    targets = _resolve(model, modules)
+    targets = _resolve(model, _names(modules))
     params: list[nn.Parameter] = []
     index_of: dict[int, int] = {}
     slot: dict[str, int] = {}
@@ -291,49 +359,6 @@ class _SharedProduct:
         self.x = self.value = None
 
 
-class _Collector:
-    """Hooks accumulating input statistics of ``targets`` (name -> (module, want Hessian));
-    removed on exit, also on error. Call ``end_batch`` after each forward."""
-
-    def __init__(self, targets: dict[str, tuple[nn.Module, bool]]):
-        self.targets = targets
-        self.acc: dict[str, _Acc] = {}
-        self.shared = _SharedProduct()
-        self.handles: list = []
-
-    def __enter__(self) -> "_Collector":
-        try:
-            for name, (module, hessian) in self.targets.items():
-                if isinstance(module, nn.Embedding):
-                    a = _Acc(name, "embedding", torch.zeros(module.num_embeddings, dtype=torch.float64,
-                                                            device=module.weight.device))
-                    hook = _embedding_hook(a)
-                else:
-                    n_in = linear_weight(module)[0].shape[1]
-                    dev = module.weight.device
-                    a = _Acc(name, "linear", torch.zeros(n_in, dtype=torch.float32, device=dev),
-                             torch.zeros(n_in, n_in, dtype=torch.float32, device=dev) if hessian else None)
-                    hook = _linear_hook(a, self.shared)
-                self.acc[name] = a
-                self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def end_batch(self) -> None:
-        self.shared.clear()  # drop the one input still referenced before the next batch
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        self.shared.clear()
-
-    def finish(self) -> dict[str, InputStats]:
-        return {name: a.finish() for name, a in self.acc.items()}
-
-
 def _linear_hook(acc: _Acc, shared: _SharedProduct):
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -362,6 +387,16 @@ def _forward(model: nn.Module, ids: torch.Tensor, **kwargs):
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
     return model(input_ids=ids, **kwargs)
+
+
+def _names(modules: Iterable[str]) -> list[str]:
+    """``modules`` as a non-empty list of names."""
+    if isinstance(modules, str):
+        raise TypeError(f"modules must be a list of module names, not the string {modules!r}")
+    names = list(modules)
+    if not names:
+        raise ValueError("modules is empty: name at least one Linear, Conv1D or Embedding module")
+    return names
 
 
 def _check_micro_batch(micro_batch: int) -> None:
@@ -398,8 +433,6 @@ def _resolve(model: nn.Module, modules: Iterable[str]) -> dict[str, nn.Module]:
             raise TypeError(f"module {name!r} is a {type(module).__name__}; calibration statistics "
                             "are collected for nn.Linear, transformers Conv1D and nn.Embedding")
         out[name] = module
-    if not out:
-        raise ValueError("modules is empty: name at least one Linear, Conv1D or Embedding module")
     return out
 
 

@@ -81,8 +81,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
     h = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
     dead = torch.nonzero(h.diagonal() == 0).squeeze(1)
     h[dead, dead] = 1.0
-    # Work on Wᵀ [in, out]: a column of W is then a contiguous row.
-    wt = weight.t().contiguous()
+    # Work on a copy of Wᵀ [in, out] (updated in place): a column of W is then a contiguous row.
+    wt = weight.t().clone(memory_format=torch.contiguous_format)
     perm = None
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
@@ -191,18 +191,22 @@ class _ElementGrid:
 def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``UᵀU = (H + λI)⁻¹``), λ = damp · mean diag(H).
 
-    If ``H + λI`` is not numerically positive definite, λ grows tenfold (with a warning),
-    at most ``_DAMP_RETRIES`` times.
+    Computed as ``J L⁻¹ J`` where ``L`` is the lower Cholesky factor of ``J (H + λI) J`` and
+    ``J`` reverses the index order: one factorization and one triangular inverse instead of the
+    reference's three factorizations (the same matrix; a Cholesky factor is unique). If
+    ``H + λI`` is not numerically positive definite, λ grows tenfold (with a warning), at
+    most ``_DAMP_RETRIES`` times.
     """
     mean_diag = float(h.diagonal().mean())
     eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    flipped = h.flip(0, 1)
     d = damp
     for attempt in range(_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)
+        lower, info = torch.linalg.cholesky_ex(flipped + (d * mean_diag) * eye)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if int(info) == 0:
-                return upper
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            if bool(torch.isfinite(inv).all()):
+                return inv.flip(0, 1)
         if attempt == _DAMP_RETRIES:
             break
         new = max(d * 10, 1e-6)

@@ -39,7 +39,13 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 
-from .calibration import InputStats, accumulate_fisher, channel_importance, collect_input_stats
+from .calibration import (
+    InputStats,
+    InputStatsCollector,
+    accumulate_fisher,
+    channel_importance,
+    collect_input_stats,
+)
 from .config import StageConfig, register_config
 from .formats import parse_format
 from .results import Result
@@ -294,15 +300,20 @@ def score_importance(model: torch.nn.Module, levels, config: ImportanceConfig = 
     batch = None
     if need_stats or need_fisher:
         batch = calibration if calibration is not None else _calibration(tokenizer, config)
-    if need_stats:
+    if need_fisher:
+        t0 = time.perf_counter()
+        if need_stats:  # the Fisher pass's forwards give the activation norms for free
+            with InputStatsCollector(model, sorted(set(sources.values())), hessian=False) as col:
+                fisher = accumulate_fisher(model, batch, modules=names, progress=progress)
+            stats = col.stats()
+        else:
+            fisher = accumulate_fisher(model, batch, modules=names, progress=progress)
+        seconds["fisher"] = time.perf_counter() - t0
+    elif need_stats:
         t0 = time.perf_counter()
         stats = collect_input_stats(model, batch, sorted(set(sources.values())), hessian=False,
                                     progress=progress)
         seconds["activation_stats"] = time.perf_counter() - t0
-    if need_fisher:
-        t0 = time.perf_counter()
-        fisher = accumulate_fisher(model, batch, modules=names, progress=progress)
-        seconds["fisher"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     named = dict(model.named_modules())

@@ -204,7 +204,7 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         "format_version": FORMAT_VERSION,
         "source_model": source_model,
         "model_class": type(model).__name__,
-        "method": quantized.plan.name,
+        "method": quantized.method_name,
         "recipe": recipe.to_dict() if recipe is not None else None,
         "plan": quantized.plan.to_dict(),
         "average_bits_per_param": quantized.bpw,

@@ -258,6 +258,6 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
         "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
         "package": comp.to_dict()})
     ref_bytes = sum(p.numel() * p.element_size() for p in session.reference.parameters())
-    return JobReport(model=model_name, method=quantized.plan.name, package=str(out), bpw=quantized.bpw,
+    return JobReport(model=model_name, method=quantized.method_name, package=str(out), bpw=quantized.bpw,
                      package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,
                      compressed=comp, seconds={k: round(v, 2) for k, v in session.seconds.items()})
