@@ -87,7 +87,7 @@ class AllocationRow:
         return self.bits / self.numel
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class AllocationResult(Result):
     """The allocator's plan and what it predicts: bits (exact) and KL (sum of measured)."""
 

@@ -160,7 +160,7 @@ class ModuleClusters:
                 "max_offdiag": self.max_offdiag, "clusters": self.clusters}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class ClustersResult(Result):
     """Clusters per module, the settings that found them, and what was skipped and why."""
 

@@ -88,7 +88,7 @@ class ModuleQuant:
         return self.stored_bits / self.numel
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class QuantizeResult(Result):
     """The compressed model and, per module, the bits it stores and the error it made."""
 

@@ -51,7 +51,7 @@ def quick_eval_config(max_windows: int = 2) -> EvalConfig:
     return EvalConfig(max_windows=max_windows)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class EvalResult(Result):
     """Perplexity, KL and top-1 agreement of one model on the protocol windows."""
 

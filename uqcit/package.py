@@ -7,7 +7,7 @@ Layout::
       uqcit_metadata.json      recipe, plan, measured bits and figures, module index
       layers/layer_NNN/        one folder per transformer block NNN
         weights.safetensors    packed codes, fp16 scales/zeros, masks, float params of the block
-        rotation.safetensors   rotations not folded into weights (none yet: an empty file)
+        rotation.safetensors   rotations not folded into weights (online ones), else empty
         precision_map.json     per module: format, stored bits, bits/weight
         ghz_clusters.json      correlation clusters of the block's modules
       layers/outer/            the same files for modules outside the blocks (embeddings, head, final norm)
@@ -115,6 +115,7 @@ def _layer_dir(block: int | None) -> str:
 def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, levels,
                    validation, extra, clusters) -> None:
     from .levels import block_of
+    from .rotation import is_rotation_key, rotation_tensors_for_layer_dir
 
     model = quantized.model
     by_name = {m.name: m for m in quantized.modules}
@@ -155,7 +156,7 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
     seen: dict[int, str] = {}
     for key, value in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
-        if owner in qmods:
+        if owner in qmods or is_rotation_key(key):  # online rotations go to rotation.safetensors
             continue
         ptr = value.data_ptr()
         if ptr in seen and value.numel() > 0:
@@ -166,14 +167,18 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         float_index[key] = {"layer": layer, "dtype": str(value.dtype).replace("torch.", "")}
         tensors.setdefault(layer, {})[key] = value.detach().contiguous()
 
-    layer_names = sorted(set(tensors) | set(precision))
+    rotations = rotation_tensors_for_layer_dir(model)
+    layer_names = sorted(set(tensors) | set(precision) | set(rotations))
     for layer in layer_names:
         ldir = root / "layers" / layer
         ldir.mkdir(parents=True)
         save_file(tensors.get(layer, {}), str(ldir / "weights.safetensors"),
                   metadata={"uqcit_format_version": str(FORMAT_VERSION), "layer": layer})
-        save_file({}, str(ldir / "rotation.safetensors"),
-                  metadata={"rotations": "none", "note": "no rotation applied in this package"})
+        rot = rotations.get(layer, {})
+        save_file(rot, str(ldir / "rotation.safetensors"),
+                  metadata={"rotations": "online" if rot else "none",
+                            "note": "online rotations, installed by uqcit.rotation.apply_online_rotations"
+                            if rot else "no rotation stored: none applied, or all folded into the weights"})
         _write_json(ldir / "precision_map.json", precision.get(layer, {}))
         _write_json(ldir / "ghz_clusters.json",
                     clusters.get(layer, {"computed": False, "clusters": [],
@@ -366,6 +371,13 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
         raise PackageError(f"{path}: the package does not hold {len(missing)} tensor(s) the model "
                            f"needs, e.g. {missing[:5]}")
     model.load_state_dict(float_state, strict=False, assign=False)
+    rot_state: dict[str, torch.Tensor] = {}
+    for f in sorted((path / "layers").glob("*/rotation.safetensors")):
+        rot_state.update(load_file(str(f)))
+    if rot_state:
+        from .rotation import apply_online_rotations
+
+        apply_online_rotations(model, rot_state)
     model.eval()
 
     tok_dir = path / "tokenizer"

@@ -23,6 +23,7 @@ from .importance import ImportanceConfig, score_importance
 from .levels import LevelsConfig, analyze_levels
 from .plan import PlanConfig, build_plan
 from .recipe import Recipe
+from .rotation import RotationConfig, rotate_model
 from .results import Result, html_table
 from .sensitivity import SensitivityConfig, measure_sensitivity
 
@@ -147,12 +148,27 @@ def _clusters(session: Session, cfg: ClustersConfig):
     return result
 
 
+@register_stage(RotationConfig)
+def _rotation(session: Session, cfg: RotationConfig):
+    from .data import calibration_batch
+
+    original = session.state.setdefault("original", session.reference)  # always rotate the original
+    ids = calibration_batch(session.tokenizer, n_samples=cfg.check_samples, seq_len=cfg.check_seq_len,
+                            seed=cfg.seed)
+    result = rotate_model(original, cfg, check_ids=ids, progress=session.progress)
+    session.reference = result.model  # later stages (levels, sensitivity, quantize) see the rotated model
+    if "levels" in session.results:  # names are unchanged, but an untied head changes tied_to
+        session.results["levels"] = analyze_levels(session.reference, session.results["levels"].config)
+    return result
+
+
 @register_stage(EvalConfig)
 def _eval(session: Session, cfg: EvalConfig):
     model = session.compressed
     if model is None:
         raise RuntimeError("stage 'eval' needs a compressed model; run a 'quantize' stage first")
-    res = evaluate_many({"compressed": model}, session.tokenizer, cfg, reference=session.reference,
+    res = evaluate_many({"compressed": model}, session.tokenizer, cfg,
+                        reference=session.state.get("original", session.reference),
                         progress=session.progress)
     session.state["eval_reference"] = res["reference"]
     return res["compressed"]
@@ -160,7 +176,7 @@ def _eval(session: Session, cfg: EvalConfig):
 
 # --------------------------------------------------------------------------- the main job
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class JobReport(Result):
     """The main job's outcome: measured quality, size and time of one compressed package."""
 

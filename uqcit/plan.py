@@ -129,7 +129,7 @@ class PlanRow:
         return self.bits / self.numel
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class PlanSummary(Result):
     """What a plan costs, predicted from exact format arithmetic before quantizing anything."""
 

@@ -5,32 +5,28 @@ easier to quantize, folded into the network so that it computes the same functio
 Gᵀ = −G, hence G⁻¹ = Gᵀ = −G, G + G⁻¹ = 0 and G² = −I (the real form of multiplying by i).
 Every such G is ``P J Pᵀ`` for some orthogonal P, with J the 90° rotation in the planes
 (0,1), (2,3), ...; ``complex_structure(P)`` builds G from P and ``symplectic_basis(G)``
-recovers a P from G. Three constructions (``RotationConfig.construction``):
+recovers a P from G (``uqcit.structures``). Three constructions (``RotationConfig.construction``):
 
-- ``"hadamard"``: G = D·(C_m ⊗ H_b)·D / √((m−1)·b), a *randomized skew-Hadamard structure*:
-  C_m is a Paley conference matrix (m = q+1, q prime ≡ 3 mod 4; zero diagonal, ±1 elsewhere,
-  Cᵀ = −C, C Cᵀ = (m−1) I), H_b a symmetric ±1 Hadamard matrix (Sylvester, or Paley II),
-  D a seeded random ±1 diagonal. G is skew because C is skew and H, D symmetric. Its entries
-  are 0 on a 1/m fraction and ±1/√((m−1)b) elsewhere: as flat as a Hadamard matrix, which is
-  what spreads an outlier channel over all channels. Applying it costs O(n·(m+b)), storing it
-  n sign bits. (The obvious alternative, G = P J Pᵀ with P a randomized Hadamard matrix, is a
-  valid complex structure but *not* flat: the trailing Pᵀ undoes most of P's spreading, its
-  rows carry Rademacher sums; ``randomized_hadamard`` is provided for that P and for tests.)
-- ``"random"``: G = P J Pᵀ with P = QR of a seeded Gaussian (a uniformly random complex
-  structure). Stored, where it is not folded, as a dense float32 matrix.
+- ``"hadamard"``: the randomized skew-Hadamard structure G = D·(C_m ⊗ H_b)·D/√((m−1)b) of
+  ``structures.Rotation.hadamard``: entries 0 or ±1/√((m−1)b), as flat as a Hadamard matrix
+  (which is what spreads an outlier channel over all channels), stored as n sign bits. Folded
+  rotations use the flattest layout (largest m), online ones the cheapest to apply with m ≥ 8.
+- ``"random"``: G = P J Pᵀ with P = QR of a seeded Gaussian. Where it is not folded it is
+  stored as a dense float32 matrix.
 - ``"optimized"``: G = R G₀ Rᵀ starting from the hadamard G₀, R learned by Riemannian
-  gradient steps on the orthogonal group with the Cayley retraction. Conjugation keeps G a
-  complex structure exactly. What is minimized (weights only, no activations): the
+  gradient steps on the orthogonal group with the Cayley retraction (conjugation keeps G a
+  complex structure exactly). What is minimized (weights only, no activations): the
   uniform-noise model of round-to-nearest error, Σ over quantization groups of
   ``group_size · range²`` (the RTN MSE of a group is ≈ Δ²/12 with Δ = range/(2^b−1), so one
   proxy serves every bit width), divided by the weights' energy, over rows sampled from every
-  matrix the residual rotation touches.
+  matrix the residual rotation touches. Only the residual structure is optimized; per-head
+  structures use the hadamard construction.
 
-Orders: ``hadamard_matrix(n)`` exists for n = 2^k · ∏(Paley orders), e.g. 12, 20, 48, 576 =
-72·8, 1536 = 384·4; the skew structure needs n = m·b as above (``structure_layout``). Other
-n (odd n always: a complex structure needs even n) raise ``UnsupportedOrderError`` listing the
-nearest supported orders; ``RotationConfig(unsupported="random")`` falls back to ``"random"``
-instead, and the result records every fallback.
+The online rotation of the down_proj input always uses the hadamard structure, whatever the
+construction: cheap to run, n bits to store. A width with no structure (odd
+widths always) raises ``UnsupportedOrderError`` listing the nearest supported widths;
+``RotationConfig(unsupported="random")`` falls back to a dense random structure instead, and
+the result records every fallback.
 
 How it is applied without changing the function (Llama family: llama, mistral, qwen2):
 fusing each RMSNorm's scale into the linear layers that read it, then rotating the residual
@@ -42,7 +38,8 @@ A tied LM head keeps its tie: the final norm becomes ``RotatedRMSNorm``, which a
 scale in the unrotated basis (x ← ((x Gᵀ) ⊙ g) G, an online op on one d-vector per token);
 ``tied_head="untie"`` instead folds the scale into a separate head matrix (costs vocab×d
 weights). Other families get an online input rotation on every Linear (a forward pre-hook;
-see ``apply_online_rotations``).
+see ``apply_online_rotations``), with the construction's structure (random: dense, stored).
+The compressibility report before/after is ``uqcit.compressibility.compressibility_report``.
 
 >>> from uqcit.tiny import tiny_model
 >>> model, _ = tiny_model("llama")
@@ -54,481 +51,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import time
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from .config import StageConfig, register_config
-from .packing import pack, unpack
 from .results import Result
+from .structures import (
+    InvariantCheck,
+    InvariantReport,
+    Rotation,
+    UnsupportedOrderError,
+    block_checks,
+    kron_apply,
+    structure_checks,
+    structure_factors,
+    structure_for,
+)
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 OUTER = "outer"  # package folder of modules outside the blocks (same naming as uqcit.package)
-
-# =============================================================================================
-# number theory for the constructions
-
-
-def _is_prime(q: int) -> bool:
-    if q < 2:
-        return False
-    if q % 2 == 0:
-        return q == 2
-    r = int(math.isqrt(q))
-    return all(q % d for d in range(3, r + 1, 2))
-
-
-def _is_pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
-def _legendre(a: int, q: int) -> int:
-    a %= q
-    if a == 0:
-        return 0
-    return 1 if pow(a, (q - 1) // 2, q) == 1 else -1
-
-
-class UnsupportedOrderError(ValueError):
-    """No construction of the requested kind exists (here) for this matrix order."""
-
-
-# =============================================================================================
-# small ±1 building blocks (float64, exact integers)
-
-
-@functools.lru_cache(maxsize=64)
-def _sylvester(n: int) -> torch.Tensor:
-    """Sylvester Hadamard matrix of order n = 2^k: symmetric, ±1, H Hᵀ = n I."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-@functools.lru_cache(maxsize=64)
-def _jacobsthal(q: int) -> torch.Tensor:
-    """Q[i, j] = χ(j − i) over GF(q), q prime (χ the Legendre symbol)."""
-    chi = torch.tensor([_legendre(a, q) for a in range(q)], dtype=torch.float64)
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
-    return chi[idx]
-
-
-@functools.lru_cache(maxsize=64)
-def paley_conference(m: int) -> torch.Tensor:
-    """Skew conference matrix of order m = q+1, q prime ≡ 3 (mod 4) (m = 2: the 90° rotation).
-
-    Zero diagonal, ±1 elsewhere, Cᵀ = −C and C Cᵀ = (m−1) I. ``I + C`` is a (Paley I) Hadamard
-    matrix.
-
-    >>> c = paley_conference(12)
-    >>> bool((c + c.T == 0).all()), bool((c @ c.T == 11 * torch.eye(12, dtype=c.dtype)).all())
-    (True, True)
-    """
-    if m == 2:
-        return torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
-    q = m - 1
-    if not (_is_prime(q) and q % 4 == 3):
-        raise UnsupportedOrderError(f"no Paley skew conference matrix of order {m}: {q} is not a prime ≡ 3 mod 4")
-    c = torch.zeros(m, m, dtype=torch.float64)
-    c[0, 1:] = 1.0
-    c[1:, 0] = -1.0
-    c[1:, 1:] = _jacobsthal(q)
-    return c
-
-
-@functools.lru_cache(maxsize=64)
-def _paley2(n: int) -> torch.Tensor:
-    """Symmetric Paley II Hadamard matrix of order n = 2(q+1), q prime ≡ 1 (mod 4)."""
-    q = n // 2 - 1
-    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-    c[0, 1:] = 1.0
-    c[1:, 0] = 1.0
-    c[1:, 1:] = _jacobsthal(q)  # symmetric for q ≡ 1 mod 4
-    eye = torch.eye(q + 1, dtype=torch.float64)
-    return torch.cat([torch.cat([c + eye, c - eye], 1), torch.cat([c - eye, -c - eye], 1)], 0)
-
-
-def _paley1_order(m: int) -> bool:
-    return m > 2 and _is_prime(m - 1) and (m - 1) % 4 == 3
-
-
-def _paley2_order(m: int) -> bool:
-    return m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1
-
-
-@functools.lru_cache(maxsize=1024)
-def _hadamard_factors(n: int) -> tuple[tuple[str, int], ...] | None:
-    """A factorization of n into orders with a known Hadamard matrix, largest non-2^k core first.
-
-    Factors: ("sylvester", 2^k), ("paley1", q+1), ("paley2", 2(q+1)). None if none is found.
-    """
-    if n < 1:
-        return None
-    if _is_pow2(n):
-        return (("sylvester", n),)
-    for m in sorted((d for d in range(4, n + 1) if n % d == 0), reverse=True):
-        kind = "paley1" if _paley1_order(m) else "paley2" if _paley2_order(m) else None
-        if kind is None:
-            continue
-        rest = _hadamard_factors(n // m)
-        if rest is not None:
-            return ((kind, m),) + rest
-    return None
-
-
-def _factor_matrix(kind: str, m: int) -> torch.Tensor:
-    if kind == "sylvester":
-        return _sylvester(m)
-    if kind == "paley1":
-        return paley_conference(m) + torch.eye(m, dtype=torch.float64)
-    return _paley2(m)
-
-
-def _kron_all(mats: Iterable[torch.Tensor]) -> torch.Tensor:
-    out = torch.ones(1, 1, dtype=torch.float64)
-    for m in mats:
-        out = torch.kron(out, m)
-    return out
-
-
-def supported_orders(kind: Literal["hadamard", "structure"], lo: int, hi: int) -> list[int]:
-    """The orders in [lo, hi] for which ``hadamard_matrix`` / ``structure_layout`` succeed."""
-    test = (lambda n: _hadamard_factors(n) is not None) if kind == "hadamard" else \
-        (lambda n: _structure_layout_or_none(n) is not None)
-    return [n for n in range(max(lo, 1), hi + 1) if test(n)]
-
-
-def _unsupported(kind: str, n: int) -> UnsupportedOrderError:
-    near = supported_orders("hadamard" if kind == "Hadamard matrix" else "structure",
-                            max(2, n - 64), n + 64)
-    below = [m for m in near if m < n][-4:]
-    above = [m for m in near if m > n][:4]
-    why = "an odd order has no complex structure (G² = −I needs even n)" if n % 2 and kind != "Hadamard matrix" \
-        else "it is not 2^k times a product of Paley orders (q+1 for primes q ≡ 3 mod 4, 2(q+1) for q ≡ 1 mod 4)"
-    return UnsupportedOrderError(
-        f"no {kind} of order {n} is built here: {why}. Nearest supported orders: "
-        f"{below} below, {above} above. Use RotationConfig(construction='random') or "
-        f"unsupported='random' for a dense random orthogonal structure instead.")
-
-
-def hadamard_matrix(n: int) -> torch.Tensor:
-    """A ±1 Hadamard matrix of order n (H Hᵀ = n I), float64, from Kronecker products of
-    Sylvester (2^k), Paley I (q+1) and Paley II (2(q+1)) matrices.
-
-    >>> h = hadamard_matrix(576)  # 72 (Paley I, q = 71) ⊗ 8 (Sylvester)
-    >>> bool((h @ h.T == 576 * torch.eye(576, dtype=h.dtype)).all())
-    True
-    """
-    factors = _hadamard_factors(n)
-    if factors is None:
-        raise _unsupported("Hadamard matrix", n)
-    return _kron_all(_factor_matrix(k, m) for k, m in factors)
-
-
-def randomized_hadamard(n: int, seed: int = 0) -> torch.Tensor:
-    """P = H · D / √n: an orthogonal matrix with entries ±1/√n, D a seeded random ±1 diagonal."""
-    signs = _random_signs(n, seed)
-    return hadamard_matrix(n) * signs[None, :] / math.sqrt(n)
-
-
-def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
-    """A Haar-random orthogonal matrix (float64): QR of a seeded Gaussian, R's diagonal made positive."""
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    return q * torch.sign(torch.diagonal(r))[None, :]
-
-
-def _random_signs(n: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-
-
-# =============================================================================================
-# complex structures
-
-
-def j_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """J: the 90° rotation [[0, −1], [1, 0]] in each plane (2i, 2i+1); n must be even."""
-    if n % 2 or n < 2:
-        raise UnsupportedOrderError(f"J needs an even order ≥ 2 (planes of 2), got {n}: an odd-dimensional "
-                                    "space has no complex structure")
-    j = torch.zeros(n, n, dtype=dtype)
-    i = torch.arange(0, n, 2)
-    j[i + 1, i] = 1.0
-    j[i, i + 1] = -1.0
-    return j
-
-
-def complex_structure(p: torch.Tensor) -> torch.Tensor:
-    """G = P J Pᵀ for an orthogonal P (n even): orthogonal, Gᵀ = −G, G² = −I."""
-    if p.dim() != 2 or p.shape[0] != p.shape[1]:
-        raise ValueError(f"P must be square, got shape {tuple(p.shape)}")
-    return p @ j_matrix(p.shape[0], p.dtype) @ p.T
-
-
-def symplectic_basis(g: torch.Tensor) -> torch.Tensor:
-    """An orthogonal P with P J Pᵀ = G, for a complex structure G (columns p₁, Gp₁, p₂, Gp₂, ...).
-
-    The +i eigenspace of G is the range of the projector (I − iG)/2; an orthonormal basis uₖ of
-    it (complex QR of the projector applied to a fixed Gaussian block) has the form
-    uₖ = (pₖ − i G pₖ)/√2 with pₖ real, orthonormal and G-isotropic (pⱼᵀ G pₖ = 0), so the
-    pairs (pₖ, G pₖ) form an orthonormal basis in which G acts as J. O(n³), float64.
-    """
-    n = g.shape[0]
-    j_matrix(n)  # raises the odd-order error
-    g = g.to(torch.float64)
-    x = torch.randn(n, n // 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    u, _ = torch.linalg.qr(torch.complex(x, -(g @ x)) / 2)
-    p = math.sqrt(2.0) * u.real  # [n, n/2]
-    out = torch.empty(n, n, dtype=torch.float64)
-    out[:, 0::2] = p
-    out[:, 1::2] = g @ p
-    if float((out.T @ out - torch.eye(n, dtype=torch.float64)).abs().max()) > 1e-6:
-        raise ValueError("G is not a complex structure (orthogonal with Gᵀ = −G): no symplectic basis")
-    return out
-
-
-def _structure_layout_or_none(n: int) -> tuple[int, int] | None:
-    if n % 2 or n < 2:
-        return None
-    best = None
-    for m in range(2, n + 1, 2):
-        if n % m or not (m == 2 or _paley1_order(m)):
-            continue
-        b = n // m
-        if b == 1 or _symmetric_hadamard_factors(b) is not None:
-            best = (m, b)  # keep the largest conference core: fewest zero entries (1/m of them)
-    return best
-
-
-@functools.lru_cache(maxsize=1024)
-def _symmetric_hadamard_factors(n: int) -> tuple[tuple[str, int], ...] | None:
-    """Orders with a *symmetric* Hadamard matrix here: products of 2^k and Paley II orders."""
-    if _is_pow2(n):
-        return (("sylvester", n),)
-    for m in sorted((d for d in range(4, n + 1) if n % d == 0), reverse=True):
-        if _paley2_order(m):
-            rest = _symmetric_hadamard_factors(n // m)
-            if rest is not None:
-                return (("paley2", m),) + rest
-    return None
-
-
-def structure_layout(n: int) -> tuple[int, int]:
-    """(m, b) with n = m·b for the hadamard structure C_m ⊗ H_b (largest conference order m)."""
-    layout = _structure_layout_or_none(n)
-    if layout is None:
-        raise _unsupported("skew-Hadamard complex structure", n)
-    return layout
-
-
-@functools.lru_cache(maxsize=256)
-def _structure_factors(m: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized factors (A, B): A = C_m/√(m−1) skew orthogonal, B = H_b/√b symmetric orthogonal."""
-    a = paley_conference(m) / math.sqrt(m - 1)
-    if b == 1:
-        h = torch.ones(1, 1, dtype=torch.float64)
-    else:
-        factors = _symmetric_hadamard_factors(b)
-        h = _kron_all(_factor_matrix(k, f) for k, f in factors) / math.sqrt(b)
-    return a, h
-
-
-def _kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x (A ⊗ B) for row vectors x [..., m·b]: on the [m, b] view X it is Aᵀ X B, computed as
-    ((X B)ᵀ A)ᵀ so that the large factor A is one GEMM over all rows."""
-    m, bb = a.shape[0], b.shape[0]
-    lead = x.shape[:-1]
-    y = x.reshape(-1, m, bb)
-    if bb > 1:
-        y = y @ b
-    y = y.transpose(1, 2).reshape(-1, m) @ a
-    return y.reshape(-1, bb, m).transpose(1, 2).reshape(*lead, m * bb)
-
-
-# =============================================================================================
-# Rotation: one complex structure, structured (signs + layout) or dense
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Rotation:
-    """One complex structure G of order n, applied to row vectors as x ↦ x G.
-
-    ``kind == "structure"``: G = D (A ⊗ B) D with D = diag(signs), (A, B) from ``layout``
-    (stored: n sign bits). ``kind == "dense"``: G given as a matrix (stored: n² float32).
-    """
-
-    n: int
-    kind: Literal["structure", "dense"]
-    signs: torch.Tensor | None = None  # float64 ±1 [n], structure only
-    layout: tuple[int, int] | None = None  # (m, b), structure only
-    dense: torch.Tensor | None = None  # float64 [n, n], dense only
-    construction: str = "hadamard"  # what built it: hadamard / random / optimized
-
-    @classmethod
-    def hadamard(cls, n: int, seed: int = 0) -> "Rotation":
-        return cls(n, "structure", signs=_random_signs(n, seed), layout=structure_layout(n))
-
-    @classmethod
-    def random(cls, n: int, seed: int = 0) -> "Rotation":
-        return cls(n, "dense", dense=complex_structure(random_orthogonal(n, seed)), construction="random")
-
-    @classmethod
-    def from_matrix(cls, g: torch.Tensor, construction: str) -> "Rotation":
-        return cls(g.shape[0], "dense", dense=g.to(torch.float64), construction=construction)
-
-    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """G as a dense [n, n] matrix."""
-        if self.kind == "dense":
-            return self.dense.to(dtype)
-        a, b = _structure_factors(*self.layout)
-        d = self.signs
-        return (d[:, None] * torch.kron(a, b) * d[None, :]).to(dtype)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x G along the last dimension (structured: O(n·(m+b)) per row instead of O(n²))."""
-        if self.kind == "dense":
-            return x @ self.dense.to(x.dtype)
-        a, b = _structure_factors(*self.layout)
-        d = self.signs.to(x.dtype)
-        return _kron_apply(x * d, a.to(x.dtype), b.to(x.dtype)) * d
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """What storing this rotation costs: packed sign bits + layout, or the float32 matrix."""
-        if self.kind == "dense":
-            return {"matrix": self.dense.to(torch.float32).contiguous()}
-        bits = (self.signs < 0).to(torch.uint8)
-        return {"signs": pack(bits, 1), "layout": torch.tensor(self.layout, dtype=torch.int64)}
-
-    @classmethod
-    def from_tensors(cls, t: Mapping[str, torch.Tensor], n: int) -> "Rotation":
-        if "matrix" in t:
-            return cls(n, "dense", dense=t["matrix"].to(torch.float64), construction="stored")
-        layout = tuple(int(v) for v in t["layout"].tolist())
-        signs = 1.0 - 2.0 * unpack(t["signs"], 1, n).to(torch.float64)
-        return cls(n, "structure", signs=signs, layout=layout)
-
-    @property
-    def stored_bits(self) -> int:
-        return sum(8 * v.numel() * v.element_size() for v in self.tensors().values())
-
-    def describe(self) -> str:
-        if self.kind == "dense":
-            return f"{self.construction} dense {self.n}×{self.n}"
-        m, b = self.layout
-        return f"skew-Hadamard C{m}⊗H{b} (random signs)"
-
-
-def _structure_for(n: int, construction: str, seed: int, unsupported: str) -> tuple[Rotation, str | None]:
-    """The rotation of order n for a construction; on an unsupported order, the documented fallback.
-
-    Returns (rotation, fallback note or None). ``"optimized"`` starts from the hadamard structure
-    (the optimizer conjugates it afterwards).
-    """
-    if n % 2:
-        raise _unsupported("complex structure", n)
-    if construction == "random":
-        return Rotation.random(n, seed), None
-    try:
-        return Rotation.hadamard(n, seed), None
-    except UnsupportedOrderError as exc:
-        if unsupported != "random":
-            raise
-        return Rotation.random(n, seed), f"order {n}: {exc.args[0].split(':')[0]}; fell back to random"
-
-
-# =============================================================================================
-# invariants (seed 002 §2.2.3.2, made real)
-
-
-@dataclasses.dataclass(frozen=True)
-class InvariantCheck:
-    """One measured invariant: its value and the tolerance it must stay under."""
-
-    name: str
-    where: str  # which rotation or block it was measured on
-    value: float
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return self.value <= self.tolerance
-
-
-@dataclasses.dataclass(frozen=True)
-class InvariantReport:
-    """Invariant checks of the complex structures used and of rotated square weight blocks.
-
-    Per structure G (float64, G⁻¹ from ``torch.linalg.inv``): ‖G + G⁻¹‖_max, ‖GᵀG − I‖_max,
-    ‖G² + I‖_max, ‖G + Gᵀ‖_max, |det G − 1|, and ‖P J Pᵀ − G‖_max for a P recovered by
-    ``symplectic_basis``. Per square block A (a weight matrix of the model), under the
-    similarity A ↦ Gᵀ A G: |tr A − tr GᵀAG| / ‖A‖_F, the sorted eigenvalues of the symmetric
-    part (so λ_max too), and the singular values of the one-sided rotation A G (what the
-    model actually stores), relative to ‖A‖₂.
-    """
-
-    checks: tuple[InvariantCheck, ...]
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def worst(self) -> InvariantCheck | None:
-        return max(self.checks, key=lambda c: c.value / c.tolerance, default=None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed,
-                "checks": [dataclasses.asdict(c) | {"passed": c.passed} for c in self.checks]}
-
-
-STRUCTURE_TOL = 1e-9  # float64 arithmetic on n ≤ a few thousand: errors ~1e-13, this leaves room
-SPECTRUM_TOL = 1e-9
-
-
-def structure_checks(g: torch.Tensor, where: str, tol: float = STRUCTURE_TOL) -> list[InvariantCheck]:
-    """G + G⁻¹ = 0, GᵀG = I, G² = −I, Gᵀ = −G, det G = 1, G = P J Pᵀ (all in float64)."""
-    g = g.to(torch.float64)
-    n = g.shape[0]
-    eye = torch.eye(n, dtype=torch.float64)
-    inv = torch.linalg.inv(g)
-    p = symplectic_basis(g)
-    sign, logdet = torch.linalg.slogdet(g)
-    det = float(sign) * math.exp(float(logdet))
-    return [
-        InvariantCheck("|G + G^-1|_max", where, float((g + inv).abs().max()), tol),
-        InvariantCheck("|G^T G - I|_max", where, float((g.T @ g - eye).abs().max()), tol),
-        InvariantCheck("|G^2 + I|_max", where, float((g @ g + eye).abs().max()), tol),
-        InvariantCheck("|G + G^T|_max", where, float((g + g.T).abs().max()), tol),
-        InvariantCheck("|det G - 1|", where, abs(det - 1.0), tol * n),
-        InvariantCheck("|P J P^T - G|_max", where, float((complex_structure(p) - g).abs().max()), tol * 10),
-    ]
-
-
-def block_checks(a: torch.Tensor, g: torch.Tensor, where: str, tol: float = SPECTRUM_TOL) -> list[InvariantCheck]:
-    """Trace, symmetric-part spectrum and singular values preserved by rotating square block A."""
-    a = a.to(torch.float64)
-    g = g.to(torch.float64)
-    sim = g.T @ a @ g
-    fro = float(a.norm()) or 1.0
-    two = float(torch.linalg.matrix_norm(a, ord=2)) or 1.0
-    ev = torch.linalg.eigvalsh((a + a.T) / 2)
-    ev_rot = torch.linalg.eigvalsh((sim + sim.T) / 2)
-    sv = torch.linalg.svdvals(a)
-    sv_rot = torch.linalg.svdvals(a @ g)
-    return [
-        InvariantCheck("|tr A - tr G^T A G| / |A|_F", where, abs(float(a.trace() - sim.trace())) / fro, tol),
-        InvariantCheck("|eig(sym A) - eig(sym G^T A G)|_max / |A|_2", where,
-                       float((ev - ev_rot).abs().max()) / two, tol),
-        InvariantCheck("|lambda_max change| / |A|_2", where, abs(float(ev[-1] - ev_rot[-1])) / two, tol),
-        InvariantCheck("|sv(A) - sv(A G)|_max / |A|_2", where, float((sv - sv_rot).abs().max()) / two, tol),
-    ]
 
 
 # =============================================================================================
@@ -552,7 +97,7 @@ class OnlineRotation(nn.Module):
         for name, t in rotation.tensors().items():
             self.register_buffer(name, t.clone(), persistent=True)
         if rotation.kind == "structure":
-            a, b = _structure_factors(*rotation.layout)
+            a, b = structure_factors(*rotation.layout)
             self.register_buffer("_signs", rotation.signs.to(torch.float32), persistent=False)
             self.register_buffer("_a", a.to(torch.float32), persistent=False)
             self.register_buffer("_b", b.to(torch.float32), persistent=False)
@@ -578,7 +123,7 @@ class OnlineRotation(nn.Module):
         if self.kind == "dense":
             return x @ self.matrix.to(x.dtype)
         d = self._signs.to(x.dtype)
-        return _kron_apply(x * d, self._a.to(x.dtype), self._b.to(x.dtype)) * d
+        return kron_apply(x * d, self._a.to(x.dtype), self._b.to(x.dtype)) * d
 
     def extra_repr(self) -> str:
         return f"n={self.n}, {self.description}, stored_bits={self.stored_bits}"
@@ -603,7 +148,6 @@ class RotatedGatedMLP(nn.Module):
                 self.add_module(name, child)
         self.act_fn = mlp.act_fn  # an nn.Module in transformers (ACT2FN), kept as a child
         self.online_rotation = rotation
-        self.source_class = getattr(mlp, "source_class", type(mlp).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.online_rotation(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
@@ -647,7 +191,8 @@ def attach_input_rotation(module: nn.Module, rotation: OnlineRotation) -> None:
     module.register_forward_pre_hook(_input_rotation_hook)
 
 
-_SITES = {"online_rotation": "mlp", "scale_rotation": "final_norm", "input_rotation": "linear"}
+# Child names of the three kinds of site: RotatedGatedMLP, RotatedRMSNorm, a generic Linear.
+_SITES = ("online_rotation", "scale_rotation", "input_rotation")
 
 
 def is_rotation_key(key: str) -> bool:
@@ -723,7 +268,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     replace_module(model, name, new)
 
 
-@torch.no_grad()
 def _set_online_enabled(model: nn.Module, enabled: bool) -> None:
     for mod in model.modules():
         if isinstance(mod, OnlineRotation):
@@ -741,20 +285,29 @@ class RotationConfig(StageConfig):
 
     type_tag = "rotation"
 
-    construction: Literal["hadamard", "random", "optimized", "none"] = "hadamard"  # flat skew-Hadamard spreads outliers most evenly and is stored as sign bits
-    seed: int = 0  # seeds the signs / Gaussians; same seed, same rotation
+    # hadamard: the flattest structure (spreads outliers most evenly), stored as n sign bits
+    construction: Literal["hadamard", "random", "optimized", "none"] = "hadamard"
+    seed: int = 0  # seeds the signs / Gaussians: same seed, same rotation
     residual: bool = True  # rotate the residual stream: fully folded, no run-time cost
     per_head_vo: bool = True  # per-head rotation between v_proj and o_proj: fully folded
-    online_down_proj: bool = True  # rotate the down_proj input at run time (skew-Hadamard, n sign bits)
-    tied_head: Literal["keep", "untie"] = "keep"  # keep the embedding/head tie (final-norm scale online); untie stores vocab×d more weights
-    unsupported: Literal["error", "random"] = "error"  # an order with no Hadamard structure: fail, or fall back to dense random
-    optimize_steps: int = 60  # Cayley steps of "optimized" (each on freshly sampled rows)
-    lr: float = 0.02  # step length of "optimized", radians of rotation per step (the gradient is normalized)
-    optimize_rows: int = 32  # rows sampled per matrix per step: keeps a step well under a second on a CPU
-    optimize_matrices: int = 32  # matrices sampled per step (of the ~7 per block the residual touches)
-    group_size: int = 128  # quantization group of the optimizer's proxy; match the plan's
-    check_samples: int = 2  # calibration sequences of the end-to-end logit check (when none are given)
-    check_seq_len: int = 64  # tokens per check sequence
+    online_down_proj: bool = True  # rotate the down_proj input at run time: O(n(m+b)), n sign bits
+    # keep: the embedding/head tie survives (final-norm scale applied online); untie: vocab×d weights more
+    tied_head: Literal["keep", "untie"] = "keep"
+    unsupported: Literal["error", "random"] = "error"  # a width with no structure: fail, or dense random
+    optimize_steps: int = 100  # Cayley steps of "optimized"; ~1 s each for a 135M model on a CPU
+    lr: float = 1.0  # Cayley step τ on the normalized gradient (‖Ω‖_F = 1); 3 oscillated on SmolLM2
+    optimize_rows: int = 32  # rows sampled per matrix per step: a step stays around a second
+    optimize_matrices: int = 32  # matrices sampled per step (the residual touches ~7 per block)
+    group_size: int = 128  # quantization group of the optimizer's proxy: match the plan's
+    check_samples: int = 2  # sequences of the end-to-end logit check when none are passed
+    check_seq_len: int = 64  # tokens per check sequence: enough to compare logits, cheap to time
+
+    def __post_init__(self) -> None:
+        if self.optimize_steps < 0 or self.lr <= 0:
+            raise ValueError(f"need optimize_steps >= 0 and lr > 0, got {self.optimize_steps}, {self.lr}")
+        for name in ("optimize_rows", "optimize_matrices", "group_size", "check_samples", "check_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def method_name(self) -> str:
@@ -803,7 +356,7 @@ class RotationResult(Result):
     fallbacks: list[str]
     optimize_history: list[tuple[int, float]]  # (step, proxy loss on the fixed evaluation rows)
     seconds: dict[str, float]
-    forward_seconds: dict[str, float]  # original / rotated / rotated with online rotations off
+    forward_seconds: dict[str, float]  # original / rotated / rotated_online_off / online_ops (see _logit_check)
 
     @property
     def stored_bits(self) -> int:
@@ -812,11 +365,12 @@ class RotationResult(Result):
 
     @property
     def online_overhead(self) -> float | None:
-        """Forward time of the rotated model over the same model with its online rotations off."""
+        """Time of the online rotations alone over the forward time of the model without them
+        (None when nothing runs online): the run-time cost rotating adds to a forward pass."""
         f = self.forward_seconds
-        if not f.get("rotated_online_off"):
+        if "online_ops" not in f:
             return None
-        return f["rotated"] / f["rotated_online_off"]
+        return f["online_ops"] / f["rotated_online_off"]
 
     def rotation_tensors_for_layer_dir(self) -> dict[str, dict[str, torch.Tensor]]:
         """The online rotations' tensors by package layer folder (see the module function)."""
@@ -826,7 +380,9 @@ class RotationResult(Result):
         online = sum(m.online for m in self.modules)
         return (f"{self.config.construction} rotation of a {self.model_type} model ({self.family}): "
                 f"{len(self.modules)} modules rotated, {online} with an online rotation, "
-                f"{self.stored_bits / 8 / 1024:.1f} KiB of rotations stored; max |Δlogit| "
+                f"{self.stored_bits / 8 / 1024:.1f} KiB of rotations stored"
+                + (f", online ops {100 * self.online_overhead:.1f}% of a forward" if self.online_overhead else "")
+                + f"; max |Δlogit| "
                 f"{self.max_logit_diff:.2e}; invariants {'pass' if self.invariants.passed else 'FAIL'}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -920,13 +476,11 @@ def rotate_model(model: nn.Module, config: RotationConfig = RotationConfig(), *,
     else:
         family = "generic"
         _rotate_generic(out, ctx)
-    seconds["rotate"] = time.perf_counter() - t0 - ctx.optimize_seconds
+    seconds["rotate"] = time.perf_counter() - t0 - ctx.optimize_seconds - ctx.check_seconds
     if ctx.optimize_seconds:
         seconds["optimize"] = ctx.optimize_seconds
-
-    t0 = time.perf_counter()
+    seconds["invariants"] = ctx.check_seconds
     invariants = InvariantReport(tuple(ctx.checks))
-    seconds["invariants"] = time.perf_counter() - t0 + ctx.check_seconds
 
     t0 = time.perf_counter()
     ids = check_ids if check_ids is not None else _random_ids(out, config)
@@ -957,10 +511,11 @@ class _Ctx:
         self.check_seconds = 0.0
         self._checked: set[str] = set()
 
-    def structure(self, n: int, site: str, seed_parts: tuple, construction: str | None = None) -> Rotation:
+    def structure(self, n: int, site: str, seed_parts: tuple, construction: str | None = None,
+                  online: bool = False) -> Rotation:
         cfg = self.config
-        rot, note = _structure_for(n, construction or cfg.construction, _derive_seed(cfg.seed, *seed_parts),
-                                   cfg.unsupported)
+        rot, note = structure_for(n, construction or cfg.construction, _derive_seed(cfg.seed, *seed_parts),
+                                  cfg.unsupported, fast=online)
         if note:
             self.fallbacks.append(f"{site}: {note}")
         return rot
@@ -1074,8 +629,8 @@ def _rotate_llama(model: nn.Module, ctx: _Ctx) -> None:
         stored = 0
         if cfg.online_down_proj:
             n_mid = mlp.down_proj.weight.shape[1]
-            # Online rotations are always the skew-Hadamard structure: cheap to run and to store.
-            rot_on = ctx.structure(n_mid, f"{down_name} input", ("online", li), "hadamard")
+            # Always the skew-Hadamard structure, in its cheapest layout: fast to run, n bits to store.
+            rot_on = ctx.structure(n_mid, f"{down_name} input", ("online", li), "hadamard", online=True)
             w_down = rot_on.apply(w_down if w_down is not None else _f64(mlp.down_proj.weight))
             online = OnlineRotation(rot_on)
             mlp_name = _name(model, mlp)
@@ -1141,7 +696,7 @@ def _rotate_generic(model: nn.Module, ctx: _Ctx) -> None:
         n_in = w.shape[0] if isinstance(mod, Conv1D) else w.shape[1]
         try:
             rot = ctx.structure(n_in, name, ("generic", name),
-                                "hadamard" if cfg.construction == "optimized" else None)
+                                "hadamard" if cfg.construction == "optimized" else None, online=True)
         except UnsupportedOrderError:
             if cfg.unsupported == "error":
                 raise
@@ -1291,240 +846,34 @@ def _accepts_cache(model: nn.Module) -> bool:
 
 @torch.inference_mode()
 def _logit_check(original: nn.Module, rotated: nn.Module, ids: torch.Tensor,
-                 reps: int = 2) -> tuple[float, float, dict[str, float]]:
-    def timed(m: nn.Module) -> tuple[torch.Tensor, float]:
-        best, out = math.inf, None
-        for _ in range(reps):
+                 reps: int = 3) -> tuple[float, float, dict[str, float]]:
+    """Max |Δlogit| and forward times: original, rotated, rotated with its online rotations
+    switched off, and the online rotations alone (each applied to ``ids.numel()`` rows of its
+    width). Runs are interleaved and the minimum of ``reps`` kept, so that a busy machine
+    disturbs the three model timings alike."""
+    ref = _logits(original, ids)
+    rot = _logits(rotated, ids)
+    online = [m for m in rotated.modules() if isinstance(m, OnlineRotation)]
+    online += [m.scale_rotation for m in rotated.modules() if isinstance(m, RotatedRMSNorm)]  # runs twice
+    best = {"original": math.inf, "rotated": math.inf}
+    if online:
+        best["rotated_online_off"] = best["online_ops"] = math.inf
+    for _ in range(reps):
+        for key, model in (("original", original), ("rotated", rotated)):
             t0 = time.perf_counter()
-            out = _logits(m, ids)
-            best = min(best, time.perf_counter() - t0)
-        return out, best
-
-    ref, t_ref = timed(original)
-    rot, t_rot = timed(rotated)
-    fwd = {"original": t_ref, "rotated": t_rot}
-    if any(isinstance(m, OnlineRotation) for m in rotated.modules()):
-        _set_online_enabled(rotated, False)
-        try:
-            _, fwd["rotated_online_off"] = timed(rotated)
-        finally:
-            _set_online_enabled(rotated, True)
-    return float((rot - ref).abs().max()), float(ref.abs().max()), fwd
-
-
-# =============================================================================================
-# compressibility report: before / after, per layer
-
-
-GAUSSIAN_DB_PER_BIT = 20 * math.log10(2)  # 6.02 dB: the rate-distortion slope of a Gaussian source
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightStats:
-    """Distribution and quantization error of one weight matrix (RTN, asymmetric groups)."""
-
-    kurtosis: float  # Pearson kurtosis E[(w−μ)⁴]/σ⁴ (3 for a Gaussian; outliers raise it)
-    max_over_std: float  # max |w − μ| / σ
-    mse: dict[int, float]  # bits -> mean squared error of RTN at that width
-    sqnr_db: dict[int, float]  # bits -> 10 log10(‖W‖² / ‖W − Ŵ‖²)
-
-    def gap_db(self, bits: int) -> float:
-        """Distance to the Gaussian rate-distortion bound at ``bits`` code bits: 6.02·bits − SQNR."""
-        return GAUSSIAN_DB_PER_BIT * bits - self.sqnr_db[bits]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kurtosis": self.kurtosis, "max_over_std": self.max_over_std,
-                "mse": {str(b): v for b, v in self.mse.items()},
-                "sqnr_db": {str(b): v for b, v in self.sqnr_db.items()},
-                "gap_db": {str(b): self.gap_db(b) for b in self.sqnr_db}}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleCompressibility:
-    name: str
-    block: int | None
-    shape: tuple[int, int]
-    numel: int
-    before: WeightStats
-    after: WeightStats
-
-
-@dataclasses.dataclass(repr=False)  # keep Result's short __repr__
-class CompressibilityResult(Result):
-    """Per-module compressibility before and after rotation, and a weight histogram."""
-
-    rows: list[ModuleCompressibility]
-    bits: tuple[int, ...]
-    group_size: int
-    histogram_module: str
-    histogram_edges: list[float]
-    histogram_before: list[int]
-    histogram_after: list[int]
-    seconds: float
-
-    def pooled_sqnr(self, bits: int, which: str) -> float:
-        """SQNR over all modules together: 10 log10(Σ signal / Σ noise), signal from MSE/SQNR."""
-        sig = noise = 0.0
-        for r in self.rows:
-            s = getattr(r, which)
-            noise += s.mse[bits] * r.numel
-            sig += s.mse[bits] * r.numel * 10 ** (s.sqnr_db[bits] / 10)
-        return 10 * math.log10(sig / noise) if noise > 0 else math.inf
-
-    def per_block(self) -> list[dict[str, Any]]:
-        """Per transformer block (None: outside the blocks): mean kurtosis and pooled SQNR."""
-        groups: dict[int | None, list[ModuleCompressibility]] = {}
-        for r in self.rows:
-            groups.setdefault(r.block, []).append(r)
-        out = []
-        for block in sorted(groups, key=lambda b: (b is not None, b if b is not None else -1)):
-            rs = groups[block]
-            entry: dict[str, Any] = {"block": block, "modules": len(rs)}
-            for which in ("before", "after"):
-                entry[f"kurtosis_{which}"] = sum(getattr(r, which).kurtosis for r in rs) / len(rs)
-                for b in self.bits:
-                    noise = sum(getattr(r, which).mse[b] * r.numel for r in rs)
-                    sig = sum(getattr(r, which).mse[b] * r.numel * 10 ** (getattr(r, which).sqnr_db[b] / 10)
-                              for r in rs)
-                    entry[f"sqnr{b}_{which}"] = 10 * math.log10(sig / noise) if noise > 0 else math.inf
-            out.append(entry)
-        return out
-
-    def summary(self) -> str:
-        parts = [f"{len(self.rows)} modules, group {self.group_size}"]
-        for b in self.bits:
-            before, after = self.pooled_sqnr(b, "before"), self.pooled_sqnr(b, "after")
-            parts.append(f"{b}-bit SQNR {before:.2f} → {after:.2f} dB "
-                         f"(gap to 6.02 dB/bit {GAUSSIAN_DB_PER_BIT * b - before:.2f} → "
-                         f"{GAUSSIAN_DB_PER_BIT * b - after:.2f})")
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "bits": list(self.bits), "group_size": self.group_size, "seconds": self.seconds,
-            "pooled_sqnr_db": {str(b): {"before": self.pooled_sqnr(b, "before"),
-                                        "after": self.pooled_sqnr(b, "after")} for b in self.bits},
-            "per_block": self.per_block(),
-            "modules": [{"name": r.name, "block": r.block, "shape": list(r.shape), "numel": r.numel,
-                         "before": r.before.to_dict(), "after": r.after.to_dict()} for r in self.rows],
-            "histogram": {"module": self.histogram_module, "edges": self.histogram_edges,
-                          "before": self.histogram_before, "after": self.histogram_after},
-        }
-
-    def table_rows(self):
-        b = 3 if 3 in self.bits else self.bits[0]
-        return (("module", "kurtosis before", "after", "max/std before", "after",
-                 f"SQNR@{b} before", "after", f"gap@{b} before", "after"),
-                [(r.name, r.before.kurtosis, r.after.kurtosis, r.before.max_over_std, r.after.max_over_std,
-                  r.before.sqnr_db[b], r.after.sqnr_db[b], r.before.gap_db(b), r.after.gap_db(b))
-                 for r in self.rows])
-
-    def histogram_figure(self):
-        """Weight histogram of one module before and after rotation (all weights, log counts)."""
-        import plotly.graph_objects as go
-
-        e = self.histogram_edges
-        mids = [(a + b) / 2 for a, b in zip(e[:-1], e[1:])]
-        fig = go.Figure()
-        fig.add_bar(x=mids, y=self.histogram_before, name="before", opacity=0.6, uid="comp-hist-before")
-        fig.add_bar(x=mids, y=self.histogram_after, name="after", opacity=0.6, uid="comp-hist-after")
-        fig.update_layout(barmode="overlay", bargap=0, title=f"weights of {self.histogram_module}",
-                          xaxis_title="weight", yaxis_type="log", height=360)
-        return fig
-
-    def layer_figure(self):
-        """Per block: mean kurtosis and pooled 3-bit SQNR (or the first width), before vs after."""
-        from plotly.subplots import make_subplots
-
-        b = 3 if 3 in self.bits else self.bits[0]
-        rows = self.per_block()
-        x = ["outside" if r["block"] is None else str(r["block"]) for r in rows]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("mean kurtosis", f"SQNR @ {b} bits (dB)"))
-        for which, color in (("before", "#9e9e9e"), ("after", "#4c78a8")):
-            fig.add_bar(x=x, y=[r[f"kurtosis_{which}"] for r in rows], name=which, marker_color=color,
-                        uid=f"comp-kurt-{which}", legendgroup=which, row=1, col=1)
-            fig.add_bar(x=x, y=[r[f"sqnr{b}_{which}"] for r in rows], name=which, marker_color=color,
-                        uid=f"comp-sqnr-{which}", legendgroup=which, showlegend=False, row=1, col=2)
-        fig.update_yaxes(type="log", row=1, col=1)
-        fig.update_xaxes(title="block")
-        fig.update_layout(barmode="group", height=380, title=self.summary()[:120])
-        return fig
-
-    def figure(self):
-        return self.layer_figure()
-
-
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    from .runtime import linear_weight
-
-    if isinstance(module, nn.Embedding):
-        return module.weight.detach()
-    return linear_weight(module)[0]
-
-
-def _weight_stats(w: torch.Tensor, bits: tuple[int, ...], group_size: int) -> WeightStats:
-    from .formats import QuantFormat
-    from .quant import quant_error, quantize
-
-    x = w.detach().to(torch.float64).reshape(-1)
-    mu = x.mean()
-    c = x - mu
-    var = float(c.square().mean())
-    kurt = float(c.pow(4).mean()) / var**2 if var > 0 else math.nan
-    mos = float(c.abs().max()) / math.sqrt(var) if var > 0 else math.nan
-    mse, sqnr = {}, {}
-    w32 = w.detach().to(torch.float32)
-    for b in bits:
-        err = quant_error(w32, quantize(w32, QuantFormat(bits=b, group_size=group_size)))
-        mse[b], sqnr[b] = err["mse"], err["sqnr_db"]
-    return WeightStats(kurt, mos, mse, sqnr)
-
-
-def compressibility_report(before: nn.Module, after: nn.Module, *, modules: Iterable[str] | None = None,
-                           bits: tuple[int, ...] = (2, 3, 4), group_size: int = 128,
-                           histogram_module: str | None = None, bins: int = 120,
-                           progress: bool = True) -> CompressibilityResult:
-    """Compare the weights of ``before`` and ``after`` (e.g. ``rotate_model(m).model``) module by module.
-
-    ``modules`` defaults to every Linear/Conv1D/Embedding that owns its weight in ``before`` (a
-    tied head is counted once, at the embedding). Quantization is ``uqcit.quant.quantize`` at
-    each width with asymmetric groups of ``group_size`` (use the plan's); the gap to the
-    Gaussian bound counts code bits only (the fp16 scale/zero overhead is not in ``bits``).
-    """
-    from tqdm.auto import tqdm
-    from transformers.pytorch_utils import Conv1D
-
-    from .levels import block_of
-
-    t0 = time.perf_counter()
-    named_b, named_a = dict(before.named_modules()), dict(after.named_modules())
-    if modules is None:
-        seen: set[int] = set()
-        modules = []
-        for name, mod in before.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding, Conv1D)) and mod.weight.data_ptr() not in seen:
-                seen.add(mod.weight.data_ptr())
-                modules.append(name)
-    modules = list(modules)
-    missing = [m for m in modules if m not in named_b or m not in named_a]
-    if missing:
-        raise ValueError(f"modules not in both models: {missing[:5]}")
-    rows = []
-    for name in tqdm(modules, desc="compressibility", unit="module", disable=not progress):
-        wb, wa = _weight_of(named_b[name]), _weight_of(named_a[name])
-        rows.append(ModuleCompressibility(name, block_of(name), tuple(wb.shape), wb.numel(),
-                                          _weight_stats(wb, bits, group_size), _weight_stats(wa, bits, group_size)))
-    if histogram_module is None:
-        histogram_module = max(rows, key=lambda r: r.before.kurtosis).name if rows else ""
-    edges, hb, ha = [], [], []
-    if histogram_module:
-        xb = _weight_of(named_b[histogram_module]).float().reshape(-1)
-        xa = _weight_of(named_a[histogram_module]).float().reshape(-1)
-        lo = float(torch.minimum(xb.min(), xa.min()))
-        hi = float(torch.maximum(xb.max(), xa.max()))
-        hi = hi if hi > lo else lo + 1.0
-        hb = torch.histc(xb, bins=bins, min=lo, max=hi).long().tolist()
-        ha = torch.histc(xa, bins=bins, min=lo, max=hi).long().tolist()
-        edges = torch.linspace(lo, hi, bins + 1).tolist()
-    return CompressibilityResult(rows, tuple(bits), group_size, histogram_module, edges, hb, ha,
-                                 time.perf_counter() - t0)
+            _logits(model, ids)
+            best[key] = min(best[key], time.perf_counter() - t0)
+        if online:
+            _set_online_enabled(rotated, False)
+            try:
+                t0 = time.perf_counter()
+                _logits(rotated, ids)
+                best["rotated_online_off"] = min(best["rotated_online_off"], time.perf_counter() - t0)
+            finally:
+                _set_online_enabled(rotated, True)
+            xs = [torch.randn(ids.numel(), m.n) for m in online]
+            t0 = time.perf_counter()
+            for m, x in zip(online, xs):
+                m(x)
+            best["online_ops"] = min(best["online_ops"], time.perf_counter() - t0)
+    return float((rot - ref).abs().max()), float(ref.abs().max()), best

@@ -130,7 +130,7 @@ def resolve_formats(names: Sequence[str], group_size: int = 128) -> list[QuantFo
 # --------------------------------------------------------------------------- result
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class SensitivityResult(Result):
     """Measured KL per module and format: ``table[i, j]`` for ``modules[i]`` in ``formats[j]``.
 
