@@ -32,7 +32,7 @@ from .importance import activation_source
 from .plan import LEVEL_COLORS, BitPlan
 from .quant import QuantizedTensor, dequantize, quant_error, quantize
 from .results import Result
-from .runtime import QuantEmbedding, QuantLinear, linear_weight, replace_module
+from .runtime import QuantEmbedding, QuantLinear, linear_weight, replace_module, weight_matrix
 
 
 @register_config
@@ -193,7 +193,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     def quantize_one(entry, hessian: torch.Tensor | None) -> None:
         t0 = time.perf_counter()
         fmt, module = plan.format_for(entry.name), named[entry.name]
-        weight = _matrix(module)
+        weight = weight_matrix(module)
         importance = None
         if entry.name in act_sources:
             importance = channel_importance(stats[act_sources[entry.name]], weight)
@@ -304,12 +304,6 @@ def _calibration(tokenizer, config: QuantizeConfig) -> torch.Tensor:
 
     return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
                              seed=config.seed)
-
-
-def _matrix(module: torch.nn.Module) -> torch.Tensor:
-    if isinstance(module, torch.nn.Embedding):
-        return module.weight.detach()
-    return linear_weight(module)[0]
 
 
 def _runtime_module(module: torch.nn.Module, q: QuantizedTensor) -> torch.nn.Module:

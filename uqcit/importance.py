@@ -49,6 +49,7 @@ from .calibration import (
 from .config import StageConfig, register_config
 from .formats import parse_format
 from .results import Result
+from .runtime import weight_matrix
 
 WEIGHT_SCORES = ("magnitude", "fisher", "activation")  # defined per weight
 LAYER_SCORES = WEIGHT_SCORES + ("output_information",)  # defined per layer (combined comes on top)
@@ -321,7 +322,7 @@ def score_importance(model: torch.nn.Module, levels, config: ImportanceConfig = 
     zeros = {s: {} for s in per_weight}
     layers = []
     for entry in entries:
-        weight = _matrix(named[entry.name])
+        weight = weight_matrix(named[entry.name])
         values: dict[str, float] = {}
         for s in per_weight:
             st = stats.get(sources[entry.name]) if (s == "activation" and stats is not None) else None
@@ -443,14 +444,6 @@ def _calibration(tokenizer, config: ImportanceConfig) -> torch.Tensor:
 
     return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
                              seed=config.seed)
-
-
-def _matrix(module: torch.nn.Module) -> torch.Tensor:
-    from .runtime import linear_weight
-
-    if isinstance(module, torch.nn.Embedding):
-        return module.weight.detach()
-    return linear_weight(module)[0]
 
 
 def _sort_key(v: float | None) -> tuple[int, float]:

@@ -207,6 +207,13 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return (weight.t() if isinstance(module, Conv1D) else weight), bias
 
 
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The detached weight of an embedding, ``nn.Linear`` or ``Conv1D`` as the matrix that is quantized."""
+    if isinstance(module, nn.Embedding):
+        return module.weight.detach()
+    return linear_weight(module)[0]
+
+
 def quantize_linear(
     module: nn.Module, fmt: QuantFormat, importance: torch.Tensor | None = None, *, cache_dequantized: bool = False
 ) -> QuantLinear:
