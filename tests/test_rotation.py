@@ -15,16 +15,15 @@ from uqcit.formats import QuantFormat
 from uqcit.levels import analyze_levels
 from uqcit.plan import uniform_plan
 from uqcit.compressibility import compressibility_report
-from uqcit.rotation import (
+from uqcit.online import (
     OnlineRotation,
     RotatedGatedMLP,
     RotatedRMSNorm,
-    RotationConfig,
     apply_online_rotations,
     is_rotation_key,
-    rotate_model,
     rotation_tensors_for_layer_dir,
 )
+from uqcit.rotation import RotationConfig, rotate_model
 from uqcit.structures import (
     Rotation,
     UnsupportedOrderError,

@@ -115,7 +115,7 @@ def _layer_dir(block: int | None) -> str:
 def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, levels,
                    validation, extra, clusters) -> None:
     from .levels import block_of
-    from .rotation import is_rotation_key, rotation_tensors_for_layer_dir
+    from .online import is_rotation_key, rotation_tensors_for_layer_dir
 
     model = quantized.model
     by_name = {m.name: m for m in quantized.modules}
@@ -177,7 +177,7 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         rot = rotations.get(layer, {})
         save_file(rot, str(ldir / "rotation.safetensors"),
                   metadata={"rotations": "online" if rot else "none",
-                            "note": "online rotations, installed by uqcit.rotation.apply_online_rotations"
+                            "note": "online rotations, installed by uqcit.online.apply_online_rotations"
                             if rot else "no rotation stored: none applied, or all folded into the weights"})
         _write_json(ldir / "precision_map.json", precision.get(layer, {}))
         _write_json(ldir / "ghz_clusters.json",
@@ -375,7 +375,7 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
     for f in sorted((path / "layers").glob("*/rotation.safetensors")):
         rot_state.update(load_file(str(f)))
     if rot_state:
-        from .rotation import apply_online_rotations
+        from .online import apply_online_rotations
 
         apply_online_rotations(model, rot_state)
     model.eval()
