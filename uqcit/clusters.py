@@ -39,7 +39,6 @@ are kept high, not how many bits are stored.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from typing import Any, Literal
 
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 
 from .config import StageConfig, register_config
+from .levels import select_modules
 from .results import Result
 
 _FIGURE_PIXELS = 128  # heatmaps are max-pooled down to at most this many rows and columns
@@ -290,7 +290,9 @@ def detect_clusters(model: nn.Module, levels, config: ClustersConfig = ClustersC
     from .runtime import linear_weight
 
     t0 = time.perf_counter()
-    entries = _select(levels, config.modules)
+    # Without a pattern the embedding is left out: its 49,152-row correlation matrix is too big.
+    entries = (select_modules(levels, config.modules) if config.modules is not None
+               else [e for e in select_modules(levels, None) if e.kind != "embedding"])
     named = dict(model.named_modules())
     skipped: dict[str, str] = {}
     chosen = []
@@ -323,20 +325,6 @@ def detect_clusters(model: nn.Module, levels, config: ClustersConfig = ClustersC
         images[e.name] = _image(off, clusters)
     return ClustersResult(config=config, modules=results, skipped=skipped,
                           seconds=time.perf_counter() - t0, _images=images)
-
-
-def _select(levels, pattern: str | None) -> list:
-    owners = levels.quantizable()
-    if pattern is None:
-        return [e for e in owners if e.kind != "embedding"]
-    try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"modules pattern {pattern!r} is not a valid regex: {exc}") from None
-    hits = [e for e in owners if rx.search(e.name)]
-    if not hits:
-        raise ValueError(f"modules pattern {pattern!r} matches no quantizable module")
-    return hits
 
 
 def _collect_outputs(model, named, entries, tokenizer, config: ClustersConfig, text) -> dict[str, torch.Tensor]:

@@ -705,3 +705,18 @@ def _unclassified_message(missing: tuple[str, ...], rules: RuleSet, model_type: 
         "— levels: 1 embeddings/positions, 2 Q/K/V, 3 attention output/cross-attention, "
         "4 FFN, 5 LM head/late blocks."
     )
+
+
+def select_modules(levels, pattern: str | None) -> list:
+    """The quantizable entries of ``levels`` whose name matches ``pattern`` (all when None)."""
+    entries = levels.quantizable()
+    if pattern is not None:
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"modules pattern {pattern!r} is not a valid regex: {exc}") from None
+        entries = [e for e in entries if rx.search(e.name)]
+        if not entries:
+            raise ValueError(f"modules pattern {pattern!r} matches no quantizable module "
+                             f"(e.g. {levels.quantizable()[0].name!r})")
+    return entries

@@ -75,6 +75,7 @@ from torch import nn
 
 from .config import StageConfig, register_config
 from .formats import FLOAT_BITS, QuantFormat, parse_format
+from .levels import select_modules
 from .results import Result
 
 FILE_KIND = "uqcit-sensitivity"
@@ -405,21 +406,6 @@ def measure_sensitivity(model: nn.Module, tokenizer, levels, config: Sensitivity
         if path is not None and unsaved:
             _stamp(result, t_start).save(path)  # keep what was measured, even when interrupted
     return _stamp(result, t_start)
-
-
-def select_modules(levels, pattern: str | None) -> list:
-    """The quantizable entries of ``levels`` whose name matches ``pattern`` (all when None)."""
-    entries = levels.quantizable()
-    if pattern is not None:
-        try:
-            rx = re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"modules pattern {pattern!r} is not a valid regex: {exc}") from None
-        entries = [e for e in entries if rx.search(e.name)]
-        if not entries:
-            raise ValueError(f"modules pattern {pattern!r} matches no quantizable module "
-                             f"(e.g. {levels.quantizable()[0].name!r})")
-    return entries
 
 
 def _stamp(result: SensitivityResult, t_start: float) -> SensitivityResult:
