@@ -118,3 +118,41 @@ def test_activation_source_and_skips(tiny):
     with pytest.raises(ValueError, match="tokenizer"):
         detect_clusters(model, levels, ClustersConfig(source="activations"))
     assert StageConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_quantize_model_shares_precision_inside_clusters(tiny):
+    """With clusters, a mixed format keeps a cluster's columns high for all its rows; bits unchanged."""
+    from uqcit.compress import quantize_model
+    from uqcit.plan import BitPlan
+    from uqcit.formats import parse_format
+    from uqcit.quant import quant_params
+
+    model, tok, levels = tiny
+    name = "model.layers.2.mlp.up_proj"
+    lin = model.model.layers[2].mlp.up_proj  # [128, 64]
+    saved = lin.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            lin.weight[7] = 3 * lin.weight[90] + 0.01 * lin.weight[7]
+        clusters = detect_clusters(model, levels, ClustersConfig(), progress=False)
+        plan = BitPlan(default=None, exact={name: parse_format("w2-g32+w8@0.1")})
+        plain = quantize_model(model, levels, plan, progress=False)
+        shared = quantize_model(model, levels, plan, clusters=clusters, progress=False)
+        weight = lin.weight.detach().clone()
+    finally:
+        with torch.no_grad():
+            lin.weight.copy_(saved)
+    assert shared.clustered == 1 and plain.clustered == 0
+    assert shared.method_name.startswith("clusters-")
+    assert shared.stored_bits == plain.stored_bits
+    fmt = parse_format("w2-g32+w8@0.1")
+    imp = apply_clusters_to_importance(weight.abs(), [[7, 90]])
+    mask = quant_params(weight, fmt, imp).mask.reshape(weight.shape)
+    # Row 7 is 1/3 of row 90: alone it would lose most of its columns to row 90's larger values.
+    assert torch.equal(mask[7], mask[90]) and mask[7].any()
+    plain_mask = quant_params(weight, fmt).mask.reshape(weight.shape)
+    assert not torch.equal(plain_mask[7], plain_mask[90])
+    from uqcit.packing import unpack
+
+    stored = shared.model.get_submodule(name).qtensor.tensors["mask"]
+    assert torch.equal(unpack(stored, 1, weight.numel()).view(torch.bool), mask.reshape(-1))

@@ -26,6 +26,7 @@ import torch
 
 from .config import StageConfig, register_config
 from .calibration import BlockReplay, InputStats, channel_importance, collect_input_stats
+from .clusters import apply_clusters_to_importance
 from .formats import FLOAT_BITS
 from .gptq import gptq_quantize, hessian_error
 from .importance import activation_source
@@ -99,15 +100,17 @@ class QuantizeResult(Result):
     method: str = "rtn"  # QuantizeConfig.method
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, quantize
     sequential: bool = False  # gptq ran block by block (else one-shot, from the float model)
+    clustered: int = 0  # mixed-format modules whose high-precision selection followed GHZ clusters
 
     @property
     def method_name(self) -> str:
         """The plan's name with the rounding method in it, e.g. ``gptq-w3-g128`` for ``rtn-w3-g128``."""
-        if self.method == "rtn":
-            return self.plan.name
-        if self.plan.name.startswith("rtn-"):
-            return self.method + self.plan.name[3:]
-        return f"{self.plan.name}-{self.method}"
+        name = self.plan.name
+        if name.startswith("alloc-"):  # DESIGN.md's alloc-rtn-3.25 / alloc-gptq-3.25
+            name = f"alloc-{self.method}-{name[len('alloc-'):]}"
+        elif self.method != "rtn":
+            name = self.method + name[3:] if name.startswith("rtn-") else f"{name}-{self.method}"
+        return f"clusters-{name}" if self.clustered else name
 
     @property
     def stored(self) -> list[ModuleQuant]:
@@ -165,13 +168,19 @@ class QuantizeResult(Result):
 
 def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                    config: QuantizeConfig = QuantizeConfig(), *, tokenizer=None,
-                   calibration: torch.Tensor | None = None, progress: bool = True) -> QuantizeResult:
+                   calibration: torch.Tensor | None = None, clusters=None,
+                   progress: bool = True) -> QuantizeResult:
     """Quantize a copy of ``model`` per ``plan``; modules the plan leaves at ``None`` stay float.
 
     ``levels`` is the ``LevelsResult`` of ``model`` (it names the weight-bearing modules).
     ``method="gptq"`` and ``importance="activation"`` (with mixed formats in the plan) need
     calibration text: ``calibration`` (``LongTensor [n, seq]``) or a ``tokenizer`` to draw
     ``data.calibration_batch`` with the config's samples, length and seed.
+
+    ``clusters`` (a ``ClustersResult``) makes the rows of each GHZ cluster share their
+    precision in mixed formats: the high-precision selection takes a cluster's column for all
+    its rows at once (``clusters.apply_clusters_to_importance``). Bits stay those of the format;
+    whole-module formats already give every row one precision, so only mixed formats change.
     """
     from tqdm.auto import tqdm
 
@@ -180,6 +189,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     out.eval()
     named = dict(out.named_modules())
     entries = [m for m in levels.modules if m.tied_to is None and plan.format_for(m.name) is not None]
+    plan_names = {e.name for e in entries}
     done: dict[str, ModuleQuant] = {}
     qtensors: dict[str, QuantizedTensor] = {}
     seconds = {"calibration": 0.0, "quantize": 0.0}
@@ -189,6 +199,9 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     act_sources = {e.name: activation_source(levels, e.name) for e in entries
                    if config.importance == "activation" and plan.format_for(e.name).mixed}
     stack_name, block_of = _block_stack(out, levels, gptq_names) if config.sequential else (None, {})
+    cluster_rows = {} if clusters is None else {
+        m.name: m.clusters for m in clusters.modules
+        if m.clusters and m.name in plan_names and plan.format_for(m.name).mixed}
 
     def quantize_one(entry, hessian: torch.Tensor | None) -> None:
         t0 = time.perf_counter()
@@ -197,6 +210,9 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         importance = None
         if entry.name in act_sources:
             importance = channel_importance(stats[act_sources[entry.name]], weight)
+        if entry.name in cluster_rows:
+            base = weight.abs() if importance is None else importance
+            importance = apply_clusters_to_importance(base, cluster_rows[entry.name])
         out_error = None
         if hessian is not None:
             q = gptq_quantize(weight, hessian, fmt, damp=config.damp, act_order=config.act_order,
@@ -269,7 +285,8 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     if not (gptq_names or act_sources):
         del seconds["calibration"]
     return QuantizeResult(out, records, plan, time.perf_counter() - t_start, method=config.method,
-                          stage_seconds=seconds, sequential=stack_name is not None)
+                          stage_seconds=seconds, sequential=stack_name is not None,
+                          clustered=len(cluster_rows))
 
 
 def _block_stack(model: torch.nn.Module, levels, names: set[str]) -> tuple[str | None, dict[str, int]]:

@@ -116,7 +116,8 @@ def _quantize(session: Session, cfg: QuantizeConfig):
     if "plan" not in session.state:
         raise RuntimeError("stage 'quantize' needs a bit plan; run a 'plan' stage first")
     return quantize_model(session.reference, levels, session.state["plan"], cfg,
-                          tokenizer=session.tokenizer, progress=session.progress)
+                          tokenizer=session.tokenizer, clusters=session.state.get("clusters"),
+                          progress=session.progress)
 
 
 @register_stage(ImportanceConfig)
