@@ -102,3 +102,26 @@ def test_package_bytes_in_metadata_stay_true_after_validation(tmp_path):
                      eval_config=QUICK, progress=False, session=s)
     assert read_metadata(tmp_path / "pkg")["package_bytes"] == package_bytes(tmp_path / "pkg")
     assert report.package_bytes == package_bytes(tmp_path / "pkg")
+
+
+def test_run_job_with_rotation_names_it_counts_its_bits_and_scores_against_the_original(tmp_path):
+    from uqcit.package import read_metadata
+    from uqcit.recipe import Recipe
+    from uqcit.rotation import RotationConfig
+
+    recipe = Recipe(name="rot-test", stages=(
+        RotationConfig(), LevelsConfig(), PlanConfig(preset="uniform", bits=8, group_size=32),
+        QuantizeConfig(), QUICK))
+    s = _tiny_session()
+    original = s.reference
+    report = run_job("tiny-llama", recipe, tmp_path / "pkg", eval_config=QUICK, progress=False, session=s)
+    q = s.require("quantize")
+    rot = s.require("rotation")
+    assert report.method == "rot-hadamard-rtn-w8-g32" == q.method_name
+    assert s.state["original"] is original and s.reference is rot.model
+    # Online rotations (down_proj inputs, final norm) are stored, so they are counted.
+    assert rot.stored_bits > 0 and q.rotation_bits == rot.stored_bits
+    assert q.bpw == pytest.approx((q.stored_bits + rot.stored_bits) / q.weight_count)
+    assert read_metadata(tmp_path / "pkg")["rotation"]["max_logit_diff"] < 1e-4
+    # 8-bit of a function-preserving rotation: the package must track the *original* closely.
+    assert report.compressed.kl < 0.01

@@ -101,6 +101,8 @@ class QuantizeResult(Result):
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, quantize
     sequential: bool = False  # gptq ran block by block (else one-shot, from the float model)
     clustered: int = 0  # mixed-format modules whose high-precision selection followed GHZ clusters
+    rotation: str = ""  # the rotation the model went through first, e.g. "rot-hadamard" ("" none)
+    rotation_bits: int = 0  # bits of the online rotations the model runs (rotation.safetensors)
 
     @property
     def method_name(self) -> str:
@@ -110,7 +112,8 @@ class QuantizeResult(Result):
             name = f"alloc-{self.method}-{name[len('alloc-'):]}"
         elif self.method != "rtn":
             name = self.method + name[3:] if name.startswith("rtn-") else f"{name}-{self.method}"
-        return f"clusters-{name}" if self.clustered else name
+        name = f"clusters-{name}" if self.clustered else name
+        return f"{self.rotation}-{name}" if self.rotation else name
 
     @property
     def stored(self) -> list[ModuleQuant]:
@@ -127,7 +130,8 @@ class QuantizeResult(Result):
 
     @property
     def bpw(self) -> float:
-        return self.stored_bits / max(self.weight_count, 1)
+        """Stored bits per weight: codes, scales, masks... plus the online rotations (DESIGN.md)."""
+        return (self.stored_bits + self.rotation_bits) / max(self.weight_count, 1)
 
     def summary(self) -> str:
         return (f"{self.method_name}: {len(self.stored)} modules quantized ({self.method}), {self.bpw:.3f} "
@@ -138,6 +142,8 @@ class QuantizeResult(Result):
             "plan": self.plan.to_dict(),
             "bpw": self.bpw,
             "stored_bits": self.stored_bits,
+            "rotation": self.rotation,
+            "rotation_bits": self.rotation_bits,
             "weight_count": self.weight_count,
             "seconds": self.seconds,
             "method": self.method,
@@ -168,7 +174,7 @@ class QuantizeResult(Result):
 
 def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                    config: QuantizeConfig = QuantizeConfig(), *, tokenizer=None,
-                   calibration: torch.Tensor | None = None, clusters=None,
+                   calibration: torch.Tensor | None = None, clusters=None, rotation: str = "",
                    progress: bool = True) -> QuantizeResult:
     """Quantize a copy of ``model`` per ``plan``; modules the plan leaves at ``None`` stay float.
 
@@ -181,6 +187,9 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     precision in mixed formats: the high-precision selection takes a cluster's column for all
     its rows at once (``clusters.apply_clusters_to_importance``). Bits stay those of the format;
     whole-module formats already give every row one precision, so only mixed formats change.
+
+    ``rotation`` names the rotation ``model`` went through (``RotationConfig.method_name``) for
+    the method name; the bits of online rotations found in the model are counted either way.
     """
     from tqdm.auto import tqdm
 
@@ -286,7 +295,16 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         del seconds["calibration"]
     return QuantizeResult(out, records, plan, time.perf_counter() - t_start, method=config.method,
                           stage_seconds=seconds, sequential=stack_name is not None,
-                          clustered=len(cluster_rows))
+                          clustered=len(cluster_rows), rotation=rotation,
+                          rotation_bits=_online_rotation_bits(out))
+
+
+def _online_rotation_bits(model: torch.nn.Module) -> int:
+    """Bits of the online rotations ``model`` runs: what the package's rotation files store."""
+    from .online import rotation_tensors_for_layer_dir
+
+    return sum(8 * t.numel() * t.element_size()
+               for layer in rotation_tensors_for_layer_dir(model).values() for t in layer.values())
 
 
 def _block_stack(model: torch.nn.Module, levels, names: set[str]) -> tuple[str | None, dict[str, int]]:

@@ -115,8 +115,10 @@ def _quantize(session: Session, cfg: QuantizeConfig):
     levels = session.require("levels")
     if "plan" not in session.state:
         raise RuntimeError("stage 'quantize' needs a bit plan; run a 'plan' stage first")
+    rotation = session.results.get("rotation")
     return quantize_model(session.reference, levels, session.state["plan"], cfg,
                           tokenizer=session.tokenizer, clusters=session.state.get("clusters"),
+                          rotation=rotation.config.method_name if rotation is not None else "",
                           progress=session.progress)
 
 
@@ -235,6 +237,16 @@ class JobReport(Result):
         return fig
 
 
+def _rotation_metadata(rotation) -> dict[str, Any]:
+    """What the package records about the rotation it was quantized through (measured values)."""
+    if rotation is None:
+        return {}
+    return {"rotation": {"construction": rotation.config.construction, "config": rotation.config.to_dict(),
+                         "stored_bits": rotation.stored_bits, "max_logit_diff": rotation.max_logit_diff,
+                         "invariants_passed": rotation.invariants.passed,
+                         "online_overhead": rotation.online_overhead}}
+
+
 def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
             eval_config: EvalConfig | None = None, progress: bool = True,
             session: Session | None = None) -> JobReport:
@@ -253,7 +265,8 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     t0 = time.perf_counter()
     pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
                        levels=session.results.get("levels"), clusters=session.results.get("clusters"),
-                       sensitivity=session.results.get("sensitivity"))
+                       sensitivity=session.results.get("sensitivity"),
+                       extra_metadata=_rotation_metadata(session.results.get("rotation")))
     session.seconds["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -262,8 +275,9 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
 
     cfg = eval_config or recipe.stage("eval") or EvalConfig()
     t0 = time.perf_counter()
+    original = session.state.get("original", session.reference)  # the unrotated float model
     res = evaluate_many({"package": loaded.model}, session.tokenizer, cfg,
-                        reference=session.reference, progress=progress)
+                        reference=original, progress=progress)
     session.seconds["evaluate"] = time.perf_counter() - t0
 
     ref, comp = res["reference"], res["package"]
@@ -274,7 +288,7 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     pkg.write_validation(out, "benchmarks", {
         "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
         "package": comp.to_dict()})
-    ref_bytes = sum(p.numel() * p.element_size() for p in session.reference.parameters())
+    ref_bytes = sum(p.numel() * p.element_size() for p in original.parameters())
     return JobReport(model=model_name, method=quantized.method_name, package=str(out), bpw=quantized.bpw,
                      package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,
                      compressed=comp, seconds={k: round(v, 2) for k, v in session.seconds.items()})
