@@ -70,7 +70,8 @@ def export_package(quantized, tokenizer, path: str | os.PathLike, *, recipe=None
                    source_model: str = "unknown", levels=None,
                    validation: Mapping[str, Any] | None = None,
                    clusters=None, sensitivity=None,
-                   extra_metadata: Mapping[str, Any] | None = None) -> Path:
+                   extra_metadata: Mapping[str, Any] | None = None,
+                   signing_key=None, protect=None, secret=None) -> Path:
     """Write ``quantized`` (a ``QuantizeResult``) as a package at ``path``, atomically.
 
     Returns the package path. ``validation`` maps ``perplexity``/``benchmarks``/
@@ -79,6 +80,9 @@ def export_package(quantized, tokenizer, path: str | os.PathLike, *, recipe=None
     ``clusters`` (a ``ClustersResult``) fills each layer's ``ghz_clusters.json``;
     ``sensitivity`` (a ``SensitivityResult``) is stored as ``validation/sensitivity.safetensors``
     so another budget can be solved from the package without re-measuring.
+    ``signing_key`` (Ed25519, see ``uqcit.secure``) signs every file; ``protect`` (a
+    ``uqcit.secure.ProtectConfig``) encrypts and/or keyed-encodes the weight files under
+    ``secret`` (never stored). Both happen in the temporary folder, before the swap.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +95,10 @@ def export_package(quantized, tokenizer, path: str | os.PathLike, *, recipe=None
         if sensitivity is not None:
             sensitivity.save(tmp / "validation" / "sensitivity.safetensors")
             _refresh_package_bytes(tmp, _read_metadata(tmp))
+        if signing_key is not None or (protect is not None and protect.active):
+            from .secure import protect_package
+
+            protect_package(tmp, protect, secret, signing_key)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,6 +128,7 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
     model = quantized.model
     by_name = {m.name: m for m in quantized.modules}
     qmods = {name: mod for name, mod in model.named_modules() if isinstance(mod, (QuantLinear, QuantEmbedding))}
+    masked = _masked_modules(model)  # pruned layers (uqcit.prune), stored sparse
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -150,13 +159,15 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
                 "rel_error": rec.rel_error if rec is not None else None}
         if entry["has_bias"]:
             tensors.setdefault(layer, {})[f"{name}.bias"] = mod.bias.detach().contiguous()
+    _write_masked(masked, by_name, getattr(getattr(quantized, "config", None), "value_dtype", "float32"),
+                  tensors, precision, module_index)
 
     # Float parameters and persistent buffers of everything not quantized.
     float_index: dict[str, Any] = {}
     seen: dict[int, str] = {}
     for key, value in model.state_dict().items():
         owner = key.rsplit(".", 1)[0]
-        if owner in qmods or is_rotation_key(key):  # online rotations go to rotation.safetensors
+        if owner in qmods or owner in masked or is_rotation_key(key):  # online rotations go to rotation.safetensors
             continue
         ptr = value.data_ptr()
         if ptr in seen and value.numel() > 0:
@@ -211,7 +222,7 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         "model_class": type(model).__name__,
         "method": quantized.method_name,
         "recipe": recipe.to_dict() if recipe is not None else None,
-        "plan": quantized.plan.to_dict(),
+        "plan": quantized.plan.to_dict() if quantized.plan is not None else None,
         "average_bits_per_param": quantized.bpw,
         "quantized_weight_count": total_w,
         "quantized_stored_bytes": quantized.stored_bits // 8,
@@ -222,6 +233,8 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
         "float_tensors": float_index,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if hasattr(quantized, "accounting"):  # a PruneResult: kept weights vs N and N/ln N
+        metadata["pruning"] = {"config": quantized.config.to_dict(), "accounting": quantized.accounting()}
     metadata.update(extra)
     _write_json(root / METADATA_FILE, metadata)
     _refresh_package_bytes(root, metadata)
@@ -232,14 +245,31 @@ def package_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def write_validation(path: str | os.PathLike, name: str, data: Mapping[str, Any]) -> None:
-    """Replace one ``validation/<name>.json`` of an existing package atomically."""
+def write_validation(path: str | os.PathLike, name: str, data: Mapping[str, Any], *,
+                     signing_key=None) -> None:
+    """Replace one ``validation/<name>.json`` of an existing package atomically.
+
+    A signed package is re-signed, which needs its ``signing_key``: the package is first
+    verified with that key (a tampered package is never re-signed), then written and
+    signed again. Without the key a signed package is refused rather than left with a
+    file its signature does not cover.
+    """
     if name not in VALIDATION_FILES:
         raise ValueError(f"validation file must be one of {VALIDATION_FILES}, got {name!r}")
     path = Path(path)
     meta = _read_metadata(path)  # refuses a folder that is not a package
+    from .secure import is_signed, sign_package, verify_package
+
+    if is_signed(path):
+        if signing_key is None:
+            raise PackageError(f"{path}: the package is signed; writing validation/{name}.json would "
+                               "break its signature. Pass signing_key= (the key that signed it) to "
+                               "verify, write and re-sign it")
+        verify_package(path, signing_key.public_key())
     _write_json(path / "validation" / f"{name}.json", dict(data))
     _refresh_package_bytes(path, meta)
+    if signing_key is not None:
+        sign_package(path, signing_key)
 
 
 def _refresh_package_bytes(root: Path, metadata: dict[str, Any]) -> None:
@@ -297,8 +327,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read_metadata(Path(path))
 
 
-def _load_layer(path: Path, layer: str) -> dict[str, torch.Tensor]:
+def _load_layer(path: Path, layer: str, unlock=None) -> dict[str, torch.Tensor]:
     f = path / "layers" / layer / "weights.safetensors"
+    if unlock is not None and (unlock.encrypted or unlock.encoded):
+        tensors = unlock.read(f"layers/{layer}/weights.safetensors")
+        if tensors is None:
+            raise PackageError(f"{f}: file missing; the package is incomplete")
+        return tensors
     if not f.is_file():
         raise PackageError(f"{f}: file missing; the package is incomplete")
     try:
@@ -308,8 +343,15 @@ def _load_layer(path: Path, layer: str) -> dict[str, torch.Tensor]:
                            "or truncated") from exc
 
 
-def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPackage:
+def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=None,
+                 secret=None, decode: bool = True) -> LoadedPackage:
     """Load a package into a runnable transformers model whose quantized layers run from packed codes.
+
+    With ``public_key`` (Ed25519, ``uqcit.secure.load_public_key``) the package is verified
+    first and refused, naming the file, if anything was modified, added or removed.
+    Encrypted or keyed-encoded weights need the ``secret`` they were exported with;
+    ``decode=False`` keeps keyed-encoded weights as stored (a model that computes garbage,
+    to see what the encoding does).
 
     >>> # pkg = load_package("runs/default/package"); pkg.model.generate(...)
     """
@@ -318,7 +360,14 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
 
     t0 = time.perf_counter()
     path = Path(path)
+    if public_key is not None:
+        from .secure import verify_package
+
+        verify_package(path, public_key)
     meta = _read_metadata(path)
+    from .secure import Unlocker
+
+    unlock = Unlocker(path, meta, secret, decode=decode)
     config_dict = _read_json(path / "config.json")
     try:
         config = AutoConfig.for_model(**config_dict)
@@ -332,12 +381,15 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
                     | {e["layer"] for e in meta["float_tensors"].values() if "layer" in e})
     state: dict[str, torch.Tensor] = {}
     for layer in tqdm(layers, desc="load package", unit="layer", disable=not progress):
-        state.update(_load_layer(path, layer))
+        state.update(_load_layer(path, layer, unlock))
 
     built: dict[str, QuantizedTensor] = {}
     modules = meta["modules"]
     for name, entry in modules.items():
         if entry.get("tied_to"):
+            continue
+        if entry["kind"] == "masked_linear":
+            built[name] = _load_masked(path, name, entry, state)
             continue
         try:
             fmt = parse_format(entry["format"])
@@ -352,7 +404,9 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
             raise PackageError(f"{path / METADATA_FILE}: module {name} does not exist in a "
                                f"{type(model).__name__} built from config.json")
         q = built[entry["tied_to"]] if entry.get("tied_to") else built[name]
-        if entry["kind"] == "embedding":
+        if entry["kind"] == "masked_linear":
+            new = q  # a MaskedLinear, shared by a tied module
+        elif entry["kind"] == "embedding":
             new = QuantEmbedding(q, padding_idx=getattr(named[name], "padding_idx", None))
         else:
             bias = state.get(f"{name}.bias") if entry.get("has_bias") else None
@@ -372,8 +426,8 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
                            f"needs, e.g. {missing[:5]}")
     model.load_state_dict(float_state, strict=False, assign=False)
     rot_state: dict[str, torch.Tensor] = {}
-    for f in sorted((path / "layers").glob("*/rotation.safetensors")):
-        rot_state.update(load_file(str(f)))
+    for layer_dir in sorted(p for p in (path / "layers").iterdir() if p.is_dir()):
+        rot_state.update(unlock.read(f"layers/{layer_dir.name}/rotation.safetensors") or {})
     if rot_state:
         from .online import apply_online_rotations
 
@@ -388,6 +442,56 @@ def load_package(path: str | os.PathLike, *, progress: bool = True) -> LoadedPac
     except (OSError, ValueError) as exc:
         raise PackageError(f"{tok_dir}: tokenizer cannot be loaded ({exc})") from exc
     return LoadedPackage(model, tokenizer, meta, path, time.perf_counter() - t0)
+
+
+def _masked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every ``uqcit.prune.MaskedLinear`` by name, a shared one under each of its names."""
+    from .prune import MaskedLinear
+
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MaskedLinear)}
+
+
+def _write_masked(masked, by_name, value_dtype: str, tensors, precision, module_index) -> None:
+    """Pruned layers as kept values plus a bitmap or an index list (``prune.sparse_encode``)."""
+    from .levels import block_of
+    from .prune import sparse_encode
+
+    first: dict[int, str] = {}
+    for name, mod in masked.items():
+        rec = by_name.get(name)
+        layer = _layer_dir(block_of(name))
+        tied_to = rec.tied_to if rec is not None and rec.tied_to else first.get(id(mod))
+        entry = {"layer": layer, "kind": "masked_linear", "shape": [mod.out_features, mod.in_features],
+                 "format": f"sparse-{value_dtype}", "tied_to": tied_to,
+                 "level": rec.level if rec is not None else None, "has_bias": mod.bias is not None}
+        module_index[name] = entry
+        if tied_to is not None:
+            continue
+        first[id(mod)] = name
+        sparse = sparse_encode(mod.weight, mod.mask, value_dtype)
+        tensors.setdefault(layer, {}).update({f"{name}.{k}": v for k, v in sparse.items()})
+        if mod.bias is not None:
+            tensors[layer][f"{name}.bias"] = mod.bias.detach().contiguous()
+        bits = 8 * sum(v.numel() * v.element_size() for v in sparse.values())
+        storage = "bitmap" if "bitmap" in sparse else "indices"
+        precision.setdefault(layer, {})[name] = {
+            "format": {"name": f"sparse-{storage}-{value_dtype}", "storage": storage, "value_dtype": value_dtype},
+            "level": entry["level"], "numel": mod.weight.numel(), "kept": int(sparse["values"].numel()),
+            "stored_bits": bits, "bits_per_weight": bits / mod.weight.numel(),
+            "rel_error": rec.rel_error if rec is not None else None}
+
+
+def _load_masked(path: Path, name: str, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
+    """Rebuild one pruned layer from its sparse tensors."""
+    from .prune import MaskedLinear, sparse_decode
+
+    parts = {k: state[f"{name}.{k}"] for k in ("values", "bitmap", "indices") if f"{name}.{k}" in state}
+    try:
+        weight, mask = sparse_decode(parts, tuple(entry["shape"]))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: pruned module "
+                           f"{name} cannot be rebuilt ({exc})") from exc
+    return MaskedLinear(weight, mask, state.get(f"{name}.bias") if entry.get("has_bias") else None)
 
 
 def _build_from_config(builder, config, model_class: str | None):
