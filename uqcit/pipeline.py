@@ -22,6 +22,7 @@ from .evaluate import EvalConfig, EvalResult, evaluate_many
 from .importance import ImportanceConfig, score_importance
 from .levels import LevelsConfig, analyze_levels
 from .plan import PlanConfig, build_plan
+from .prune import PruneConfig, PruneResult, prune_model
 from .recipe import Recipe
 from .rotation import RotationConfig, rotate_model
 from .results import Result, html_table
@@ -93,8 +94,11 @@ class Session:
 
     @property
     def compressed(self) -> torch.nn.Module | None:
-        q = self.results.get("quantize")
-        return q.model if isinstance(q, QuantizeResult) else None
+        for tag in ("quantize", "prune"):
+            r = self.results.get(tag)
+            if isinstance(r, (QuantizeResult, PruneResult)):
+                return r.model
+        return None
 
 
 @register_stage(LevelsConfig)
@@ -120,6 +124,12 @@ def _quantize(session: Session, cfg: QuantizeConfig):
                           tokenizer=session.tokenizer, clusters=session.state.get("clusters"),
                           rotation=rotation.config.method_name if rotation is not None else "",
                           progress=session.progress)
+
+
+@register_stage(PruneConfig)
+def _prune(session: Session, cfg: PruneConfig):
+    levels = session.require("levels")
+    return prune_model(session.reference, levels, cfg, tokenizer=session.tokenizer, progress=session.progress)
 
 
 @register_stage(ImportanceConfig)
@@ -259,7 +269,9 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
 
     session = session or Session.from_model(model_name, progress=progress)
     session.run(recipe, skip=("eval",))
-    quantized: QuantizeResult = session.require("quantize")  # type: ignore[assignment]
+    quantized = session.results.get("quantize") or session.results.get("prune")  # what the package stores
+    if quantized is None:
+        raise RuntimeError(f"recipe {recipe.name!r} has no 'quantize' or 'prune' stage: nothing to export")
     out = Path(out)
 
     t0 = time.perf_counter()
