@@ -261,3 +261,26 @@ def test_ckks_linear_layer_on_encrypted_activations():
     assert "CKKS" in res.summary() and res.figure().data[0].uid == "ckks-seconds"
     with pytest.raises(ValueError, match="need weight"):
         secure.ckks_linear(w, torch.randn(2, 63))
+
+
+def test_cli_keygen_sign_encrypt_verify_and_refuse(tmp_path, capsys):
+    from uqcit.cli import main
+
+    keys = tmp_path / "keys"
+    assert main(["keygen", "--out", str(keys), "--secret"]) == 0
+    pkg = tmp_path / "pkg"
+    assert main(["compress", "--model", "tiny-llama", "--out", str(pkg), "--quick", "1", "--no-progress",
+                 "--sign", str(keys / "uqcit.key"), "--encrypt", "--encode",
+                 "--secret-file", str(keys / "uqcit.secret")]) == 0
+    # the job wrote validation files after export and re-signed: the package still verifies
+    assert json.loads((pkg / "validation" / "perplexity.json").read_text())["windows"] == 1
+    assert main(["verify", str(pkg), "--public-key", str(keys / "uqcit.pub")]) == 0
+    assert "signature valid" in capsys.readouterr().out
+    assert main(["eval", str(pkg), "--reference", "none", "--quick", "1", "--no-progress"]) == 2
+    assert "pass the secret" in capsys.readouterr().err
+    (pkg / "config.json").write_bytes((pkg / "config.json").read_bytes() + b" ")
+    assert main(["verify", str(pkg), "--public-key", str(keys / "uqcit.pub")]) == 2
+    assert "config.json: modified" in capsys.readouterr().err
+    assert main(["keygen", "--out", str(keys)]) == 2  # never overwrites
+    assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "p2"), "--encrypt"]) == 2
+    assert "--secret-file" in capsys.readouterr().err

@@ -17,13 +17,47 @@ def _eval_config(args, recipe=None):
     return base
 
 
+class UsageError(ValueError):
+    """Command-line options that do not fit together; the message says which."""
+
+
+def _secret(args):
+    """The encryption/encoding secret named on the command line (a file, or a passphrase in an env var)."""
+    from .secure import Secret
+
+    if getattr(args, "secret_file", None) and getattr(args, "passphrase_env", None):
+        raise UsageError("give --secret-file or --passphrase-env, not both")
+    if getattr(args, "secret_file", None):
+        return Secret.from_file(args.secret_file)
+    if getattr(args, "passphrase_env", None):
+        value = os.environ.get(args.passphrase_env)
+        if not value:
+            raise UsageError(f"environment variable {args.passphrase_env} is not set or empty")
+        return Secret.from_passphrase(value)
+    return None
+
+
+def _env(name: str | None) -> str | None:
+    if name and not os.environ.get(name):
+        raise UsageError(f"environment variable {name} is not set or empty")
+    return os.environ.get(name) if name else None
+
+
 def cmd_compress(args) -> int:
     from .pipeline import run_job
     from .recipe import load_recipe
+    from .secure import ProtectConfig, load_signing_key
 
     recipe = load_recipe(args.recipe)
+    signing_key = (load_signing_key(args.sign, passphrase=_env(args.key_passphrase_env))
+                   if args.sign else None)
+    protect = ProtectConfig(encrypt=args.encrypt, encode=args.encode)
+    secret = _secret(args)
+    if protect.active and secret is None:
+        raise UsageError("--encrypt/--encode need --secret-file or --passphrase-env")
     report = run_job(args.model, recipe, args.out, eval_config=_eval_config(args, recipe),
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, signing_key=signing_key,
+                     protect=protect if protect.active else None, secret=secret)
     print(report.format_table())
     if args.json:
         Path(args.json).write_text(report.to_json() + "\n")
@@ -35,7 +69,10 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .package import load_package
 
-    pkg = load_package(args.package, progress=not args.no_progress)
+    from .secure import load_public_key
+
+    pkg = load_package(args.package, progress=not args.no_progress, secret=_secret(args),
+                       public_key=load_public_key(args.public_key) if args.public_key else None)
     reference = None
     if args.reference != "none":
         ref_name = args.reference or pkg.metadata.get("source_model")
@@ -83,6 +120,35 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from .secure import Secret, fingerprint, keygen, load_public_key
+
+    priv, pub = keygen(args.out, args.name, passphrase=_env(args.passphrase_env))
+    print(f"private key  {priv}  (keep it secret; signs packages)")
+    print(f"public key   {pub}  (share it; verifies packages)")
+    print(f"fingerprint  {fingerprint(load_public_key(pub))}")
+    if args.secret:
+        path = Path(args.out) / f"{args.name}.secret"
+        if path.exists():
+            raise FileExistsError(f"{path} exists; keygen never overwrites a key")
+        Secret.generate().save(path)
+        print(f"secret       {path}  (32 random bytes for --encrypt/--encode; never stored in a package)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .secure import load_public_key, verify_package
+
+    print(verify_package(args.package, load_public_key(args.public_key)).summary())
+    return 0
+
+
+def _secret_args(parser) -> None:
+    parser.add_argument("--secret-file", help="file with the 32-byte secret (hex) of an encrypted/encoded package")
+    parser.add_argument("--passphrase-env", metavar="VAR",
+                        help="environment variable holding the passphrase (kept off the command line)")
+
+
 def cmd_fetch_data(args) -> int:
     from .data import fetch_corpora
 
@@ -116,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
     c.add_argument("--json", help="also write the report as JSON to this file")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    c.add_argument("--sign", metavar="KEY", help="sign the package with this Ed25519 private key (PEM)")
+    c.add_argument("--key-passphrase-env", metavar="VAR", help="environment variable holding the "
+                   "passphrase of a passphrase-protected --sign key")
+    c.add_argument("--encrypt", action="store_true", help="encrypt the weight files (AES-256-GCM) under the secret")
+    c.add_argument("--encode", action="store_true", help="keyed signed-permutation encoding of the weights "
+                   "(obfuscation, not encryption)")
+    _secret_args(c)
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="evaluate a package", description="Evaluate a package with the "
@@ -125,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
     e.add_argument("--json", help="write the results as JSON to this file")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--public-key", help="verify the package with this Ed25519 public key (PEM) first")
+    _secret_args(e)
     e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("inspect", help="print a package's layers, bits, levels and figures",
@@ -132,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("package")
     i.add_argument("--layers", action="store_true", help="list every module with its level and format")
     i.set_defaults(fn=cmd_inspect)
+
+    k = sub.add_parser("keygen", help="create an Ed25519 key pair for signing packages",
+                       description="Write NAME.key (private, mode 0600) and NAME.pub in --out; with "
+                       "--secret also NAME.secret (32 random bytes) for --encrypt/--encode.")
+    k.add_argument("--out", required=True, help="folder for the key files (never overwritten)")
+    k.add_argument("--name", default="uqcit")
+    k.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase "
+                   "in this environment variable")
+    k.add_argument("--secret", action="store_true", help="also write a random secret file")
+    k.set_defaults(fn=cmd_keygen)
+
+    v = sub.add_parser("verify", help="verify a signed package", description="Check the package's "
+                       "Ed25519 signature and every file against its signed manifest; names any "
+                       "modified, missing or added file.")
+    v.add_argument("package")
+    v.add_argument("--public-key", required=True, help="the signer's public key (PEM)")
+    v.set_defaults(fn=cmd_verify)
 
     f = sub.add_parser("fetch-data", help="download the evaluation corpus (gensim wheel from PyPI)",
                        description="Extract lee_background.cor and lee.cor from gensim's wheel.")
@@ -152,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, PackageError, FileNotFoundError) as exc:
+    except (ConfigError, PackageError, UsageError, FileNotFoundError, FileExistsError) as exc:
         print(f"uqcit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -259,11 +259,14 @@ def _rotation_metadata(rotation) -> dict[str, Any]:
 
 def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
             eval_config: EvalConfig | None = None, progress: bool = True,
-            session: Session | None = None) -> JobReport:
+            session: Session | None = None, signing_key=None, protect=None,
+            secret=None) -> JobReport:
     """The main job: load, analyse, plan, quantize, export, load the package back, evaluate it.
 
     The evaluation runs on the model loaded from disk, and its numbers are written
-    into the package's ``validation/`` files.
+    into the package's ``validation/`` files. ``signing_key``/``protect``/``secret`` go to
+    ``export_package`` (see ``uqcit.secure``); a signed package is verified when loaded
+    back and re-signed after its validation files are written.
     """
     from . import package as pkg
 
@@ -278,11 +281,13 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
                        levels=session.results.get("levels"), clusters=session.results.get("clusters"),
                        sensitivity=session.results.get("sensitivity"),
-                       extra_metadata=_rotation_metadata(session.results.get("rotation")))
+                       extra_metadata=_rotation_metadata(session.results.get("rotation")),
+                       signing_key=signing_key, protect=protect, secret=secret)
     session.seconds["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    loaded = pkg.load_package(out, progress=progress)
+    loaded = pkg.load_package(out, progress=progress, secret=secret,
+                              public_key=signing_key.public_key() if signing_key is not None else None)
     session.seconds["load_package"] = time.perf_counter() - t0
 
     cfg = eval_config or recipe.stage("eval") or EvalConfig()
@@ -296,10 +301,10 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     protocol = cfg.to_dict()
     pkg.write_validation(out, "perplexity", {
         "protocol": protocol, "full_protocol": comp.full_protocol, "windows": comp.windows,
-        "tokens": comp.tokens, "reference_ppl": ref.ppl, "package_ppl": comp.ppl})
+        "tokens": comp.tokens, "reference_ppl": ref.ppl, "package_ppl": comp.ppl}, signing_key=signing_key)
     pkg.write_validation(out, "benchmarks", {
         "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
-        "package": comp.to_dict()})
+        "package": comp.to_dict()}, signing_key=signing_key)
     ref_bytes = sum(p.numel() * p.element_size() for p in original.parameters())
     return JobReport(model=model_name, method=quantized.method_name, package=str(out), bpw=quantized.bpw,
                      package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,
