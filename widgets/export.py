@@ -1,0 +1,123 @@
+"""ExportPanel: write the current plan as a package (``uqcit.package``) and show what was written."""
+from __future__ import annotations
+
+import html
+import importlib.util
+import time
+from pathlib import Path
+
+import ipywidgets as W
+
+from uqcit.compress import QuantizeConfig, quantize_model
+from uqcit.package import export_package, package_bytes, read_metadata
+
+from ._base import Job, LabState, View, html_rows
+
+
+def signing_available() -> bool:
+    """Whether package signing (``uqcit.secure``) is part of this install."""
+    return importlib.util.find_spec("uqcit.secure") is not None
+
+
+class ExportPanel(View):
+    """Export the budget editor's current plan with the shared recipe embedded, in the background.
+
+    Reuses the model the evaluation panel quantized for the same plan, else quantizes the
+    reference (or the rotated model, when a rotation is in the recipe) first. The package is
+    written atomically by ``uqcit.package.export_package``; the panel then lists its folders
+    and files with their sizes and the measured bits/weight from its metadata.
+
+    >>> # ExportPanel(session.reference, session.tokenizer, levels, path="runs/demo/package")
+    """
+
+    def __init__(self, reference, tokenizer, levels, *, path: str = "runs/workbench/package",
+                 source_model: str = "unknown", sensitivity=None, state: LabState | None = None,
+                 quantize: QuantizeConfig = QuantizeConfig()):
+        super().__init__(state)
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.levels = levels
+        self.source_model = source_model
+        self.sensitivity = sensitivity
+        self.quantize_config = quantize
+        self.job = Job()
+        self.path = W.Text(value=str(path), description="path", layout=W.Layout(width="520px"))
+        can_sign = signing_available()
+        self.sign = W.Checkbox(value=False, description="sign", disabled=not can_sign, indent=False,
+                               tooltip="sign the package" if can_sign else "signing needs uqcit.secure, "
+                               "not in this install")
+        self.export_button = W.Button(description="Export package", icon="download", button_style="primary")
+        self.status = W.HTML("" if can_sign else
+                             "<i>Signing is not available: <code>uqcit.secure</code> is not in this install.</i>")
+        self.written = W.HTML()
+        self.last_path: Path | None = None
+        self.export_button.on_click(self.guarded(lambda _: self.export(), "export"))
+        self.children = [self.error, W.HBox([self.path, self.sign, self.export_button]), self.status, self.written]
+
+    def export(self, *, wait: bool = False) -> None:
+        """Export the current plan to the path in the text box (``wait``: block until written)."""
+        alloc = self.lab.allocation
+        if alloc is None:
+            raise RuntimeError("no plan to export: set a budget in the budget editor first")
+        if self.sign.value:
+            raise NotImplementedError("signing from the panel is not wired yet; sign the exported package "
+                                      "with uqcit.secure")
+        target = Path(self.path.value).expanduser()
+        if not self.path.value.strip():
+            raise ValueError("give a path for the package")
+        rotation = self.lab.rotation
+        model = rotation.model if rotation is not None else self.reference
+        cached = self.lab.quantized
+        self.export_button.disabled = True
+        self.status.value = f"<i>exporting to {html.escape(str(target))}…</i>"
+
+        def work(cancelled):
+            t0 = time.perf_counter()
+            if cached is not None and cached[1].plan == alloc.plan and rotation is None:
+                q = cached[1]
+            else:
+                q = quantize_model(model, self.levels, alloc.plan, self.quantize_config, tokenizer=self.tokenizer,
+                                   progress=False)
+            out = export_package(q, self.tokenizer, target, recipe=self.lab.recipe, source_model=self.source_model,
+                                 levels=self.levels, sensitivity=self.sensitivity)
+            return out, time.perf_counter() - t0
+
+        self.job.start(work, self._done)
+        if wait:
+            self.job.join()
+
+    def _done(self, result, exc) -> None:
+        self.export_button.disabled = False
+        if exc is not None:
+            self.status.value = ""
+            self.error.show(exc, "export")
+            return
+        path, seconds = result
+        self.error.clear()
+        self.last_path = path
+        self.lab.packages = [*self.lab.packages, str(path)]
+        meta = read_metadata(path)
+        self.status.value = (f"<span class='uqcit-exported'>wrote <code>{html.escape(str(path))}</code>: "
+                             f"{meta.get('method')}, {meta.get('average_bits_per_param', float('nan')):.3f} "
+                             f"bits/weight, {package_bytes(path) / 1e6:.1f} MB in {seconds:.1f} s</span>")
+        self.written.value = html_rows(("entry", "files", "bytes"), self.listing(path), "uqcit-written")
+
+    @staticmethod
+    def listing(path: Path) -> list[tuple[str, int, int]]:
+        """Top-level files, and each folder with its file count and bytes (``layers/`` per layer kind)."""
+        rows = []
+        for entry in sorted(path.iterdir()):
+            if entry.is_file():
+                rows.append((entry.name, 1, entry.stat().st_size))
+            elif entry.name == "layers":
+                layers = sorted(p for p in entry.iterdir() if p.is_dir())
+                files = [f for p in layers for f in p.iterdir() if f.is_file()]
+                names = sorted({f.name for f in files})
+                rows.append((f"layers/ ({len(layers)} folders: {', '.join(names)})", len(files),
+                             sum(f.stat().st_size for f in files)))
+            else:
+                files = [f for f in entry.rglob("*") if f.is_file()]
+                rows.append((f"{entry.name}/ ({', '.join(sorted(f.name for f in files)[:6])}"
+                             + (", …" if len(files) > 6 else "") + ")", len(files),
+                             sum(f.stat().st_size for f in files)))
+        return rows
