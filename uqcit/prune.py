@@ -41,12 +41,13 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import InputStats
 from .config import StageConfig, register_config
 from .packing import pack, packed_nbytes, unpack
 from .plan import LEVEL_COLORS
@@ -489,12 +490,14 @@ def prune_targets(levels, config: PruneConfig) -> list:
 
 
 def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfig(), *, tokenizer=None,
-                calibration: torch.Tensor | None = None, progress: bool = True) -> PruneResult:
+                calibration: torch.Tensor | None = None, stats: Mapping[str, InputStats] | None = None,
+                progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` per ``config``; the caller's model is not modified.
 
     ``levels`` is the ``LevelsResult`` of ``model``. ``method="wanda"`` needs calibration text:
     ``calibration`` (``LongTensor [n, seq]``) or a ``tokenizer`` to draw ``data.calibration_batch``
-    (which never overlaps the evaluation windows). Every pruned layer of the result's model is a
+    (which never overlaps the evaluation windows); ``stats`` reuses input statistics already
+    collected (``calibration.collect_input_stats`` of the pruned modules). Every pruned layer of the result's model is a
     ``MaskedLinear``; its kept values are already rounded to ``config.value_dtype``, so the model
     computes exactly what its package stores.
     """
@@ -507,13 +510,14 @@ def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfi
     named = dict(out.named_modules())
     seconds: dict[str, float] = {}
 
-    stats = {}
-    if config.method == "wanda":
+    stats = dict(stats or {})
+    missing = [e.name for e in targets if e.name not in stats]
+    if config.method == "wanda" and missing:
         from .calibration import collect_input_stats
 
         t0 = time.perf_counter()
         batch = calibration if calibration is not None else _calibration(tokenizer, config)
-        stats = collect_input_stats(out, batch, [e.name for e in targets], hessian=False, progress=progress)
+        stats.update(collect_input_stats(out, batch, missing, hessian=False, progress=progress))
         seconds["calibration"] = time.perf_counter() - t0
 
     records: list[ModulePrune] = []

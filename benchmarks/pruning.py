@@ -1,0 +1,163 @@
+"""Prime resonance selection (seed 000 §2) on SmolLM2-135M, next to magnitude and Wanda pruning at
+the same kept weights per layer, on the full evaluation protocol.
+
+Candidates: ``prime-tau0.8`` (the seed's rule, 0-based indices, τ quantile of the prime-indexed
+entries), ``magnitude-as-prime-tau0.8`` and ``wanda-as-prime-tau0.8`` (each layer keeps exactly
+as many weights as prime selection kept there), and for context the two baselines at the usual
+50% (``magnitude-keep0.5``, ``wanda-keep0.5``). Every Linear in the blocks is pruned; the tied
+embedding/LM head stays dense (the ``prime-tau0.8`` recipe's choice).
+
+Each candidate is exported as a package (bytes measured on disk), loaded back, scored on the
+same windows against the float reference (its log-probs computed once per window for all),
+and answers three fixed prompts (chat template, greedy, 40 new tokens).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/pruning.py [--windows N]
+
+Writes benchmarks/results/pruning.json (+ .md) and pruning-layers.json (per-layer accounting of
+prime selection: kept vs N and vs N/ln N).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, record, write  # noqa: E402
+
+from uqcit.evaluate import EvalConfig, evaluate_many  # noqa: E402
+from uqcit.levels import analyze_levels  # noqa: E402
+from uqcit.models import load_model  # noqa: E402
+from uqcit.package import export_package, load_package, package_bytes  # noqa: E402
+from uqcit.prune import PruneConfig, prune_model  # noqa: E402
+from uqcit.recipe import builtin_recipe  # noqa: E402
+
+MODEL = "smollm2-135m"
+PROMPTS = ("What is the capital of France?",
+           "Explain in one sentence why the sky is blue.",
+           "Write a short list of three fruits.")
+NEW_TOKENS = 40
+
+
+def configs(prime: PruneConfig) -> list[PruneConfig]:
+    return [prime,
+            prime.replace(method="magnitude", match_prime=True),
+            prime.replace(method="wanda", match_prime=True),
+            prime.replace(method="magnitude", kept_fraction=0.5),
+            prime.replace(method="wanda", kept_fraction=0.5)]
+
+
+def answers(model, tokenizer) -> dict[str, str]:
+    """Greedy answers to the fixed prompts (deterministic: no sampling)."""
+    out = {}
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+        out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--windows", type=int, default=None, help="fewer windows (not the full protocol)")
+    ap.add_argument("--name", default="pruning")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    loaded = load_model(MODEL)
+    load_s = time.perf_counter() - t0
+    ref, tok = loaded.model, loaded.tokenizer
+    levels = analyze_levels(ref)
+    prime = builtin_recipe("prime-tau0.8").stage("prune")
+
+    candidates, meta = {}, {}
+    layers = None
+    stats = None  # Wanda's input norms: collected once, shared by both Wanda candidates
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in configs(prime):
+            t0 = time.perf_counter()
+            if cfg.method == "wanda" and stats is None:
+                from uqcit.calibration import collect_input_stats
+                from uqcit.data import calibration_batch
+                from uqcit.prune import prune_targets
+
+                t1 = time.perf_counter()
+                batch = calibration_batch(tok, n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, seed=cfg.seed)
+                stats = collect_input_stats(ref, batch, [e.name for e in prune_targets(levels, cfg)], hessian=False)
+                calib_s = time.perf_counter() - t1
+            res = prune_model(ref, levels, cfg, tokenizer=tok, stats=stats if cfg.method == "wanda" else None)
+            prune_s = time.perf_counter() - t0
+            name = res.method_name
+            if cfg.method == "prime":
+                layers = [m.to_dict() for m in res.stored]
+            t0 = time.perf_counter()
+            path = export_package(res, tok, Path(tmp) / name, source_model=MODEL, levels=levels)
+            export_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pkg = load_package(path)
+            load_pkg_s = time.perf_counter() - t0
+            candidates[name] = pkg.model
+            meta[name] = dict(bpw=res.bpw, package_bytes=package_bytes(path), config=cfg.to_dict(),
+                              kept=res.kept, pruned_weights=res.weight_count, kept_fraction=res.kept_fraction,
+                              accounting=res.accounting(),
+                              seconds={"prune": prune_s, **({"calibration (shared by the wanda candidates)": calib_s}
+                                                            if cfg.method == "wanda" else {}),
+                                       **{f"prune.{k}": v for k, v in res.stage_seconds.items()},
+                                       "export": export_s, "load_package": load_pkg_s})
+            del res
+
+        t0 = time.perf_counter()
+        gens = {"reference-fp32": answers(ref, tok)}
+        for name, model in candidates.items():
+            gens[name] = answers(model, tok)
+        gen_s = time.perf_counter() - t0
+
+        cfg = EvalConfig(max_windows=args.windows)
+        t0 = time.perf_counter()
+        res = evaluate_many(candidates, tok, cfg, reference=ref)
+        eval_s = time.perf_counter() - t0
+
+    ref_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
+    records = [record(model=MODEL, method="reference-fp32", bpw=32.0, package_bytes=ref_bytes, ev=res["reference"],
+                      seconds={"load": load_s, "evaluate": res["reference"].seconds, "evaluate_all": eval_s,
+                               "generate_all": gen_s},
+                      note="package_bytes here: float32 parameter bytes (tied embedding counted once)",
+                      generations=gens["reference-fp32"])]
+    for name, m in meta.items():
+        ev = res[name]
+        records.append(record(model=MODEL, method=name, bpw=m["bpw"], package_bytes=m["package_bytes"], ev=ev,
+                              seconds=m["seconds"] | {"evaluate": ev.seconds},
+                              kept=m["kept"], pruned_weights=m["pruned_weights"], kept_fraction=m["kept_fraction"],
+                              accounting=m["accounting"], config=m["config"], generations=gens[name],
+                              note="bpw: stored bits of the pruned layers (kept values + bitmap/indices) per weight "
+                                   "they had; embedding/LM head and norms stay dense float32 in package_bytes"))
+    jp, mp = write(args.name, records)
+    lines = [mp.read_text().rstrip(), "", "| method | kept weights | kept % of pruned layers | kept / (N/ln N) |",
+             "|---|---:|---:|---:|"]
+    for r in records[1:]:
+        p = r["accounting"]["pruned_layers"]
+        lines.append(f"| {r['method']} | {p['kept']:,} | {100 * p['kept_fraction']:.3f} | {p['kept_over_claim']:.3f} |")
+    lines += ["", "Greedy answers (chat template, 40 new tokens):", ""]
+    for r in records:
+        lines.append(f"**{r['method']}**")
+        lines += [f"- *{q}* → {json.dumps(a)}" for q, a in r["generations"].items()]
+        lines.append("")
+    mp.write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}-layers.json").write_text(json.dumps(
+        {"model": MODEL, "method": prime.method_name, "config": prime.to_dict(), "layers": layers}, indent=1) + "\n")
+    print(mp.read_text())
+    print(f"wrote {jp}")
+
+
+if __name__ == "__main__":
+    main()
