@@ -23,6 +23,7 @@ from .importance import ImportanceConfig, score_importance
 from .levels import LevelsConfig, analyze_levels
 from .plan import PlanConfig, build_plan
 from .prune import PruneConfig, PruneResult, prune_model
+from .retrain import RetrainConfig, RetrainResult, retrain
 from .recipe import Recipe
 from .rotation import RotationConfig, rotate_model
 from .results import Result, html_table
@@ -94,9 +95,9 @@ class Session:
 
     @property
     def compressed(self) -> torch.nn.Module | None:
-        for tag in ("quantize", "prune"):
+        for tag in ("retrain", "quantize", "prune"):  # a retrained model replaces what it retrained
             r = self.results.get(tag)
-            if isinstance(r, (QuantizeResult, PruneResult)):
+            if isinstance(r, (RetrainResult, QuantizeResult, PruneResult)):
                 return r.model
         return None
 
@@ -130,6 +131,15 @@ def _quantize(session: Session, cfg: QuantizeConfig):
 def _prune(session: Session, cfg: PruneConfig):
     levels = session.require("levels")
     return prune_model(session.reference, levels, cfg, tokenizer=session.tokenizer, progress=session.progress)
+
+
+@register_stage(RetrainConfig)
+def _retrain(session: Session, cfg: RetrainConfig):
+    model = session.compressed
+    if model is None:
+        raise RuntimeError("stage 'retrain' needs a compressed model; run a 'quantize' or 'prune' stage first")
+    return retrain(model, session.state.get("original", session.reference), session.tokenizer, cfg,
+                   progress=session.progress)
 
 
 @register_stage(ImportanceConfig)
@@ -273,6 +283,8 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     session = session or Session.from_model(model_name, progress=progress)
     session.run(recipe, skip=("eval",))
     quantized = session.results.get("quantize") or session.results.get("prune")  # what the package stores
+    if quantized is not None and "retrain" in session.results:
+        quantized = session.results["retrain"].apply_to(quantized)
     if quantized is None:
         raise RuntimeError(f"recipe {recipe.name!r} has no 'quantize' or 'prune' stage: nothing to export")
     out = Path(out)

@@ -87,7 +87,7 @@ class Recipe:
 
 def _register_all() -> None:
     """Import the stage modules so their configs are on the allow-list."""
-    from . import allocate, clusters, compress, evaluate, importance, levels, plan, prune, rotation, sensitivity  # noqa: F401
+    from . import allocate, clusters, compress, evaluate, importance, levels, plan, prune, retrain, rotation, sensitivity  # noqa: F401
 
 
 def _recipes_dir():

@@ -1,0 +1,830 @@
+"""Self-retraining (seed 000 §3): the compressed model learns from text the original model wrote.
+
+1. **Self-generated text** (``self_generate``). The original (uncompressed) model samples
+   continuations of short, diverse prompts (``DEFAULT_PROMPTS``, or the user's). No external
+   data set is read; the evaluation corpus is never seen. Sampling uses its own seeded
+   ``torch.Generator``, so the same seed gives the same text. End-of-sequence tokens are not
+   sampled, so every sequence has ``seq_len`` tokens of text.
+2. **Distillation.** The compressed model is trained to match the original's next-token
+   distribution at every position of that text: the loss is the mean per-token
+   ``KL(P_original ‖ P_compressed)`` (the quantity the evaluation protocol reports). Only what
+   the compression leaves trainable is updated (``RetrainConfig.mode``):
+
+   - ``"scales"``: the fp16 group scales of ``QuantLinear`` modules. Codes and zero points stay
+     fixed. Each group's scale is trained as ``s0 · exp(g)`` (``g`` starts at 0, so one learning
+     rate suits every layer); the forward pass always uses the fp16-rounded scale (gradients
+     pass straight through the rounding), and at the end the rounded values are written back
+     into the fp16 buffers. The stored bits are therefore unchanged and the model trained on is
+     exactly the model stored. Modules whose storage is shared (an LM head tied to a quantized
+     embedding), fp16 pass-through and mixed formats are left alone and listed in ``skipped``.
+   - ``"masked"``: the kept weights of pruned modules: any module with a ``weight`` parameter
+     and a bool ``mask`` buffer of its shape (True = kept), e.g. ``uqcit.prune.MaskedLinear``.
+     Gradients of pruned entries are zeroed before each step and the weight is multiplied by the
+     mask after it, so pruned entries stay exactly zero.
+   - ``"lora"``: low-rank adapters ``x → base(x) + (α/r)·x Aᵀ Bᵀ`` on chosen linear modules
+     (``nn.Linear``, ``QuantLinear``, ``Conv1D`` or a masked module); ``B`` starts at zero, so
+     training starts from the compressed model. The adapters are kept, stored in fp16 (the
+     forward uses fp16-rounded factors) and counted in ``extra_bits``.
+3. **The stability gate** (§3.3). Training runs in update windows of ``steps_per_window``
+   optimizer steps. After each window a held-out self-generated batch (never trained on)
+   measures ``S(t)``: the distillation loss (``gate_metric="kl"``) or the NLL of the sampled
+   tokens (``"nll"``). The window is kept only if ``S(t) ≤ S_thresh``, where
+   ``S_thresh = best kept S × (1 + gate_epsilon)`` (``S(0)`` is the compressed model before any
+   update), or the fixed ``gate_threshold``; otherwise the trainable tensors *and* the optimizer
+   state are restored to their values before the window. With ``gate=False`` every window is
+   kept, and ``S(t)`` is still measured and logged, which shows what the gate prevents.
+
+Checkpoints (``RetrainConfig.checkpoint``) are safetensors files written atomically after every
+window: the generated token ids, the kept trainable tensors, the optimizer state and the log.
+Starting again with the same settings resumes after the last window written.
+
+>>> from uqcit.tiny import tiny_model
+>>> from uqcit.levels import analyze_levels
+>>> from uqcit.plan import PlanConfig, build_plan
+>>> from uqcit.compress import quantize_model
+>>> model, tok = tiny_model("llama")
+>>> levels = analyze_levels(model)
+>>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", bits=3, group_size=32)),
+...                    progress=False)
+>>> cfg = RetrainConfig(n_sequences=8, heldout_sequences=4, seq_len=64, batch_size=4, steps_per_window=1)
+>>> res = retrain(q.model, model, tok, cfg, progress=False)
+>>> res.kept + res.rejected == res.windows
+True
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StageConfig, register_config
+from .formats import FLOAT_BITS
+from .results import Result
+from .runtime import QuantEmbedding, QuantLinear, replace_module
+
+FILE_KIND = "uqcit-retrain-checkpoint"
+FILE_VERSION = 1
+
+# Short, deliberately varied openings (news, science, how-to, dialogue, code, lists, fiction...):
+# they only steer where the original model starts writing; every token after them is its own.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The history of the city begins",
+    "In a press conference on Tuesday, the minister said",
+    "Photosynthesis is the process by which",
+    "To bake a simple loaf of bread, you will need",
+    "Dear Sarah,\n\nThank you for your letter about",
+    "def fibonacci(n):\n",
+    "The main causes of the First World War were",
+    "Once upon a time, in a small village by the sea,",
+    "Q: What is the difference between weather and climate?\nA:",
+    "The stock market fell sharply today after",
+    "Here are five tips for staying healthy during winter:\n1.",
+    "The theory of evolution explains",
+    "In mathematics, a prime number is",
+    "The football match ended in a draw after",
+    "Climate scientists warned this week that",
+    "My favourite holiday was the summer we spent",
+    "The new smartphone features a larger screen and",
+    "How to change a flat tyre:\nStep 1:",
+    "The court ruled that the company had",
+    "A healthy breakfast should include",
+    "The painting, completed in 1889, shows",
+    "Water boils at 100 degrees Celsius because",
+    "The government announced a new plan to reduce",
+    "She opened the door and saw",
+    "The recipe calls for two cups of flour,",
+    "Artificial intelligence is changing the way",
+    "The river flows through three countries before",
+    "In his latest novel, the author explores",
+    "The bushfires that swept across the state",
+    "A computer program is a set of instructions that",
+    "The company reported a profit of",
+    "The students gathered in the hall to hear",
+)
+
+Mode = Literal["scales", "masked", "lora"]
+_MODE_LR = {"scales": 1e-3, "masked": 2e-5, "lora": 5e-4}  # common starting points, see RetrainConfig.lr
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class RetrainConfig(StageConfig):
+    """Self-retraining: what the original model writes, what is trained, and the gate."""
+
+    type_tag = "retrain"
+
+    mode: Mode = "scales"  # what is trainable: quantization scales, masked kept weights, or LoRA adapters
+    # self-generated text
+    n_sequences: int = 256  # training sequences the original model writes
+    heldout_sequences: int = 16  # more sequences, never trained on: the gate's S(t) batch
+    seq_len: int = 128  # tokens per sequence, prompt included
+    prompts: tuple[str, ...] = ()  # empty: DEFAULT_PROMPTS; sequences cycle through them
+    temperature: float = 1.0  # 1: the model's own distribution
+    top_k: int = 50  # sample among the k likeliest tokens (0: all), to keep rare-token noise out
+    gen_batch: int = 16  # sequences sampled together (all continue the same prompt)
+    # training
+    batch_size: int = 8  # sequences per optimizer step
+    epochs: int = 1  # passes over the training sequences
+    steps_per_window: int = 4  # optimizer steps between two gate checks
+    lr: float | None = None  # Adam step size; None: 1e-3 scales (log-scale), 2e-5 masked weights, 5e-4 lora
+    max_grad_norm: float = 1.0  # clip the global gradient norm (0: off)
+    modules: str | None = None  # regex (re.search) on module names to train; None: every eligible module
+    lora_rank: int = 8  # lora: adapter rank r
+    lora_alpha: float = 16.0  # lora: the adapter output is scaled by alpha / r
+    # the stability gate
+    gate: bool = True  # False: keep every window (S(t) is still measured)
+    gate_metric: Literal["kl", "nll"] = "kl"  # S(t): held-out KL to the original, or NLL of its tokens
+    gate_epsilon: float = 0.0  # S_thresh = best kept S × (1 + epsilon)
+    gate_threshold: float | None = None  # a fixed S_thresh instead of the best-so-far rule
+    checkpoint: str | None = None  # safetensors checkpoint written after every window; resumes
+    seed: int = 0  # sampling, held-out split, data order and adapter initialization
+
+    def __post_init__(self) -> None:
+        positive = {"n_sequences": self.n_sequences, "heldout_sequences": self.heldout_sequences,
+                    "gen_batch": self.gen_batch, "batch_size": self.batch_size, "epochs": self.epochs,
+                    "steps_per_window": self.steps_per_window, "lora_rank": self.lora_rank}
+        bad = {k: v for k, v in positive.items() if v < 1}
+        if bad:
+            raise ValueError(f"retrain settings must be >= 1: {bad}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (a prompt token and one to predict), got {self.seq_len}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.gate_epsilon < 0:
+            raise ValueError(f"gate_epsilon must be >= 0, got {self.gate_epsilon}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: off), got {self.max_grad_norm}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else _MODE_LR[self.mode]
+
+    @property
+    def prompt_texts(self) -> tuple[str, ...]:
+        return self.prompts or DEFAULT_PROMPTS
+
+
+# --------------------------------------------------------------------------- self-generated text
+
+
+@dataclasses.dataclass(repr=False)
+class SelfText(Result):
+    """Token ids the original model wrote: ``ids[i]`` continues prompt ``prompt_index[i]``."""
+
+    ids: torch.Tensor  # LongTensor [n, seq_len]
+    prompt_lengths: torch.Tensor  # LongTensor [n]: leading prompt tokens of each sequence
+    prompt_index: torch.Tensor  # LongTensor [n]: which prompt each sequence continues
+    prompts: tuple[str, ...]
+    seconds: float
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens the model sampled (prompt tokens excluded)."""
+        return int(self.ids.numel() - self.prompt_lengths.sum())
+
+    def summary(self) -> str:
+        return (f"{self.ids.shape[0]} sequences × {self.ids.shape[1]} tokens, "
+                f"{self.generated_tokens:,} sampled by the model in {self.seconds:.1f} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sequences": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1]),
+                "generated_tokens": self.generated_tokens, "seconds": self.seconds,
+                "prompts": list(self.prompts)}
+
+    def texts(self, tokenizer, limit: int | None = None) -> list[str]:
+        """The sequences decoded (the first ``limit``)."""
+        rows = self.ids if limit is None else self.ids[:limit]
+        return [tokenizer.decode(r.tolist()) for r in rows]
+
+    def table_rows(self):
+        return ("prompt", "sequences"), [(p, int((self.prompt_index == i).sum())) for i, p in enumerate(self.prompts)]
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        counts = [int((self.prompt_index == i).sum()) for i in range(len(self.prompts))]
+        fig = go.Figure(go.Bar(x=list(range(len(self.prompts))), y=counts, uid="selftext-prompts",
+                               hovertext=list(self.prompts)))
+        fig.update_layout(title="Self-generated sequences per prompt", xaxis_title="prompt",
+                          yaxis_title="sequences", height=300)
+        return fig
+
+
+def banned_tokens(model: nn.Module, tokenizer) -> list[int]:
+    """End-of-sequence ids (tokenizer's and generation config's): never sampled, so text runs on."""
+    ids: set[int] = set()
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else list(source))
+    return sorted(ids)
+
+
+@torch.no_grad()
+def self_generate(model: nn.Module, tokenizer, *, n_sequences: int, seq_len: int,
+                  prompts: Sequence[str] = DEFAULT_PROMPTS, temperature: float = 1.0, top_k: int = 50,
+                  batch: int = 16, seed: int = 0, progress: bool = True) -> SelfText:
+    """``model`` continues ``prompts`` (cycling, ``batch`` samples of one prompt at a time) to
+    ``n_sequences`` sequences of ``seq_len`` tokens, sampled with a generator seeded by ``seed``."""
+    from tqdm.auto import tqdm
+
+    from .data import encode
+
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt text")
+    encoded = []
+    for p in prompts:
+        ids = encode(tokenizer, p)
+        if ids.numel() == 0:
+            raise ValueError(f"prompt {p!r} encodes to no tokens with this tokenizer")
+        if ids.numel() >= seq_len:
+            raise ValueError(f"prompt {p!r} has {ids.numel()} tokens; seq_len={seq_len} leaves nothing to "
+                             "generate. Use a longer seq_len or a shorter prompt")
+        encoded.append(ids)
+    banned = torch.tensor(banned_tokens(model, tokenizer), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    rows, lengths, which = [], [], []
+    t0 = time.perf_counter()
+    n_batches = math.ceil(n_sequences / batch)
+    try:
+        for b in tqdm(range(n_batches), desc="self-generate", unit="batch", disable=not progress):
+            k = min(batch, n_sequences - b * batch)
+            pi = b % len(prompts)
+            prompt = encoded[pi]
+            rows.append(_sample(model, prompt, k, seq_len, temperature, top_k, banned, generator))
+            lengths += [prompt.numel()] * k
+            which += [pi] * k
+    finally:
+        model.train(was_training)
+    return SelfText(torch.cat(rows), torch.tensor(lengths), torch.tensor(which), tuple(prompts),
+                    time.perf_counter() - t0)
+
+
+def _sample(model: nn.Module, prompt: torch.Tensor, k: int, seq_len: int, temperature: float,
+            top_k: int, banned: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``k`` continuations of one prompt, sampled token by token with the KV cache: [k, seq_len]."""
+    device = next(model.parameters()).device
+    ids = prompt.to(device).unsqueeze(0).expand(k, -1).contiguous()
+    out = model(input_ids=ids, use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[:, -1]
+    pieces = [ids]
+    for step in range(seq_len - prompt.numel()):
+        logits = logits.float() / temperature
+        if banned.numel():
+            logits[:, banned.to(device)] = -math.inf
+        if top_k and top_k < logits.shape[-1]:
+            values, index = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(F.softmax(values, -1).cpu(), 1, generator=generator).to(device)
+            nxt = index.gather(-1, choice)
+        else:
+            nxt = torch.multinomial(F.softmax(logits, -1).cpu(), 1, generator=generator).to(device)
+        pieces.append(nxt)
+        if step + 1 < seq_len - prompt.numel():
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+    return torch.cat(pieces, dim=1).cpu()
+
+
+# --------------------------------------------------------------------------- trainable modules
+
+
+class ScaleTrainableLinear(nn.Module):
+    """A ``QuantLinear`` during scale training: fixed codes and zeros, trainable group scales.
+
+    The weight is ``unit · fp16(s0 · exp(g))`` per group, where ``unit = code − zero`` (held as a
+    float copy ``[groups, group_size]`` for speed) and ``g`` (``log_scale``, init 0) is trained;
+    the fp16 rounding is in the forward pass (gradients pass straight through it), so the forward
+    equals the stored module's. ``finish()`` writes the rounded scales back and returns the
+    ``QuantLinear``.
+    """
+
+    def __init__(self, qlin: QuantLinear):
+        super().__init__()
+        fmt = qlin.fmt
+        if fmt.bits == FLOAT_BITS or fmt.mixed:
+            raise ValueError(f"scale training needs a plain integer format, got {fmt.name}")
+        self.base = qlin
+        numel, gs = math.prod(qlin.shape), fmt.group_size
+        groups = math.ceil(numel / gs)
+        s0 = qlin.scales.detach().float()
+        with torch.no_grad():
+            flat = qlin.dequantized(torch.float32).reshape(-1)
+            padded = torch.zeros(groups * gs, device=flat.device)
+            padded[:numel] = flat
+            # code − zero is an integer: dividing out the fp16 scale recovers it exactly.
+            self.register_buffer("unit", (padded.view(groups, gs) / s0.unsqueeze(1)).round(), persistent=False)
+        self.register_buffer("s0", s0, persistent=False)
+        self.log_scale = nn.Parameter(torch.zeros(groups, device=s0.device))
+        self.numel = numel
+
+    def scale(self) -> torch.Tensor:
+        s = self.s0 * self.log_scale.exp()
+        return s + (s.to(torch.float16).float() - s).detach()  # forward: fp16 value; backward: identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.unit * self.scale().unsqueeze(1)).reshape(-1)[: self.numel].view(self.base.shape)
+        bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), bias)
+
+    @torch.no_grad()
+    def finish(self) -> QuantLinear:
+        self.base.scales.copy_(self.scale().to(torch.float16))
+        self.base.clear_cache()
+        return self.base
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) · x Aᵀ Bᵀ``: a low-rank adapter on a frozen linear module.
+
+    ``A`` [r, in] starts random (seeded), ``B`` [out, r] at zero, so the adapter starts as the
+    identity change. The forward uses fp16-rounded factors (gradients pass straight through), so
+    the adapter stored in fp16 by ``finish()`` computes exactly what was trained.
+    """
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scaling = alpha / rank
+        a = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+
+    @property
+    def stored_bits(self) -> int:
+        return 16 * self.rank * (self.in_features + self.out_features)
+
+    def _factor(self, p: torch.Tensor) -> torch.Tensor:
+        if p.dtype == torch.float16:
+            return p
+        return p + (p.to(torch.float16).float() - p).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self._factor(self.lora_A).to(x.dtype), self._factor(self.lora_B).to(x.dtype)
+        return self.base(x) + F.linear(F.linear(x, a), b) * self.scaling
+
+    @torch.no_grad()
+    def finish(self) -> "LoRALinear":
+        """Store the factors in fp16 (frozen)."""
+        self.lora_A = nn.Parameter(self.lora_A.to(torch.float16), requires_grad=False)
+        self.lora_B = nn.Parameter(self.lora_B.to(torch.float16), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, stored_bits={self.stored_bits:,}"
+
+
+def _has_mask(module: nn.Module) -> bool:
+    w, m = getattr(module, "weight", None), module._buffers.get("mask") if hasattr(module, "_buffers") else None
+    return (isinstance(w, nn.Parameter) and isinstance(m, torch.Tensor) and m.dtype == torch.bool
+            and m.shape == w.shape)
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a linear-like module, or None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    if isinstance(module, (nn.Linear, QuantLinear)) or _has_mask(module):
+        i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if i is None and _has_mask(module) and module.weight.dim() == 2:
+            o, i = module.weight.shape
+        return (int(i), int(o)) if i is not None else None
+    return None
+
+
+def _output_names(model: nn.Module) -> set[str]:
+    """Names of the LM head module(s): adapters are not put there by default."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """What one module trains: its name, how many trainable values, and stored bits it adds."""
+
+    name: str
+    kind: str  # "scales", "masked" or "lora"
+    values: int  # trainable numbers
+    extra_bits: int  # bits added to what is stored (lora adapters)
+
+
+def prepare_trainable(model: nn.Module, config: RetrainConfig) -> tuple[list[Trainable], list[tuple[str, str]]]:
+    """Freeze ``model`` and make trainable what ``config.mode`` allows (wrapping modules in place).
+
+    Returns the trainable modules and the skipped candidates with the reason. Raises when nothing
+    is trainable, naming what the mode looks for.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pattern = re.compile(config.modules) if config.modules else None
+    chosen: list[Trainable] = []
+    skipped: list[tuple[str, str]] = []
+    named = list(model.named_modules())
+    if config.mode == "scales":
+        owners: dict[int, list[str]] = {}
+        for name, m in named:
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and "scales" in m._buffers:
+                owners.setdefault(m.scales.data_ptr(), []).append(name)
+        for name, m in named:
+            if not isinstance(m, QuantLinear) or (pattern and not pattern.search(name)):
+                continue
+            if m.fmt.bits == FLOAT_BITS or m.fmt.mixed:
+                skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
+            elif len(owners.get(m.scales.data_ptr(), [])) > 1:
+                skipped.append((name, f"scales shared with {[o for o in owners[m.scales.data_ptr()] if o != name]}"))
+            else:
+                wrapper = ScaleTrainableLinear(m)
+                replace_module(model, name, wrapper)
+                chosen.append(Trainable(name, "scales", wrapper.log_scale.numel(), 0))
+        what = "QuantLinear modules with plain integer formats (quantize the model first)"
+    elif config.mode == "masked":
+        for name, m in named:
+            if _has_mask(m) and not (pattern and not pattern.search(name)):
+                with torch.no_grad():
+                    m.weight.mul_(m.mask)
+                m.weight.requires_grad_(True)
+                chosen.append(Trainable(name, "masked", int(m.mask.sum()), 0))
+        what = "modules with a weight parameter and a bool 'mask' buffer of its shape (prune the model first)"
+    else:
+        heads = _output_names(model)
+        generator = torch.Generator().manual_seed(config.seed)
+        for name, m in named:
+            dims = _linear_dims(m)
+            if dims is None or (pattern and not pattern.search(name)):
+                continue
+            if pattern is None and name in heads:
+                skipped.append((name, "LM head (name it in 'modules' to adapt it)"))
+                continue
+            wrapper = LoRALinear(m, dims[0], dims[1], config.lora_rank, config.lora_alpha, generator)
+            replace_module(model, name, wrapper)
+            chosen.append(Trainable(name, "lora", config.lora_rank * (dims[0] + dims[1]), wrapper.stored_bits))
+        what = "linear modules (nn.Linear, QuantLinear, Conv1D or masked)"
+    if not chosen:
+        scope = f" matching {config.modules!r}" if config.modules else ""
+        raise ValueError(f"mode {config.mode!r} found nothing to train{scope}: it trains {what}")
+    return chosen, skipped
+
+
+def finish_trainable(model: nn.Module) -> None:
+    """Put the stored form back: scales into their ``QuantLinear``, adapters into fp16."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ScaleTrainableLinear):
+            replace_module(model, name, m.finish())
+        elif isinstance(m, LoRALinear):
+            m.finish()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowRecord:
+    """One update window: its training loss, the gate's measurement and decision."""
+
+    window: int
+    steps: int  # optimizer steps taken so far, kept or not
+    train_loss: float  # mean distillation KL over the window's batches
+    s: float  # S(t) on the held-out batch after the window
+    threshold: float  # S_thresh it was compared with
+    kept: bool
+    seconds: float
+
+
+@dataclasses.dataclass(repr=False)
+class RetrainResult(Result):
+    """The retrained model, what was trained, and the log of kept and rejected windows."""
+
+    model: nn.Module
+    config: RetrainConfig
+    trainables: list[Trainable]
+    skipped: list[tuple[str, str]]
+    data: SelfText
+    s0: float  # S before any update
+    log: list[WindowRecord]
+    seconds: dict[str, float]  # generate, teacher, train
+
+    @property
+    def windows(self) -> int:
+        return len(self.log)
+
+    @property
+    def kept(self) -> int:
+        return sum(r.kept for r in self.log)
+
+    @property
+    def rejected(self) -> int:
+        return sum(not r.kept for r in self.log)
+
+    @property
+    def final_s(self) -> float:
+        """S of the returned model: the last kept window's (S(0) when none was kept)."""
+        kept = [r.s for r in self.log if r.kept]
+        return kept[-1] if kept else self.s0
+
+    @property
+    def extra_bits(self) -> int:
+        return sum(t.extra_bits for t in self.trainables)
+
+    @property
+    def trainable_values(self) -> int:
+        return sum(t.values for t in self.trainables)
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self.config.n_sequences * self.data.ids.shape[1])
+
+    def apply_to(self, compressed):
+        """``compressed`` (the ``QuantizeResult``/``PruneResult`` retrained) with the retrained model in
+        it, ready for ``package.export_package``. LoRA adapters are not a package format yet."""
+        if self.config.mode == "lora":
+            raise ValueError("a LoRA-retrained model cannot be exported as a package yet (adapters are not "
+                             "stored by uqcit.package); use mode 'scales' or 'masked' to export")
+        return dataclasses.replace(compressed, model=self.model)
+
+    def summary(self) -> str:
+        gate = "gate on" if self.config.gate else "gate OFF"
+        return (f"retrain-{self.config.mode}: {self.trainable_values:,} values in {len(self.trainables)} modules, "
+                f"{self.windows} windows ({gate}: {self.kept} kept, {self.rejected} rejected), "
+                f"S {self.s0:.4f} → {self.final_s:.4f} ({self.config.gate_metric}), "
+                f"{self.data.generated_tokens:,} self-generated tokens, {sum(self.seconds.values()):.0f} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "trainables": [dataclasses.asdict(t) for t in self.trainables],
+                "skipped": [list(s) for s in self.skipped], "data": self.data.to_dict(), "s0": self.s0,
+                "final_s": self.final_s, "kept": self.kept, "rejected": self.rejected,
+                "extra_bits": self.extra_bits, "log": [dataclasses.asdict(r) for r in self.log],
+                "seconds": self.seconds}
+
+    def table_rows(self):
+        return (("window", "steps", "train KL", "S(t)", "S_thresh", "kept"),
+                [(r.window, r.steps, r.train_loss, r.s, r.threshold, r.kept) for r in self.log])
+
+    def figure(self):
+        """S(t) after every window, kept (green) and rejected (red), with the threshold."""
+        import plotly.graph_objects as go
+
+        steps = [0] + [r.steps for r in self.log]
+        fig = go.Figure()
+        fig.add_scatter(x=steps, y=[self.s0] + [r.s for r in self.log], mode="lines", name="S(t)",
+                        line_color="#999", uid="retrain-s")
+        fig.add_scatter(x=[r.steps for r in self.log], y=[r.threshold for r in self.log], mode="lines",
+                        name="S_thresh", line=dict(dash="dot", color="#4c78a8"), uid="retrain-thresh",
+                        line_shape="hv")
+        for kept, color, label in ((True, "#54a24b", "kept"), (False, "#e45756", "rejected (rolled back)")):
+            rs = [r for r in self.log if r.kept == kept]
+            fig.add_scatter(x=[r.steps for r in rs], y=[r.s for r in rs], mode="markers", name=label,
+                            marker=dict(color=color, size=9, symbol="circle" if kept else "x"),
+                            uid=f"retrain-{'kept' if kept else 'rejected'}")
+        fig.update_layout(title=f"Stability gate: held-out S(t) ({self.config.gate_metric}) per update window"
+                                + ("" if self.config.gate else " — gate disabled"),
+                          xaxis_title="optimizer steps", yaxis_title=f"S(t) = held-out {self.config.gate_metric}",
+                          height=380)
+        return fig
+
+
+def retrain(compressed: nn.Module, original: nn.Module, tokenizer, config: RetrainConfig = RetrainConfig(),
+            *, data: SelfText | None = None, progress: bool = True) -> RetrainResult:
+    """Retrain a copy of ``compressed`` on text ``original`` writes itself, behind the stability gate.
+
+    ``compressed`` and ``original`` are not modified. ``data`` reuses earlier self-generated text
+    (e.g. to compare two settings on the same text); it must hold ``n_sequences +
+    heldout_sequences`` sequences. See the module docstring for the modes and the gate.
+    """
+    from tqdm.auto import tqdm
+
+    times = {"generate": 0.0, "gate": 0.0, "train": 0.0}
+    state = _load_checkpoint(config, original) if config.checkpoint else None
+    total = config.n_sequences + config.heldout_sequences
+    if state is not None:
+        data = state["data"]
+    elif data is None:
+        data = self_generate(original, tokenizer, n_sequences=total, seq_len=config.seq_len,
+                             prompts=config.prompt_texts, temperature=config.temperature, top_k=config.top_k,
+                             batch=config.gen_batch, seed=config.seed, progress=progress)
+        times["generate"] = data.seconds
+    if data.ids.shape[0] != total:
+        raise ValueError(f"data has {data.ids.shape[0]} sequences; n_sequences + heldout_sequences = {total}")
+    split = torch.randperm(total, generator=torch.Generator().manual_seed(config.seed + 1))
+    train_ids, held_ids = data.ids[split[: config.n_sequences]], data.ids[split[config.n_sequences:]]
+
+    student = copy.deepcopy(compressed)
+    student.eval()  # no dropout: the gradient is of the model as it runs
+    trainables, skipped = prepare_trainable(student, config)
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    masks = _masks(student) if config.mode == "masked" else {}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.learning_rate, weight_decay=0.0)
+    original.eval()
+
+    t0 = time.perf_counter()
+    held_ref = _reference_logprobs(original, held_ids) if config.gate_metric == "kl" else None
+    s0 = _gate_value(student, held_ids, held_ref)
+    times["gate"] += time.perf_counter() - t0
+
+    batches = _batch_order(config, train_ids.shape[0])
+    n_windows = math.ceil(len(batches) / config.steps_per_window)
+    log: list[WindowRecord] = []
+    best = s0
+    if state is not None:
+        _restore(params, optimizer, state)
+        log, best, s0 = state["log"], state["best"], state["s0"]
+        times = {k: times[k] + state["seconds"].get(k, 0.0) for k in times}
+
+    bar = tqdm(total=n_windows, initial=len(log), desc=f"retrain ({config.mode})", unit="window",
+               disable=not progress)
+    try:
+        for w in range(len(log), n_windows):
+            t0 = time.perf_counter()
+            snapshot = ({n: p.detach().clone() for n, p in params.items()},
+                        copy.deepcopy(optimizer.state_dict())) if config.gate else None
+            losses = []
+            for idx in batches[w * config.steps_per_window:(w + 1) * config.steps_per_window]:
+                losses.append(_train_step(student, original, train_ids[idx], params, masks, optimizer, config))
+            t1 = time.perf_counter()
+            s = _gate_value(student, held_ids, held_ref)
+            times["gate"] += time.perf_counter() - t1
+            threshold = config.gate_threshold if config.gate_threshold is not None else best * (1 + config.gate_epsilon)
+            kept = (not config.gate) or s <= threshold
+            if kept:
+                best = min(best, s)
+            else:  # roll back the window: trainable tensors and optimizer state
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(snapshot[0][n])
+                optimizer.load_state_dict(snapshot[1])
+            del snapshot
+            steps = min((w + 1) * config.steps_per_window, len(batches))
+            log.append(WindowRecord(w + 1, steps, sum(losses) / len(losses), s, threshold, kept,
+                                    time.perf_counter() - t0))
+            times["train"] += t1 - t0
+            bar.update(1)
+            bar.set_postfix(S=f"{s:.4f}", kept=sum(r.kept for r in log))
+            if config.checkpoint:
+                _save_checkpoint(config, original, data, params, optimizer, log, best, s0, times)
+    finally:
+        bar.close()
+    finish_trainable(student)
+    return RetrainResult(student, config, trainables, skipped, data, s0, log,
+                         {k: round(v, 3) for k, v in times.items()})
+
+
+def _batch_order(config: RetrainConfig, n: int) -> list[torch.Tensor]:
+    """Training batches (index tensors), a seeded shuffle per epoch."""
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    out = []
+    for _ in range(config.epochs):
+        perm = torch.randperm(n, generator=generator)
+        out += list(perm.split(config.batch_size))
+    return out
+
+
+def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": m.mask for name, m in model.named_modules() if _has_mask(m)
+            and m.weight.requires_grad}
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [b, seq-1, vocab]
+
+
+@torch.no_grad()
+def _reference_logprobs(original: nn.Module, ids: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    return torch.cat([F.log_softmax(_logits(original, ids[i:i + batch]), -1) for i in range(0, len(ids), batch)])
+
+
+def distill_kl(logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Mean per-token ``KL(P_ref ‖ P)`` from student logits and reference log-probabilities."""
+    logp = F.log_softmax(logits, -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+
+
+def _train_step(student, original, ids, params, masks, optimizer, config) -> float:
+    with torch.no_grad():
+        ref_logp = F.log_softmax(_logits(original, ids), -1)
+    loss = distill_kl(_logits(student, ids), ref_logp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for name, mask in masks.items():
+        params[name].grad.mul_(mask)  # pruned entries get no gradient, so Adam never moves them
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+    optimizer.step()
+    if masks:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].mul_(mask)  # exact zeros where pruned, whatever the optimizer did
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def _gate_value(student: nn.Module, held: torch.Tensor, held_ref: torch.Tensor | None, batch: int = 4) -> float:
+    """S(t) on the held-out batch: mean KL to the reference, or NLL of the sampled tokens."""
+    total = 0.0
+    for i in range(0, len(held), batch):
+        logits = _logits(student, held[i:i + batch])
+        if held_ref is None:
+            value = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), held[i:i + batch, 1:].reshape(-1))
+        else:
+            value = distill_kl(logits, held_ref[i:i + batch])
+        total += float(value) * logits.shape[0]
+    return total / len(held)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _fingerprint(config: RetrainConfig, original: nn.Module) -> str:
+    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint"}
+    name = getattr(getattr(original, "config", None), "name_or_path", "") or type(original).__name__
+    ident = [name, sum(p.numel() for p in original.parameters())]
+    return hashlib.sha256(json.dumps([settings, ident], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(config, original, data: SelfText, params, optimizer, log, best, s0, times) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(config.checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"data.ids": data.ids.contiguous(), "data.prompt_lengths": data.prompt_lengths,
+               "data.prompt_index": data.prompt_index}
+    tensors.update({f"param.{n}": p.detach().contiguous() for n, p in params.items()})
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).contiguous()
+    header = {"fingerprint": _fingerprint(config, original), "config": config.to_dict(),
+              "param_groups": opt["param_groups"], "log": [dataclasses.asdict(r) for r in log],
+              "best": best, "s0": s0, "seconds": times, "prompts": list(data.prompts),
+              "generate_seconds": data.seconds}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"kind": FILE_KIND, "version": str(FILE_VERSION),
+                                          "header": json.dumps(header)})
+        os.replace(tmp, path)  # readers see the old checkpoint or the new one, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _load_checkpoint(config: RetrainConfig, original: nn.Module) -> dict[str, Any] | None:
+    from safetensors import safe_open
+
+    path = Path(config.checkpoint)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("kind") != FILE_KIND or meta.get("version") != str(FILE_VERSION):
+            raise ValueError(f"{path} is not a retrain checkpoint of version {FILE_VERSION} "
+                             f"(kind {meta.get('kind')!r}, version {meta.get('version')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    head = json.loads(meta["header"])
+    if head["fingerprint"] != _fingerprint(config, original):
+        raise ValueError(f"checkpoint {path} was written with other settings or another model; delete it "
+                         "or give another checkpoint path to start afresh")
+    data = SelfText(tensors["data.ids"], tensors["data.prompt_lengths"], tensors["data.prompt_index"],
+                    tuple(head["prompts"]), head["generate_seconds"])
+    return {"data": data, "tensors": tensors, "param_groups": head["param_groups"], "best": head["best"],
+            "s0": head["s0"], "seconds": head["seconds"], "log": [WindowRecord(**r) for r in head["log"]]}
+
+
+def _restore(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tensors = state["tensors"]
+    missing = [n for n in params if f"param.{n}" not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint lacks trainable tensors {missing[:3]}...; delete it to start afresh")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
