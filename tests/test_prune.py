@@ -215,9 +215,30 @@ def test_which_layers_are_pruned_is_recipe_controlled():
     assert [m.name for m in one.stored] == ["model.layers.0.self_attn.q_proj"]
     head = prune_model(model, levels, PruneConfig(method="magnitude", outside_blocks=True), progress=False)
     assert isinstance(head.model.lm_head, MaskedLinear)
-    assert type(head.model.model.embed_tokens) is torch.nn.Embedding  # embeddings are never pruned
-    with pytest.raises(ValueError, match="selects no Linear"):
-        prune_model(model, levels, PruneConfig(levels=(1,)), progress=False)
+    assert type(head.model.model.embed_tokens) is torch.nn.Embedding  # level 1 not asked for
+    with pytest.raises(ValueError, match="selects no layer"):
+        prune_model(model, levels, PruneConfig(levels=(1,)), progress=False)  # embeddings are outside blocks
+
+
+@pytest.mark.parametrize("method", ["prime", "wanda"])
+def test_a_pruned_embedding_shares_weight_and_mask_with_its_tied_head(method, tmp_path):
+    model, tok = tiny_model("llama")  # tied embedding / LM head
+    levels = analyze_levels(model)
+    cfg = PruneConfig(method=method, levels=(1,), outside_blocks=True, tau=0.5, kept_fraction=0.3)
+    res = prune_model(model, levels, cfg, calibration=torch.randint(0, 256, (2, 16), generator=GEN),
+                      progress=False)
+    emb, head = res.model.model.embed_tokens, res.model.lm_head
+    assert isinstance(emb, uqcit.prune.MaskedEmbedding) and isinstance(head, MaskedLinear)
+    assert head.weight is emb.weight and head.mask is emb.mask
+    assert [m.name for m in res.stored] == ["model.embed_tokens"] and res.modules[-1].tied_to == "model.embed_tokens"
+    ids = torch.randint(0, 256, (2, 12), generator=GEN)
+    manual = tiny_model("llama")[0]
+    with torch.no_grad():
+        manual.model.embed_tokens.weight.mul_(emb.mask)  # tied: the head sees it too
+    torch.testing.assert_close(_logits(res.model, ids), _logits(manual, ids))
+    loaded = load_package(export_package(res, tok, tmp_path / "pkg"), progress=False).model
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(_logits(loaded, ids), _logits(res.model, ids))
 
 
 def test_accounting_totals_and_the_n_over_ln_n_claim():

@@ -388,7 +388,7 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
     for name, entry in modules.items():
         if entry.get("tied_to"):
             continue
-        if entry["kind"] == "masked_linear":
+        if entry["kind"] in ("masked_linear", "masked_embedding"):
             built[name] = _load_masked(path, name, entry, state)
             continue
         try:
@@ -404,8 +404,8 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
             raise PackageError(f"{path / METADATA_FILE}: module {name} does not exist in a "
                                f"{type(model).__name__} built from config.json")
         q = built[entry["tied_to"]] if entry.get("tied_to") else built[name]
-        if entry["kind"] == "masked_linear":
-            new = q  # a MaskedLinear, shared by a tied module
+        if entry["kind"] in ("masked_linear", "masked_embedding"):
+            new = _tied_masked(q, entry, state.get(f"{name}.bias") if entry.get("has_bias") else None)
         elif entry["kind"] == "embedding":
             new = QuantEmbedding(q, padding_idx=getattr(named[name], "padding_idx", None))
         else:
@@ -445,33 +445,37 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
 
 
 def _masked_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every ``uqcit.prune.MaskedLinear`` by name, a shared one under each of its names."""
-    from .prune import MaskedLinear
+    """Every pruned module (``uqcit.prune.MaskedLinear``/``MaskedEmbedding``) by name, a shared one
+    under each of its names."""
+    from .prune import MaskedEmbedding, MaskedLinear
 
-    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MaskedLinear)}
+    return {n: m for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, (MaskedLinear, MaskedEmbedding))}
 
 
 def _write_masked(masked, by_name, value_dtype: str, tensors, precision, module_index) -> None:
     """Pruned layers as kept values plus a bitmap or an index list (``prune.sparse_encode``)."""
     from .levels import block_of
-    from .prune import sparse_encode
+    from .prune import MaskedEmbedding, sparse_encode
 
-    first: dict[int, str] = {}
+    first: dict[int, str] = {}  # id of a weight parameter -> the module that stores it
     for name, mod in masked.items():
         rec = by_name.get(name)
         layer = _layer_dir(block_of(name))
-        tied_to = rec.tied_to if rec is not None and rec.tied_to else first.get(id(mod))
-        entry = {"layer": layer, "kind": "masked_linear", "shape": [mod.out_features, mod.in_features],
-                 "format": f"sparse-{value_dtype}", "tied_to": tied_to,
-                 "level": rec.level if rec is not None else None, "has_bias": mod.bias is not None}
+        tied_to = rec.tied_to if rec is not None and rec.tied_to else first.get(id(mod.weight))
+        bias = getattr(mod, "bias", None)
+        entry = {"layer": layer, "kind": "masked_embedding" if isinstance(mod, MaskedEmbedding) else "masked_linear",
+                 "shape": list(mod.weight.shape), "format": f"sparse-{value_dtype}", "tied_to": tied_to,
+                 "level": rec.level if rec is not None else None, "has_bias": bias is not None,
+                 "padding_idx": getattr(mod, "padding_idx", None)}
         module_index[name] = entry
+        if bias is not None:
+            tensors.setdefault(layer, {})[f"{name}.bias"] = bias.detach().contiguous()
         if tied_to is not None:
             continue
-        first[id(mod)] = name
+        first[id(mod.weight)] = name
         sparse = sparse_encode(mod.weight, mod.mask, value_dtype)
         tensors.setdefault(layer, {}).update({f"{name}.{k}": v for k, v in sparse.items()})
-        if mod.bias is not None:
-            tensors[layer][f"{name}.bias"] = mod.bias.detach().contiguous()
         bits = 8 * sum(v.numel() * v.element_size() for v in sparse.values())
         storage = "bitmap" if "bitmap" in sparse else "indices"
         precision.setdefault(layer, {})[name] = {
@@ -483,7 +487,7 @@ def _write_masked(masked, by_name, value_dtype: str, tensors, precision, module_
 
 def _load_masked(path: Path, name: str, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
     """Rebuild one pruned layer from its sparse tensors."""
-    from .prune import MaskedLinear, sparse_decode
+    from .prune import MaskedEmbedding, MaskedLinear, sparse_decode
 
     parts = {k: state[f"{name}.{k}"] for k in ("values", "bitmap", "indices") if f"{name}.{k}" in state}
     try:
@@ -491,7 +495,18 @@ def _load_masked(path: Path, name: str, entry: Mapping[str, Any], state: Mapping
     except (KeyError, ValueError, RuntimeError) as exc:
         raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: pruned module "
                            f"{name} cannot be rebuilt ({exc})") from exc
+    if entry["kind"] == "masked_embedding":
+        return MaskedEmbedding(weight, mask, entry.get("padding_idx"))
     return MaskedLinear(weight, mask, state.get(f"{name}.bias") if entry.get("has_bias") else None)
+
+
+def _tied_masked(built, entry: Mapping[str, Any], bias):
+    """The module for a pruned entry: its own, or one sharing its owner's weight and mask."""
+    from .prune import MaskedEmbedding, MaskedLinear
+
+    if entry.get("tied_to") and isinstance(built, MaskedEmbedding) and entry["kind"] == "masked_linear":
+        return MaskedLinear.tied_to(built, bias)  # an LM head tied to a pruned embedding
+    return built
 
 
 def _build_from_config(builder, config, model_class: str | None):

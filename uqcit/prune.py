@@ -25,7 +25,10 @@ channel ``j`` on calibration text (``calibration.collect_input_stats``).
 
 Every pruned Linear (or GPT-2 ``Conv1D``) becomes a ``MaskedLinear``: a dense float ``weight``
 parameter, exactly zero where pruned, and a bool ``mask`` buffer (True = kept), so training
-under a fixed mask (``uqcit.retrain``) can update the kept weights. Packages store it sparse
+under a fixed mask (``uqcit.retrain``) can update the kept weights. A pruned embedding becomes a
+``MaskedEmbedding`` of the same shape; an LM head tied to it becomes a ``MaskedLinear`` sharing its
+``weight`` and ``mask``. By default only the Linears inside the blocks are pruned (levels 2-5);
+embeddings and the LM head stay dense unless the config names level 1 and ``outside_blocks``. Packages store it sparse
 (``sparse_encode``): the kept values plus a bitmap or an index list, whichever takes fewer bytes.
 
 >>> from uqcit.tiny import tiny_model
@@ -49,10 +52,11 @@ from torch import nn
 
 from .calibration import InputStats
 from .config import StageConfig, register_config
+from .importance import activation_source
 from .packing import pack, packed_nbytes, unpack
 from .plan import LEVEL_COLORS
 from .results import Result
-from .runtime import linear_weight, replace_module
+from .runtime import linear_weight, replace_module, weight_matrix
 
 PRUNE_METHODS = ("prime", "magnitude", "wanda")
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,9 +75,9 @@ class PruneConfig(StageConfig):
     index_base: int = 0  # 0: index i itself must be prime (Python); 1: i + 1 must be (the seed's 1-based notation)
     kept_fraction: float = 0.5  # magnitude/wanda: share of each pruned layer's weights kept (Wanda's usual 50%)
     match_prime: bool = False  # magnitude/wanda: keep per layer exactly as many weights as prime selection would
-    levels: tuple[int, ...] = (2, 3, 4, 5)  # levels whose Linear layers are pruned (L1 is embeddings)
+    levels: tuple[int, ...] = (2, 3, 4, 5)  # levels pruned; add 1 (embeddings) with outside_blocks to prune those
     modules: str | None = None  # regex (re.search) narrowing the pruned modules; None: all of those levels
-    outside_blocks: bool = False  # also prune Linears outside the blocks (an untied LM head); embeddings never
+    outside_blocks: bool = False  # also prune modules outside the blocks: embeddings, an untied LM head
     value_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # kept values as stored (and run)
     calib_samples: int = 32  # wanda: calibration sequences; a forward pass only (no Hessian), ~8k tokens
     calib_seq_len: int = 256
@@ -147,6 +151,15 @@ class MaskedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight * self.mask, self.bias)
 
+    @classmethod
+    def tied_to(cls, owner: "MaskedEmbedding", bias: torch.Tensor | None = None) -> "MaskedLinear":
+        """An LM head sharing ``owner``'s ``weight`` parameter and ``mask`` (a tied embedding)."""
+        head = cls(torch.zeros(0, 0, device=owner.weight.device), torch.zeros(0, 0, dtype=torch.bool), bias)
+        head.out_features, head.in_features = (int(s) for s in owner.weight.shape)
+        head.weight = owner.weight
+        head.mask = owner.mask  # the same tensor: one mask for both
+        return head
+
     @property
     def kept(self) -> int:
         return int(self.mask.sum())
@@ -154,6 +167,36 @@ class MaskedLinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, kept={self.kept:,}/{self.mask.numel():,}")
+
+
+class MaskedEmbedding(nn.Embedding):
+    """An embedding whose pruned entries are held at zero by a fixed mask (see ``MaskedLinear``).
+
+    ``weight`` is ``[num_embeddings, dim]``, zero where the bool buffer ``mask`` is False;
+    ``forward(ids) = F.embedding(ids, weight * mask, padding_idx)``.
+    """
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, padding_idx: int | None = None):
+        if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"weight must be [num, dim] and mask the same shape; got "
+                             f"{tuple(weight.shape)} and {tuple(mask.shape)}")
+        nn.Module.__init__(self)  # nn.Embedding.__init__ would allocate and initialize a weight
+        self.num_embeddings, self.embedding_dim = (int(s) for s in weight.shape)
+        self.padding_idx, self.max_norm, self.norm_type = padding_idx, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        self.weight = nn.Parameter(weight.detach().clone().masked_fill_(~mask, 0))
+        self.register_buffer("mask", mask.clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight * self.mask, self.padding_idx)
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.sum())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kept={self.kept:,}/{self.mask.numel():,}"
 
 
 # --------------------------------------------------------------------------- pure selection functions
@@ -475,17 +518,16 @@ def _claim(n: int) -> float:
 
 
 def prune_targets(levels, config: PruneConfig) -> list:
-    """The ``levels`` entries ``config`` prunes: owned Linear/Conv1D weights of the chosen levels,
-    inside blocks unless ``outside_blocks``, narrowed by the ``modules`` regex. Embeddings stay dense."""
+    """The ``levels`` entries ``config`` prunes: owned weights of the chosen levels, inside blocks
+    unless ``outside_blocks``, narrowed by the ``modules`` regex."""
     from .levels import select_modules
 
     entries = select_modules(levels, config.modules)
-    out = [e for e in entries if e.kind != "embedding" and e.level in config.levels
-           and (e.block is not None or config.outside_blocks)]
+    out = [e for e in entries if e.level in config.levels and (e.block is not None or config.outside_blocks)]
     if not out:
         raise ValueError(f"PruneConfig(levels={list(config.levels)}, modules={config.modules!r}, "
-                         f"outside_blocks={config.outside_blocks}) selects no Linear layer of this model; "
-                         "levels 2-5 hold the attention and FFN projections (L1 is embeddings, never pruned)")
+                         f"outside_blocks={config.outside_blocks}) selects no layer of this model; levels 2-5 "
+                         "hold the attention and FFN projections, level 1 the embeddings (outside the blocks)")
     return out
 
 
@@ -510,8 +552,11 @@ def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfi
     named = dict(out.named_modules())
     seconds: dict[str, float] = {}
 
+    # Wanda scores a weight by the inputs of the module it feeds: an embedding tied to a Linear head
+    # by the head's inputs, an untied one by its tokens' frequencies (importance.activation_source).
+    sources = {e.name: activation_source(levels, e.name) for e in targets}
     stats = dict(stats or {})
-    missing = [e.name for e in targets if e.name not in stats]
+    missing = sorted({s for s in sources.values() if s not in stats})
     if config.method == "wanda" and missing:
         from .calibration import collect_input_stats
 
@@ -521,16 +566,18 @@ def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfi
         seconds["calibration"] = time.perf_counter() - t0
 
     records: list[ModulePrune] = []
-    pruned: dict[str, MaskedLinear] = {}
+    pruned: dict[str, MaskedLinear | MaskedEmbedding] = {}
     t_prune = time.perf_counter()
     for entry in tqdm(targets, desc=f"prune ({config.method})", unit="module", disable=not progress):
         t0 = time.perf_counter()
         module = named[entry.name]
-        weight, bias = linear_weight(module)
-        weight = weight.to(torch.float32)
-        mask, threshold = _select(weight, config, stats.get(entry.name))
-        kept_w = weight.to(VALUE_DTYPES[config.value_dtype]).to(weight.dtype)  # what the package stores
-        new = MaskedLinear(kept_w.to(module.weight.dtype), mask, bias)
+        weight = weight_matrix(module).to(torch.float32)
+        mask, threshold = _select(weight, config, stats.get(sources[entry.name]))
+        kept_w = weight.to(VALUE_DTYPES[config.value_dtype]).to(module.weight.dtype)  # what the package stores
+        if isinstance(module, nn.Embedding):
+            new = MaskedEmbedding(kept_w, mask, module.padding_idx)
+        else:
+            new = MaskedLinear(kept_w, mask, linear_weight(module)[1])
         replace_module(out, entry.name, new)
         pruned[entry.name] = new
         kept = int(mask.sum())
@@ -546,15 +593,23 @@ def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfi
             rel_error=float(err / norm) if norm > 0 else 0.0,
             sqnr_db=float(20 * torch.log10(norm / err)) if err > 0 else math.inf,
             seconds=time.perf_counter() - t0))
-        stats.pop(entry.name, None)
     seconds["prune"] = time.perf_counter() - t_prune
 
-    for entry in levels.modules:  # a Linear sharing a pruned weight shares its MaskedLinear
-        if entry.tied_to in pruned and entry.kind != "embedding":
-            owner = next(r for r in records if r.name == entry.tied_to)
-            replace_module(out, entry.name, pruned[entry.tied_to])
-            records.append(dataclasses.replace(owner, name=entry.name, level=entry.level, stored_bits=0,
-                                               seconds=0.0, tied_to=entry.tied_to))
+    for entry in levels.modules:  # modules sharing a pruned weight share its weight and mask
+        if entry.tied_to not in pruned:
+            continue
+        owner, module = pruned[entry.tied_to], named[entry.name]
+        if isinstance(owner, MaskedEmbedding) and not isinstance(module, nn.Embedding):
+            new = MaskedLinear.tied_to(owner, linear_weight(module)[1])  # an LM head tied to the embedding
+        elif isinstance(module, nn.Embedding) == isinstance(owner, MaskedEmbedding):
+            new = owner
+        else:
+            raise ValueError(f"{entry.name} ({type(module).__name__}) shares its weight with pruned "
+                             f"{entry.tied_to} ({type(owner).__name__}); this pairing is not supported")
+        replace_module(out, entry.name, new)
+        rec = next(r for r in records if r.name == entry.tied_to)
+        records.append(dataclasses.replace(rec, name=entry.name, level=entry.level, kind=entry.kind, stored_bits=0,
+                                           seconds=0.0, tied_to=entry.tied_to))
     return PruneResult(out, records, config, levels.total_params, time.perf_counter() - t_start, seconds)
 
 
