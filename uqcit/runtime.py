@@ -1,8 +1,11 @@
 """Modules that run on quantized storage: ``QuantLinear`` and ``QuantEmbedding``.
 
 They hold only what ``quant.quantize`` stored (packed codes, fp16 scales, masks...) as
-persistent buffers, so ``state_dict()`` holds exactly the stored bits, and they dequantize in
-``forward``. ``linear_weight`` presents ``nn.Linear`` and GPT-2's ``Conv1D`` (which stores its
+persistent buffers, so ``state_dict()`` holds exactly the stored bits. ``QuantLinear`` computes
+few-token calls (decoding) straight from the packed codes with the C kernel of
+``uqcit.packed`` where it is available and handles the format, and otherwise dequantizes the
+weight for the call. A ``Compensation`` (noise correction of ``uqcit.compensation``: low-rank
+factors and an output scale/shift) can be attached to a ``QuantLinear``. ``linear_weight`` presents ``nn.Linear`` and GPT-2's ``Conv1D`` (which stores its
 weight transposed) as one ``[out, in]`` matrix, so a ``QuantLinear`` replaces both.
 
 >>> import torch
@@ -14,15 +17,87 @@ torch.Size([2, 32])
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import QuantFormat
+from .formats import QuantFormat, parse_format
 from .quant import QuantizedTensor, dequantize, dequantize_at, quantize, tensor_layout
+
+KERNEL_MAX_ROWS = 16  # up to this many input rows the packed kernel beats dequantize + F.linear
+
+
+@dataclasses.dataclass(eq=False)  # holds tensors: compare them explicitly
+class Compensation:
+    """Stored correction of one quantized linear layer's output (see ``uqcit.compensation``).
+
+    The layer computes ``y = scale * (Ŵx + A(Bx)) + shift + bias``: ``a`` ``[out, r]`` and ``b``
+    ``[r, in]`` are low-rank factors (fp16 or integer ``QuantizedTensor``s), ``scale`` and
+    ``shift`` fp16 ``[out]`` vectors; any part may be absent. ``stored_bits`` counts all of it.
+    """
+
+    a: QuantizedTensor | None = None
+    b: QuantizedTensor | None = None
+    scale: torch.Tensor | None = None  # fp16 [out]
+    shift: torch.Tensor | None = None  # fp16 [out]
+
+    def __post_init__(self) -> None:
+        if (self.a is None) != (self.b is None):
+            raise ValueError("low-rank compensation needs both factors a [out, r] and b [r, in]")
+        if self.a is not None and (len(self.a.shape) != 2 or len(self.b.shape) != 2
+                                   or self.a.shape[1] != self.b.shape[0]):
+            raise ValueError(f"factors a {self.a.shape} and b {self.b.shape} must be [out, r] and [r, in]")
+        for name in ("scale", "shift"):
+            t = getattr(self, name)
+            if t is not None and (t.dtype != torch.float16 or t.dim() != 1):
+                raise ValueError(f"{name} must be a 1-D fp16 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else self.a.shape[1]
+
+    @property
+    def stored_bits(self) -> int:
+        bits = sum(q.stored_bits for q in (self.a, self.b) if q is not None)
+        return bits + sum(16 * t.numel() for t in (self.scale, self.shift) if t is not None)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.a is not None:
+            out.update(self.a.state_dict(prefix + "a."))
+            out.update(self.b.state_dict(prefix + "b."))
+        for name in ("scale", "shift"):
+            if getattr(self, name) is not None:
+                out[prefix + name] = getattr(self, name)
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able description (the tensors go to ``state_dict``)."""
+        lowrank = None if self.a is None else {
+            "rank": self.rank, "a": {"shape": list(self.a.shape), "format": self.a.fmt.name},
+            "b": {"shape": list(self.b.shape), "format": self.b.fmt.name}}
+        return {"lowrank": lowrank, "scale": self.scale is not None, "shift": self.shift is not None,
+                "stored_bits": self.stored_bits}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any]) -> "Compensation":
+        """Read back what ``state_dict(prefix)`` wrote, as described by ``meta()``."""
+        a = b = None
+        lr = meta.get("lowrank")
+        if lr:
+            a = QuantizedTensor.from_state_dict(state, prefix + "a.", tuple(lr["a"]["shape"]), parse_format(lr["a"]["format"]))
+            b = QuantizedTensor.from_state_dict(state, prefix + "b.", tuple(lr["b"]["shape"]), parse_format(lr["b"]["format"]))
+        parts = {}
+        for name in ("scale", "shift"):
+            if meta.get(name):
+                if prefix + name not in state:
+                    raise ValueError(f"state lacks {prefix + name}, named by the compensation metadata")
+                parts[name] = state[prefix + name]
+        return cls(a, b, **parts)
 
 
 class _QuantStorage(nn.Module):
@@ -44,6 +119,7 @@ class _QuantStorage(nn.Module):
             self.register_buffer(name, t, persistent=True)
         self.cache_dequantized = cache_dequantized
         self._cache: torch.Tensor | None = None
+        self._kernel = None  # QuantLinear: packed.PackedKernel (False: not usable), dropped when buffers change
 
     @property
     def qtensor(self) -> QuantizedTensor:
@@ -75,28 +151,37 @@ class _QuantStorage(nn.Module):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
         self._cache = None
+        self._kernel = None  # it points into the old buffers
         return self
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._cache = None
+        self._kernel = None
         super()._load_from_state_dict(*args, **kwargs)
 
 
 class QuantLinear(_QuantStorage):
     """``nn.Linear`` whose weight ``[out_features, in_features]`` is stored quantized.
 
-    forward dequantizes the weight to the input's dtype and calls ``F.linear``, so its output is
-    exactly ``F.linear(x, dequantize(q, x.dtype), bias)``. ``cache_dequantized=True`` keeps the
-    dequantized weight after the first forward: faster, but it holds a full float copy of the
-    weight in memory, which is what quantization was meant to save (off by default).
+    For float32 CPU inputs of at most ``KERNEL_MAX_ROWS`` rows (decoding) forward runs the
+    packed kernel (``uqcit.packed``: computes from the codes, equal to float32 rounding) when it
+    is available and handles the format (``packed_kernel=True``, the default). Otherwise it
+    dequantizes the weight to the input's dtype and calls ``F.linear``, exactly
+    ``F.linear(x, dequantize(q, x.dtype), bias)``. ``cache_dequantized=True`` keeps the
+    dequantized weight after the first forward: faster for long inputs, but it holds a full
+    float copy of the weight in memory, which is what quantization was meant to save (off by
+    default). ``set_compensation`` attaches a ``Compensation``.
     """
 
-    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, *, cache_dequantized: bool = False):
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, *, cache_dequantized: bool = False,
+                 packed_kernel: bool = True):
         super().__init__()
         if len(q.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D [out, in] weight, got shape {q.shape}")
         self.out_features, self.in_features = q.shape
         self._init_storage(q, cache_dequantized)
+        self.packed_kernel = packed_kernel
+        self.compensation: Compensation | None = None
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
@@ -114,15 +199,68 @@ class QuantLinear(_QuantStorage):
         b = torch.zeros(out_features, device=device) if bias else None
         return cls(q, b, cache_dequantized=cache_dequantized)
 
+    def set_compensation(self, comp: Compensation | None) -> None:
+        """Attach (or with None remove) a noise correction; its factors are kept dequantized in
+        float32 for compute (small: ``rank * (in + out)`` values), as non-persistent buffers."""
+        for name in ("_comp_a", "_comp_b", "_comp_scale", "_comp_shift"):
+            self._buffers.pop(name, None)
+        self.compensation = comp
+        if comp is None:
+            return
+        if comp.a is not None:
+            if comp.a.shape[0] != self.out_features or comp.b.shape[1] != self.in_features:
+                raise ValueError(f"factors a {comp.a.shape}, b {comp.b.shape} do not fit a "
+                                 f"[{self.out_features}, {self.in_features}] layer")
+            self.register_buffer("_comp_a", dequantize(comp.a), persistent=False)
+            self.register_buffer("_comp_b", dequantize(comp.b), persistent=False)
+        for name in ("scale", "shift"):
+            t = getattr(comp, name)
+            if t is not None:
+                if t.numel() != self.out_features:
+                    raise ValueError(f"compensation {name} has {t.numel()} values, the layer {self.out_features} outputs")
+                self.register_buffer(f"_comp_{name}", t.to(torch.float32), persistent=False)
+
+    def _packed_kernel(self, x: torch.Tensor):
+        """The prepared kernel when it should compute this call, else None."""
+        if not self.packed_kernel or self.cache_dequantized or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        if x.numel() > KERNEL_MAX_ROWS * self.in_features:
+            return None
+        if self._kernel is None:  # decided once per placement of the buffers
+            from . import packed
+
+            q = self.qtensor
+            self._kernel = packed.PackedKernel(q) if packed.available() and packed.supports(q) else False
+        return self._kernel or None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, bias)
+        comp = self.compensation
+        kernel = self._packed_kernel(x)
+        if kernel is not None:
+            y = kernel(x)
+        elif comp is None:  # exactly F.linear on the dequantized weight
+            return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        if comp is not None:
+            if comp.a is not None:
+                y = y + F.linear(F.linear(x, self._comp_b.to(x.dtype)), self._comp_a.to(x.dtype))
+            if comp.scale is not None:
+                y = y * self._comp_scale.to(x.dtype)
+            if comp.shift is not None:
+                y = y + self._comp_shift.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
 
     def extra_repr(self) -> str:
+        comp = "" if self.compensation is None else (
+            f", compensation=rank {self.compensation.rank}"
+            + (" +scale" if self.compensation.scale is not None else "")
+            + (" +shift" if self.compensation.shift is not None else ""))
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.fmt.name}, bpw={self.bits_per_weight:.4g}"
+            f"bias={self.bias is not None}, format={self.fmt.name}, bpw={self.bits_per_weight:.4g}{comp}"
         )
 
 
