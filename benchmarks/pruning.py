@@ -13,6 +13,10 @@ and answers three fixed prompts (chat template, greedy, 40 new tokens).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/pruning.py [--windows N]
 
+``--scope all`` prunes every weight matrix instead, the tied embedding/LM head included (the
+seed's own setting, where its size claim is made): prime selection and both matched baselines;
+``--append`` adds those records to the existing results file.
+
 Writes benchmarks/results/pruning.json (+ .md) and pruning-layers.json (per-layer accounting of
 prime selection: kept vs N and vs N/ln N).
 """
@@ -45,12 +49,13 @@ PROMPTS = ("What is the capital of France?",
 NEW_TOKENS = 40
 
 
-def configs(prime: PruneConfig) -> list[PruneConfig]:
-    return [prime,
-            prime.replace(method="magnitude", match_prime=True),
-            prime.replace(method="wanda", match_prime=True),
-            prime.replace(method="magnitude", kept_fraction=0.5),
-            prime.replace(method="wanda", kept_fraction=0.5)]
+def configs(prime: PruneConfig, scope: str) -> list[PruneConfig]:
+    if scope == "all":  # every weight matrix, the tied embedding/head included: the seed's own setting
+        prime = prime.replace(levels=(1, 2, 3, 4, 5), outside_blocks=True)
+    out = [prime, prime.replace(method="magnitude", match_prime=True), prime.replace(method="wanda", match_prime=True)]
+    if scope == "blocks":
+        out += [prime.replace(method="magnitude", kept_fraction=0.5), prime.replace(method="wanda", kept_fraction=0.5)]
+    return out
 
 
 def answers(model, tokenizer) -> dict[str, str]:
@@ -71,6 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--windows", type=int, default=None, help="fewer windows (not the full protocol)")
     ap.add_argument("--name", default="pruning")
+    ap.add_argument("--scope", choices=("blocks", "all"), default="blocks",
+                    help="blocks: the Linears of the blocks (the recipe's default); all: every weight matrix")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's candidates to the existing results file (its reference record kept)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -84,22 +93,25 @@ def main() -> None:
     layers = None
     stats = None  # Wanda's input norms: collected once, shared by both Wanda candidates
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in configs(prime):
+        for cfg in configs(prime, args.scope):
             t0 = time.perf_counter()
             if cfg.method == "wanda" and stats is None:
                 from uqcit.calibration import collect_input_stats
                 from uqcit.data import calibration_batch
+                from uqcit.importance import activation_source
                 from uqcit.prune import prune_targets
 
                 t1 = time.perf_counter()
                 batch = calibration_batch(tok, n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, seed=cfg.seed)
-                stats = collect_input_stats(ref, batch, [e.name for e in prune_targets(levels, cfg)], hessian=False)
+                sources = sorted({activation_source(levels, e.name) for e in prune_targets(levels, cfg)})
+                stats = collect_input_stats(ref, batch, sources, hessian=False)
                 calib_s = time.perf_counter() - t1
             res = prune_model(ref, levels, cfg, tokenizer=tok, stats=stats if cfg.method == "wanda" else None)
             prune_s = time.perf_counter() - t0
             name = res.method_name
             if cfg.method == "prime":
-                layers = [m.to_dict() for m in res.stored]
+                layers = {"config": cfg.to_dict(), "layers": [m.to_dict() for m in res.stored]}
+                prime_name = name
             t0 = time.perf_counter()
             path = export_package(res, tok, Path(tmp) / name, source_model=MODEL, levels=levels)
             export_s = time.perf_counter() - t0
@@ -139,8 +151,18 @@ def main() -> None:
                               seconds=m["seconds"] | {"evaluate": ev.seconds},
                               kept=m["kept"], pruned_weights=m["pruned_weights"], kept_fraction=m["kept_fraction"],
                               accounting=m["accounting"], config=m["config"], generations=gens[name],
+                              package_vs_fp32=m["package_bytes"] / ref_bytes,
                               note="bpw: stored bits of the pruned layers (kept values + bitmap/indices) per weight "
-                                   "they had; embedding/LM head and norms stay dense float32 in package_bytes"))
+                                   "they had; what is not pruned (norms" +
+                                   ("" if m["config"]["outside_blocks"] else ", the tied embedding/LM head") +
+                                   ") is in package_bytes as dense float32"))
+    layers_path = RESULTS / f"{args.name}-layers.json"
+    per_method = {prime_name: layers}
+    if args.append:
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        new = {r["method"] for r in records}
+        records = [r for r in old if r["method"] not in new or r["method"] == "reference-fp32"] + records[1:]
+        per_method = json.loads(layers_path.read_text())["methods"] | per_method
     jp, mp = write(args.name, records)
     lines = [mp.read_text().rstrip(), "", "| method | kept weights | kept % of pruned layers | kept / (N/ln N) |",
              "|---|---:|---:|---:|"]
@@ -153,8 +175,7 @@ def main() -> None:
         lines += [f"- *{q}* → {json.dumps(a)}" for q, a in r["generations"].items()]
         lines.append("")
     mp.write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{args.name}-layers.json").write_text(json.dumps(
-        {"model": MODEL, "method": prime.method_name, "config": prime.to_dict(), "layers": layers}, indent=1) + "\n")
+    layers_path.write_text(json.dumps({"model": MODEL, "methods": per_method}, indent=1) + "\n")
     print(mp.read_text())
     print(f"wrote {jp}")
 

@@ -315,7 +315,8 @@ def test_config_round_trip_and_errors():
     cfg = PruneConfig(method="wanda", match_prime=True, levels=(2, 4), modules="mlp", index_base=1,
                       quantile_over="matrix")
     assert StageConfig.from_json(cfg.to_json()) == cfg
-    assert cfg.method_name == "wanda-as-prime-tau0.8-qmatrix-base1"
+    assert cfg.method_name == "wanda-as-prime-tau0.8-qmatrix-base1-L24-subset"
+    assert PruneConfig(levels=(1, 2, 3, 4, 5), outside_blocks=True).method_name == "prime-tau0.8-L12345-outer"
     with pytest.raises(ConfigError, match="unknown key"):
         StageConfig.from_dict({"type": "prune", "sparsity": 0.5})
     for bad in (dict(tau=1.0), dict(index_base=2), dict(kept_fraction=0.0), dict(levels=(6,)),

@@ -104,7 +104,8 @@ class PruneConfig(StageConfig):
 
     @property
     def method_name(self) -> str:
-        """What was applied, e.g. ``prime-tau0.8``, ``wanda-as-prime-tau0.8``, ``magnitude-keep0.5``."""
+        """What was applied, e.g. ``prime-tau0.8``, ``wanda-as-prime-tau0.8``, ``magnitude-keep0.5``;
+        ``-L12345-outer`` when other levels than the blocks' Linears (2-5) are pruned."""
         prime = f"prime-tau{self.tau:g}"
         if self.quantile_over != "prime":
             prime += f"-q{self.quantile_over}"
@@ -116,6 +117,10 @@ class PruneConfig(StageConfig):
             name = f"{self.method}-as-{prime}"
         else:
             name = f"{self.method}-keep{self.kept_fraction:g}"
+        if self.levels != (2, 3, 4, 5) or self.outside_blocks:  # not the default scope: say which levels
+            name += "-L" + "".join(str(lv) for lv in sorted(self.levels)) + ("-outer" if self.outside_blocks else "")
+        if self.modules is not None:
+            name += "-subset"
         return name if self.value_dtype == "float32" else f"{name}-{self.value_dtype}"
 
 
