@@ -37,7 +37,7 @@ from . import __version__
 from .formats import parse_format
 from .quant import QuantizedTensor
 from .results import Result
-from .runtime import QuantEmbedding, QuantLinear, replace_module
+from .runtime import Compensation, QuantEmbedding, QuantLinear, replace_module
 
 FORMAT_VERSION = 1
 METADATA_FILE = "uqcit_metadata.json"
@@ -159,6 +159,12 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
                 "rel_error": rec.rel_error if rec is not None else None}
         if entry["has_bias"]:
             tensors.setdefault(layer, {})[f"{name}.bias"] = mod.bias.detach().contiguous()
+        comp = getattr(mod, "compensation", None)  # uqcit.compensation: low-rank factors, output shift/scale
+        if comp is not None:
+            entry["compensation"] = comp.meta()
+            tensors.setdefault(layer, {}).update(comp.state_dict(prefix=f"{name}.compensation."))
+            if name in precision.get(layer, {}):
+                precision[layer][name]["compensation"] = comp.meta()
     _write_masked(masked, by_name, getattr(getattr(quantized, "config", None), "value_dtype", "float32"),
                   tensors, precision, module_index)
 
@@ -201,7 +207,8 @@ def _write_package(quantized, tokenizer, root: Path, *, recipe, source_model, le
 
     vdir = root / "validation"
     vdir.mkdir()
-    noise = validation.get("noise_profile") or {
+    noise = validation.get("noise_profile") or (  # a CompensateResult measures output noise too
+        quantized.noise_profile() if callable(getattr(quantized, "noise_profile", None)) else None) or {
         "measure": "relative weight error ||W - W_hat|| / ||W|| per quantized module",
         "modules": {m.name: {"rel_error": m.rel_error, "sqnr_db": m.sqnr_db}
                     for m in quantized.stored}}
@@ -411,6 +418,13 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
         else:
             bias = state.get(f"{name}.bias") if entry.get("has_bias") else None
             new = QuantLinear(q, bias)
+            if entry.get("compensation"):
+                try:
+                    new.set_compensation(Compensation.from_state_dict(state, f"{name}.compensation.",
+                                                                      entry["compensation"]))
+                except (KeyError, ValueError) as exc:
+                    raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: "
+                                       f"compensation of {name} cannot be rebuilt ({exc})") from exc
         replace_module(model, name, new)
 
     float_state = {}
