@@ -84,6 +84,7 @@ class PruneConfig(StageConfig):
     seed: int = 0  # wanda: calibration offsets
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))  # one spelling per scope
         if self.method not in PRUNE_METHODS:
             raise ValueError(f"method must be one of {PRUNE_METHODS}, got {self.method!r}")
         if not 0.0 <= self.tau < 1.0:
@@ -118,7 +119,7 @@ class PruneConfig(StageConfig):
         else:
             name = f"{self.method}-keep{self.kept_fraction:g}"
         if self.levels != (2, 3, 4, 5) or self.outside_blocks:  # not the default scope: say which levels
-            name += "-L" + "".join(str(lv) for lv in sorted(self.levels)) + ("-outer" if self.outside_blocks else "")
+            name += "-L" + "".join(str(lv) for lv in self.levels) + ("-outer" if self.outside_blocks else "")
         if self.modules is not None:
             name += "-subset"
         return name if self.value_dtype == "float32" else f"{name}-{self.value_dtype}"
