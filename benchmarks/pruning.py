@@ -3,8 +3,8 @@ the same kept weights per layer, on the full evaluation protocol.
 
 Candidates: ``prime-tau0.8`` (the seed's rule, 0-based indices, τ quantile of the prime-indexed
 entries), ``magnitude-as-prime-tau0.8`` and ``wanda-as-prime-tau0.8`` (each layer keeps exactly
-as many weights as prime selection kept there), and for context the two baselines at the usual
-50% (``magnitude-keep0.5``, ``wanda-keep0.5``). Every Linear in the blocks is pruned; the tied
+as many weights as prime selection kept there), and with ``--context`` the two baselines at the
+usual 50% (``magnitude-keep0.5``, ``wanda-keep0.5``). Every Linear in the blocks is pruned; the tied
 embedding/LM head stays dense (the ``prime-tau0.8`` recipe's choice).
 
 Each candidate is exported as a package (bytes measured on disk), loaded back, scored on the
@@ -49,11 +49,11 @@ PROMPTS = ("What is the capital of France?",
 NEW_TOKENS = 40
 
 
-def configs(prime: PruneConfig, scope: str) -> list[PruneConfig]:
+def configs(prime: PruneConfig, scope: str, context: bool) -> list[PruneConfig]:
     if scope == "all":  # every weight matrix, the tied embedding/head included: the seed's own setting
         prime = prime.replace(levels=(1, 2, 3, 4, 5), outside_blocks=True)
     out = [prime, prime.replace(method="magnitude", match_prime=True), prime.replace(method="wanda", match_prime=True)]
-    if scope == "blocks":
+    if context:  # the baselines at a usual budget: shows they work where the budget is not extreme
         out += [prime.replace(method="magnitude", kept_fraction=0.5), prime.replace(method="wanda", kept_fraction=0.5)]
     return out
 
@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--name", default="pruning")
     ap.add_argument("--scope", choices=("blocks", "all"), default="blocks",
                     help="blocks: the Linears of the blocks (the recipe's default); all: every weight matrix")
+    ap.add_argument("--context", action="store_true",
+                    help="also magnitude-keep0.5 and wanda-keep0.5 (two more model passes)")
     ap.add_argument("--append", action="store_true",
                     help="add this run's candidates to the existing results file (its reference record kept)")
     args = ap.parse_args()
@@ -93,7 +95,7 @@ def main() -> None:
     layers = None
     stats = None  # Wanda's input norms: collected once, shared by both Wanda candidates
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in configs(prime, args.scope):
+        for cfg in configs(prime, args.scope, args.context):
             t0 = time.perf_counter()
             if cfg.method == "wanda" and stats is None:
                 from uqcit.calibration import collect_input_stats

@@ -148,9 +148,15 @@ def test_prune_model_keeps_the_contract_and_leaves_the_caller_model_alone():
     # gradients never reach a pruned weight's effect
     mod = named[res.stored[0].name]
     x = torch.randn(3, mod.in_features, generator=GEN)
+    with torch.no_grad():  # inference skips the product: the zeros are the contract
+        assert torch.equal(mod(x), F.linear(x, mod.weight * mod.mask))
     mod.weight.data[~mod.mask] = 1.0
     mod(x).sum().backward()
     assert bool((mod.weight.grad[~mod.mask] == 0).all())
+    with torch.no_grad():
+        assert not torch.equal(mod(x), F.linear(x, mod.weight * mod.mask))
+        mod.apply_mask_()
+        assert torch.equal(mod(x), F.linear(x, mod.weight * mod.mask))
 
 
 def test_pruned_model_computes_the_original_with_pruned_weights_zeroed():

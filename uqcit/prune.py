@@ -133,8 +133,10 @@ class MaskedLinear(nn.Linear):
 
     ``weight`` is a dense ``[out, in]`` parameter, exactly zero where ``mask`` (a bool buffer of
     the same shape, True = kept) is False; ``forward(x) = F.linear(x, weight * mask, bias)``, so
-    gradients never revive a pruned weight's effect. It is an ``nn.Linear``, so stages that
-    look for Linears (levels, calibration statistics, quantization) still find it.
+    gradients never revive a pruned weight's effect. Without gradients the product is skipped
+    (``weight`` is already zero there: code that edits it must keep it so, e.g. with
+    ``apply_mask_``), so inference costs what a dense Linear costs. It is an ``nn.Linear``, so
+    stages that look for Linears (levels, calibration statistics, quantization) still find it.
     """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
@@ -155,7 +157,14 @@ class MaskedLinear(nn.Linear):
         return cls(weight.contiguous(), mask, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        weight = self.weight * self.mask if torch.is_grad_enabled() else self.weight
+        return F.linear(x, weight, self.bias)
+
+    @torch.no_grad()
+    def apply_mask_(self) -> "MaskedLinear":
+        """Zero the pruned entries of ``weight`` again (after editing it in place)."""
+        self.weight.masked_fill_(~self.mask, 0)
+        return self
 
     @classmethod
     def tied_to(cls, owner: "MaskedEmbedding", bias: torch.Tensor | None = None) -> "MaskedLinear":
@@ -179,7 +188,8 @@ class MaskedEmbedding(nn.Embedding):
     """An embedding whose pruned entries are held at zero by a fixed mask (see ``MaskedLinear``).
 
     ``weight`` is ``[num_embeddings, dim]``, zero where the bool buffer ``mask`` is False;
-    ``forward(ids) = F.embedding(ids, weight * mask, padding_idx)``.
+    ``forward(ids) = F.embedding(ids, weight * mask, padding_idx)`` (the product skipped without
+    gradients, as in ``MaskedLinear``).
     """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, padding_idx: int | None = None):
@@ -195,7 +205,14 @@ class MaskedEmbedding(nn.Embedding):
         self.register_buffer("mask", mask.clone())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight * self.mask, self.padding_idx)
+        weight = self.weight * self.mask if torch.is_grad_enabled() else self.weight
+        return F.embedding(ids, weight, self.padding_idx)
+
+    @torch.no_grad()
+    def apply_mask_(self) -> "MaskedEmbedding":
+        """Zero the pruned entries of ``weight`` again (after editing it in place)."""
+        self.weight.masked_fill_(~self.mask, 0)
+        return self
 
     @property
     def kept(self) -> int:
