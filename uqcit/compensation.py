@@ -251,18 +251,11 @@ def lowrank_factors(error: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank:
     """
     fmt = parse_format(factor_format)
     a = (u[:, :rank] * s[:rank].sqrt()).to(torch.float32)
-    qa = quantize(a, _factor_fmt(fmt, rank))
+    qa = quantize(a, fmt)
     a_hat = dequantize(qa).to(torch.float64)
     b = torch.linalg.lstsq(a_hat, error.to(torch.float64)).solution.to(torch.float32)
-    qb = quantize(b, _factor_fmt(fmt, error.shape[1]))
+    qb = quantize(b, fmt)
     return qa, qb
-
-
-def _factor_fmt(fmt, row: int):
-    """Integer factor formats use groups no longer than a row (rank-r rows of A are short)."""
-    if fmt.bits == FLOAT_BITS or fmt.group_size <= row:
-        return fmt
-    return dataclasses.replace(fmt, group_size=max(row, 1))
 
 
 def affine_correction(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, mean: torch.Tensor,

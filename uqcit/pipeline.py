@@ -16,6 +16,7 @@ import torch
 
 from .allocate import AllocateConfig, allocate
 from .clusters import ClustersConfig, detect_clusters
+from .compensation import CompensateConfig, CompensateResult, compensate
 from .compress import QuantizeConfig, QuantizeResult, quantize_model
 from .config import StageConfig
 from .evaluate import EvalConfig, EvalResult, evaluate_many
@@ -95,9 +96,9 @@ class Session:
 
     @property
     def compressed(self) -> torch.nn.Module | None:
-        for tag in ("retrain", "quantize", "prune"):  # a retrained model replaces what it retrained
+        for tag in ("retrain", "compensate", "quantize", "prune"):  # a retrained model replaces what it retrained
             r = self.results.get(tag)
-            if isinstance(r, (RetrainResult, QuantizeResult, PruneResult)):
+            if isinstance(r, (RetrainResult, CompensateResult, QuantizeResult, PruneResult)):
                 return r.model
         return None
 
@@ -125,6 +126,13 @@ def _quantize(session: Session, cfg: QuantizeConfig):
                           tokenizer=session.tokenizer, clusters=session.state.get("clusters"),
                           rotation=rotation.config.method_name if rotation is not None else "",
                           progress=session.progress)
+
+
+@register_stage(CompensateConfig)
+def _compensate(session: Session, cfg: CompensateConfig):
+    quantized = session.require("quantize")
+    return compensate(quantized, session.reference, session.require("levels"), cfg,
+                      tokenizer=session.tokenizer, progress=session.progress)
 
 
 @register_stage(PruneConfig)
@@ -282,7 +290,8 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
 
     session = session or Session.from_model(model_name, progress=progress)
     session.run(recipe, skip=("eval",))
-    quantized = session.results.get("quantize") or session.results.get("prune")  # what the package stores
+    quantized = (session.results.get("compensate") or session.results.get("quantize")
+                 or session.results.get("prune"))  # what the package stores
     if quantized is not None and "retrain" in session.results:
         quantized = session.results["retrain"].apply_to(quantized)
     if quantized is None:
