@@ -40,7 +40,8 @@ class BudgetEditor(View):
 
     def __init__(self, levels, sensitivity, *, target_bpw: float = 3.25, formats: tuple[str, ...] | None = None,
                  pins: dict[str, str] | None = None, reference=None, source: str = "",
-                 resolution_bpw: float = AllocateConfig.resolution_bpw, state: LabState | None = None):
+                 resolution_bpw: float = AllocateConfig.resolution_bpw, fallback: str | None = None,
+                 state: LabState | None = None):
         super().__init__(state)
         self.levels = levels
         self.sensitivity = sensitivity
@@ -50,6 +51,11 @@ class BudgetEditor(View):
         self._float_bytes = _other_param_bytes(reference, self._owners) if reference is not None else None
         measured = list(sensitivity.formats)
         formats = tuple(formats) if formats is not None else tuple(measured)
+        # A table still being measured: its unmeasured modules are pinned to a fallback format
+        # (shown, and left out of the predicted KL), so the rest can be allocated already.
+        self.fallback = fallback or next((f for f in measured if f.startswith("w4")), measured[0])
+        done = {m for m, ok in zip(sensitivity.modules, sensitivity.measured.tolist()) if ok}
+        self.unmeasured = {e.name: self.fallback for e in self._owners if e.name not in done}
         self.history: list[_Edit] = []
         self._edit = _Edit(float(target_bpw), tuple(sorted((pins or {}).items())), formats)
         self._quiet = False  # set while undo moves the controls, so that is not a new edit
@@ -168,7 +174,7 @@ class BudgetEditor(View):
         """The allocator config the editor's state stands for."""
         e = self._edit
         formats = None if tuple(e.formats) == tuple(self.sensitivity.formats) else e.formats
-        return AllocateConfig(target_bpw=e.target_bpw, pins=dict(e.pins), formats=formats,
+        return AllocateConfig(target_bpw=e.target_bpw, pins={**self.unmeasured, **dict(e.pins)}, formats=formats,
                               resolution_bpw=self.resolution_bpw)
 
     @property
@@ -247,8 +253,11 @@ class BudgetEditor(View):
         import math
 
         bits = [parse_format(f).bits_for for f in formats]
-        lo = sum(min(b(e.numel) for b in bits) for e in self._owners) / self._weights
-        hi = sum(max(b(e.numel) for b in bits) for e in self._owners) / self._weights
+        fixed = parse_format(self.fallback).bits_for
+        lo = sum(fixed(e.numel) if e.name in self.unmeasured else min(b(e.numel) for b in bits)
+                 for e in self._owners) / self._weights
+        hi = sum(fixed(e.numel) if e.name in self.unmeasured else max(b(e.numel) for b in bits)
+                 for e in self._owners) / self._weights
         return math.ceil(lo * 20) / 20, max(math.floor(hi * 20) / 20, math.ceil(lo * 20) / 20 + 0.05)
 
     def _figure(self):
@@ -261,8 +270,10 @@ class BudgetEditor(View):
         size = (f"package ≈ <b>{t['package_bytes'] / 1e6:.1f} MB</b> (quantized weights {t['weight_bytes'] / 1e6:.1f} MB "
                 f"+ float norms/biases {t['float_bytes'] / 1e6:.2f} MB; tokenizer and JSON not counted)"
                 if "package_bytes" in t else f"quantized weights <b>{t['weight_bytes'] / 1e6:.1f} MB</b>")
-        warn = (f" <span style='color:#b00020'>{t['unmeasured_pins']} pinned module(s) have no measurement in "
-                f"their pinned format: their KL is not in the prediction.</span>" if t["unmeasured_pins"] else "")
+        warn = (f"<br><span class='uqcit-unmeasured' style='color:#b00020'>{t['unmeasured_pins']} module(s) have no "
+                f"measurement in their format ({len(self.unmeasured)} not measured yet, pinned to "
+                f"{html.escape(self.fallback)}): their KL is not in the prediction.</span>"
+                if t["unmeasured_pins"] else "")
         self.totals_html.value = (
             f"<div class='uqcit-totals'>avg <b><span class='uqcit-bpw'>{t['bpw']:.4f}</span> bits/weight</b> "
             f"(target {t['target_bpw']:.2f}) · {size} · predicted KL <b>{t['predicted_kl']:.4g}</b> nats/token "

@@ -43,28 +43,30 @@ class ExportPanel(View):
         self.job = Job()
         self.path = W.Text(value=str(path), description="path", layout=W.Layout(width="520px"))
         can_sign = signing_available()
-        self.sign = W.Checkbox(value=False, description="sign", disabled=not can_sign, indent=False,
-                               tooltip="sign the package" if can_sign else "signing needs uqcit.secure, "
-                               "not in this install")
+        self.sign = W.Checkbox(value=False, description="sign (Ed25519)", disabled=not can_sign, indent=False,
+                               tooltip="sign every file of the package" if can_sign else
+                               "signing needs uqcit.secure, not in this install")
+        self.key_path = W.Text(value="", description="key", placeholder="private key .key (empty: make a new one)",
+                               layout=W.Layout(width="520px"))
         self.export_button = W.Button(description="Export package", icon="download", button_style="primary")
         self.status = W.HTML("" if can_sign else
                              "<i>Signing is not available: <code>uqcit.secure</code> is not in this install.</i>")
+        self.signature = W.HTML()
         self.written = W.HTML()
         self.last_path: Path | None = None
         self.export_button.on_click(self.guarded(lambda _: self.export(), "export"))
-        self.children = [self.error, W.HBox([self.path, self.sign, self.export_button]), self.status, self.written]
+        self.children = [self.error, W.HBox([self.path, self.export_button]), W.HBox([self.sign, self.key_path]),
+                         self.status, self.signature, self.written]
 
     def export(self, *, wait: bool = False) -> None:
         """Export the current plan to the path in the text box (``wait``: block until written)."""
         alloc = self.lab.allocation
         if alloc is None:
             raise RuntimeError("no plan to export: set a budget in the budget editor first")
-        if self.sign.value:
-            raise NotImplementedError("signing from the panel is not wired yet; sign the exported package "
-                                      "with uqcit.secure")
-        target = Path(self.path.value).expanduser()
         if not self.path.value.strip():
             raise ValueError("give a path for the package")
+        target = Path(self.path.value).expanduser()
+        key, key_note = self._signing_key(target) if self.sign.value else (None, "")
         rotation = self.lab.rotation
         model = rotation.model if rotation is not None else self.reference
         cached = self.lab.quantized
@@ -79,8 +81,13 @@ class ExportPanel(View):
                 q = quantize_model(model, self.levels, alloc.plan, self.quantize_config, tokenizer=self.tokenizer,
                                    progress=False)
             out = export_package(q, self.tokenizer, target, recipe=self.lab.recipe, source_model=self.source_model,
-                                 levels=self.levels, sensitivity=self.sensitivity)
-            return out, time.perf_counter() - t0
+                                 levels=self.levels, sensitivity=self.sensitivity, signing_key=key)
+            verified = None
+            if key is not None:
+                from uqcit.secure import verify_package
+
+                verified = verify_package(out, key.public_key())
+            return out, time.perf_counter() - t0, verified, key_note
 
         self.job.start(work, self._done)
         if wait:
@@ -92,7 +99,10 @@ class ExportPanel(View):
             self.status.value = ""
             self.error.show(exc, "export")
             return
-        path, seconds = result
+        path, seconds, verified, key_note = result
+        self.signature.value = ("" if verified is None else
+                                f"<span class='uqcit-signed'>{html.escape(key_note)}; {html.escape(verified.summary())}"
+                                "</span>")
         self.error.clear()
         self.last_path = path
         self.lab.packages = [*self.lab.packages, str(path)]
@@ -101,6 +111,19 @@ class ExportPanel(View):
                              f"{meta.get('method')}, {meta.get('average_bits_per_param', float('nan')):.3f} "
                              f"bits/weight, {package_bytes(path) / 1e6:.1f} MB in {seconds:.1f} s</span>")
         self.written.value = html_rows(("entry", "files", "bytes"), self.listing(path), "uqcit-written")
+
+    def _signing_key(self, target: Path):
+        """The key in the key box, or a new key pair written beside the package (never inside it)."""
+        from uqcit.secure import fingerprint, keygen, load_signing_key
+
+        if self.key_path.value.strip():
+            key = load_signing_key(Path(self.key_path.value).expanduser())
+            return key, f"signed with {self.key_path.value} (key {fingerprint(key)[:16]})"
+        keys_dir = target.parent / f"{target.name}-keys"
+        priv, pub = keygen(keys_dir, "uqcit")
+        key = load_signing_key(priv)
+        self.key_path.value = str(priv)
+        return key, f"new key pair {priv} / {pub} (key {fingerprint(key)[:16]}); keep the .key private"
 
     @staticmethod
     def listing(path: Path) -> list[tuple[str, int, int]]:

@@ -29,6 +29,8 @@ from .rotation import RotationView
 # the editor work and show the shape of the trade-off; too little text for decisions (kl_sem says
 # how noisy), so the dashboard labels it QUICK.
 QUICK_SENSITIVITY = SensitivityConfig(formats=("w2", "w3", "w4", "w8", "fp16"), calib_samples=2, calib_seq_len=64)
+# The measured SmolLM2 table the dashboard notebook and the browser test use (repo-relative).
+DASHBOARD_SENSITIVITY = "benchmarks/results/sensitivity-smollm2-135m-quick.safetensors"
 TABS = ("Levels", "Clusters", "Rotation", "Budget", "Evaluate", "Export", "Recipe")
 
 
