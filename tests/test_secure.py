@@ -284,3 +284,16 @@ def test_cli_keygen_sign_encrypt_verify_and_refuse(tmp_path, capsys):
     assert main(["keygen", "--out", str(keys)]) == 2  # never overwrites
     assert main(["compress", "--model", "tiny-llama", "--out", str(tmp_path / "p2"), "--encrypt"]) == 2
     assert "--secret-file" in capsys.readouterr().err
+
+
+def test_pruned_sparse_package_is_signed_encrypted_and_encoded_exactly(key, tmp_path):
+    from uqcit.prune import PruneConfig, prune_model
+
+    model, tok = tiny_model("gpt2")
+    levels = analyze_levels(model)
+    res = prune_model(model, levels, PruneConfig(method="magnitude", kept_fraction=0.2, outside_blocks=True),
+                      progress=False)
+    secret = Secret.generate()
+    path = export_package(res, tok, tmp_path / "pkg", signing_key=key, protect=FAST, secret=secret)
+    loaded = load_package(path, progress=False, public_key=key.public_key(), secret=secret)
+    assert torch.equal(_logits(loaded.model), _logits(res.model))
