@@ -99,6 +99,13 @@ def cmd_inspect(args) -> int:
     print(f"method        {meta.get('method')}")
     print(f"bits/weight   {meta['average_bits_per_param']:.3f} over {meta['quantized_weight_count']:,} quantized weights")
     print(f"package bytes {package_bytes(path):,}")
+    if meta.get("signature"):
+        print(f"signed        ed25519, key {meta['signature']['public_key_sha256'][:16]} "
+              "(not verified here: uqcit verify --public-key)")
+    prot = meta.get("protection") or {}
+    if prot:
+        parts = [w for w in ("encryption", "encoding") if w in prot]
+        print(f"protection    {' + '.join(parts)} (key from {prot.get('kdf')}; loading needs the secret)")
     print("levels:")
     for lvl, d in meta.get("level_distribution", {}).items():
         print(f"  {lvl}: {d['percent']:.1f}% of weights, {d['avg_bits']:.3f} bits/weight")
