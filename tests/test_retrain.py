@@ -241,6 +241,27 @@ def test_config_checks_and_pipeline_stage(llama):
     assert r.apply_to(q).model is r.model and r.apply_to(q).bpw == q.bpw
 
 
+def test_main_job_exports_the_retrained_model(llama, tmp_path):
+    from uqcit.compress import QuantizeConfig
+    from uqcit.evaluate import EvalConfig
+    from uqcit.levels import LevelsConfig
+    from uqcit.package import load_package
+    from uqcit.pipeline import Session, run_job
+    from uqcit.recipe import Recipe
+
+    model, tok = llama
+    recipe = Recipe("rtn3-retrain", (LevelsConfig(), PlanConfig(preset="uniform", bits=3, group_size=32),
+                                     QuantizeConfig(), SMALL.replace(epochs=1, gate=False, lr=1e-2)))
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    s = Session(name="tiny-llama", reference=model, tokenizer=tok, progress=False)
+    run_job("tiny-llama", recipe, tmp_path / "pkg", eval_config=EvalConfig(max_windows=1, window=128, total_tokens=1024),
+            progress=False, session=s)
+    stored = load_package(tmp_path / "pkg", progress=False).model.state_dict()
+    retrained, quantized = s.results["retrain"].model.state_dict(), s.results["quantize"].model.state_dict()
+    scales = [k for k in retrained if k.endswith(".scales") and not torch.equal(retrained[k], quantized[k])]
+    assert scales and all(torch.equal(stored[k], retrained[k]) for k in scales)
+
+
 @pytest.mark.slow
 def test_scales_retraining_runs_on_smollm2(smollm2):
     model, tok = smollm2.model, smollm2.tokenizer
