@@ -13,7 +13,8 @@ from .evaluate import EvalPanel
 from .export import ExportPanel, signing_available
 from .levels import LevelMap
 from .rotation import RotationView
-from .workbench import QUICK_SENSITIVITY, Workbench
+from .workbench import QUICK_SENSITIVITY, Workbench, repo_sensitivity_file
 
 __all__ = ["AUTO", "BudgetEditor", "ClusterExplorer", "ErrorBox", "EvalPanel", "ExportPanel", "LabState", "LevelMap",
-           "QUICK_SENSITIVITY", "RotationView", "View", "Workbench", "signing_available", "sync_figure"]
+           "QUICK_SENSITIVITY", "RotationView", "View", "Workbench", "repo_sensitivity_file", "signing_available",
+           "sync_figure"]

@@ -30,7 +30,7 @@ from .rotation import RotationView
 # how noisy), so the dashboard labels it QUICK.
 QUICK_SENSITIVITY = SensitivityConfig(formats=("w2", "w3", "w4", "w8", "fp16"), calib_samples=2, calib_seq_len=64)
 # The measured SmolLM2 table the dashboard notebook and the browser test use (repo-relative).
-DASHBOARD_SENSITIVITY = "benchmarks/results/sensitivity-smollm2-135m-quick.safetensors"
+DASHBOARD_SENSITIVITY = "benchmarks/results/sensitivity-smollm2-135m.safetensors"
 TABS = ("Levels", "Clusters", "Rotation", "Budget", "Evaluate", "Export", "Recipe")
 
 
@@ -187,6 +187,13 @@ class Workbench(W.VBox):
         path = Path(path)
         self.lab.recipe.save(path)
         return path
+
+
+def repo_sensitivity_file() -> Path | None:
+    """The SmolLM2 sensitivity table committed in this repository (``DASHBOARD_SENSITIVITY``), when
+    the workbench runs from a checkout that has it; None otherwise (then ``Workbench`` measures)."""
+    path = Path(__file__).resolve().parents[1] / DASHBOARD_SENSITIVITY
+    return path if path.is_file() else None
 
 
 def _slug(name: str) -> str:
