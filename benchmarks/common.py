@@ -50,3 +50,27 @@ def markdown(records: Iterable[dict[str, Any]]) -> str:
         rows.append(f"| {r['method']} | {f(r['bpw'], '.3f')} | {f(mb, '.1f')} | {r['ppl']:.3f} | "
                     f"{f(r['kl'], '.4f')} | {f(r['top1'], '.2f')} | {r['windows']} |")
     return "\n".join(rows)
+
+
+def score_quantized(q, tokenizer, reference, levels, workdir: Path, eval_config, *, model: str,
+                    seconds: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """Export ``q`` (a ``QuantizeResult``) as a package, load it back from disk, evaluate it
+    against ``reference`` on the protocol's windows: one benchmark record of what was stored."""
+    import time
+
+    from uqcit.evaluate import evaluate_many
+    from uqcit.package import export_package, load_package, package_bytes
+
+    method = q.method_name
+    t0 = time.perf_counter()
+    path = export_package(q, tokenizer, Path(workdir) / method, source_model=model, levels=levels)
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pkg = load_package(path)
+    load_s = time.perf_counter() - t0
+    res = evaluate_many({method: pkg.model}, tokenizer, eval_config, reference=reference)
+    ev = res[method]
+    stage = {**seconds, **{f"quantize.{k}": v for k, v in q.stage_seconds.items()},
+             "export": export_s, "load_package": load_s, "evaluate": ev.seconds}
+    return record(model=model, method=method, bpw=q.bpw, package_bytes=package_bytes(path), ev=ev,
+                  seconds=stage, reference_ppl=res["reference"].ppl, **extra)
