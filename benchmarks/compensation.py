@@ -26,7 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import record, write  # noqa: E402
 
-from uqcit.compensation import CompensateConfig, compensate  # noqa: E402
+from uqcit.compensation import (  # noqa: E402
+    CompensateConfig,
+    collect_compensation_stats,
+    compensate,
+    quantized_linears,
+)
 from uqcit.compress import quantize_model  # noqa: E402
 from uqcit.data import calibration_batch  # noqa: E402
 from uqcit.evaluate import EvalConfig, evaluate_many  # noqa: E402
@@ -56,18 +61,25 @@ def main() -> None:
     levels = analyze_levels(ref)
     calib = calibration_batch(tok, n_samples=16, seq_len=256, seed=0)  # the configs' defaults, drawn once
 
-    candidates, meta = {}, {}
+    records = []
+    stats = None
     with tempfile.TemporaryDirectory() as tmp:
-        for pcfg in BASES:
+        for pcfg in BASES:  # evaluated and written base by base, so a long run leaves partial results
+            candidates, meta = {}, {}
             plan = build_plan(levels, pcfg)
             t0 = time.perf_counter()
             q = quantize_model(ref, levels, plan, progress=False)
             quant_s = time.perf_counter() - t0
+            if stats is None:  # one calibration pass serves every candidate (same layers, same text)
+                t0 = time.perf_counter()
+                stats = collect_compensation_stats(ref, quantized_linears(q), calib, progress=False)
+                stats_s = time.perf_counter() - t0
             results = [(q, {"quantize": quant_s}, None)]
             for ccfg in COMPS:
                 t0 = time.perf_counter()
-                c = compensate(q, ref, levels, ccfg, calibration=calib, progress=False)
-                results.append((c, {"quantize": quant_s, "compensate": time.perf_counter() - t0}, c))
+                c = compensate(q, ref, levels, ccfg, stats=stats, progress=False)
+                results.append((c, {"quantize": quant_s, "calibration_stats": stats_s,
+                                    "compensate": time.perf_counter() - t0}, c))
             for res, seconds, comp in results:
                 name = res.method_name
                 validation = {"noise_profile": comp.noise_profile()} if comp is not None else None
@@ -84,25 +96,25 @@ def main() -> None:
                              "base": q.method_name, "config": comp.config.to_dict()}
                 meta[name] = dict(bpw=res.bpw, package_bytes=package_bytes(path), seconds=seconds, extra=extra)
                 print(f"prepared {name}: {res.bpw:.4f} bits/weight", flush=True)
+            del results, q
 
-        t0 = time.perf_counter()
-        res = evaluate_many(candidates, tok, EvalConfig(max_windows=args.windows), reference=ref, progress=False)
-        eval_s = time.perf_counter() - t0
-
-    records = []
-    for name, m in meta.items():
-        ev = res[name]
-        extra = dict(m["extra"])
-        if "base" in extra:
-            base_kl = res[extra["base"]].kl
-            extra["kl_recovery"] = 1 - ev.kl / base_kl
-            extra["ppl_base"] = res[extra["base"]].ppl
-        records.append(record(model=MODEL, method=name, bpw=m["bpw"], package_bytes=m["package_bytes"], ev=ev,
-                              seconds=m["seconds"] | {"evaluate": ev.seconds}, **extra))
-    records.append(record(model=MODEL, method="reference-fp32", bpw=32.0, package_bytes=None, ev=res["reference"],
-                          seconds={"evaluate_all": eval_s}))
-    jp, mp = write(args.name, records)
-    print(mp.read_text())
+            t0 = time.perf_counter()
+            res = evaluate_many(candidates, tok, EvalConfig(max_windows=args.windows), reference=ref, progress=False)
+            eval_s = time.perf_counter() - t0
+            for name, m in meta.items():
+                ev = res[name]
+                extra = dict(m["extra"])
+                if "base" in extra:
+                    extra["kl_recovery"] = 1 - ev.kl / res[extra["base"]].kl
+                    extra["ppl_base"] = res[extra["base"]].ppl
+                records.append(record(model=MODEL, method=name, bpw=m["bpw"], package_bytes=m["package_bytes"],
+                                      ev=ev, seconds=m["seconds"] | {"evaluate": ev.seconds}, **extra))
+            if not any(r["method"] == "reference-fp32" for r in records):
+                records.append(record(model=MODEL, method="reference-fp32", bpw=32.0, package_bytes=None,
+                                      ev=res["reference"], seconds={"evaluate_all": eval_s}))
+            jp, mp = write(args.name, records)
+            print(mp.read_text(), flush=True)
+            del candidates
     for r in records:
         if "kl_recovery" in r:
             print(f"{r['method']}: +{r['extra_bpw']:.4f} bits/weight, KL recovery {100 * r['kl_recovery']:.2f}%")

@@ -350,14 +350,51 @@ def default_modules(levels) -> list[str]:
     return [e.name for e in levels.quantizable() if e.level == 3 and e.kind != "embedding"]
 
 
+@dataclasses.dataclass(eq=False)
+class CompensationStats:
+    """The "accumulate" half of ``compensate``: input second moments and means per Linear."""
+
+    stats: dict[str, Any]  # name -> calibration.InputStats (with hessian)
+    means: dict[str, torch.Tensor]  # name -> float32 [in]
+    tokens: int
+
+
+def collect_compensation_stats(reference: torch.nn.Module, names: list[str], calibration: torch.Tensor, *,
+                               progress: bool = True) -> CompensationStats:
+    """Input ``E[xxᵀ]`` and ``E[x]`` of the Linear layers ``names`` of the float ``reference`` on
+    ``calibration`` (``LongTensor [n, seq]``), in one pass; reusable across ``compensate`` calls."""
+    from tqdm.auto import tqdm
+
+    device = next(reference.parameters()).device
+    with InputStatsCollector(reference, names, hessian=True) as col, torch.no_grad():
+        means = _MeanCollector(reference, names)
+        try:
+            for s in tqdm(range(0, calibration.shape[0], 4), desc="calibration inputs", unit="batch",
+                          disable=not progress):
+                reference(input_ids=calibration[s:s + 4].to(device), use_cache=False)
+                col.end_batch()
+        finally:
+            mu = means.close()
+    return CompensationStats(col.stats(), mu, int(calibration.numel()))
+
+
+def quantized_linears(quantized) -> list[str]:
+    """Names of the stored (untied) ``QuantLinear`` layers of a ``QuantizeResult``."""
+    named = dict(quantized.model.named_modules())
+    return [m.name for m in quantized.modules if m.tied_to is None and isinstance(named.get(m.name), QuantLinear)]
+
+
 def compensate(quantized, reference: torch.nn.Module, levels, config: CompensateConfig = CompensateConfig(), *,
-               tokenizer=None, calibration: torch.Tensor | None = None, progress: bool = True) -> CompensateResult:
+               tokenizer=None, calibration: torch.Tensor | None = None, stats: CompensationStats | None = None,
+               progress: bool = True) -> CompensateResult:
     """Noise estimates for every quantized Linear of ``quantized`` (a ``QuantizeResult``) and
     compensation of the selected ones, on a copy of ``quantized.model``.
 
     ``reference`` is the float model ``quantized`` came from (its weights and its inputs on
     calibration text define the target). Calibration text: ``calibration`` (``LongTensor
-    [n, seq]``) or ``tokenizer`` for ``data.calibration_batch`` (never the evaluation text).
+    [n, seq]``) or ``tokenizer`` for ``data.calibration_batch`` (never the evaluation text);
+    or ``stats`` from ``collect_compensation_stats`` over all ``quantized_linears(quantized)``,
+    to compare several configs without re-collecting.
     """
     from tqdm.auto import tqdm
 
@@ -365,8 +402,7 @@ def compensate(quantized, reference: torch.nn.Module, levels, config: Compensate
     qmodel = quantized.model
     qnamed = dict(qmodel.named_modules())
     rnamed = dict(reference.named_modules())
-    linears = [m.name for m in quantized.modules if m.tied_to is None
-               and isinstance(qnamed.get(m.name), QuantLinear) and m.name in rnamed]
+    linears = [n for n in quantized_linears(quantized) if n in rnamed]
     if config.modules is None:
         chosen = [n for n in default_modules(levels) if n in linears]
     else:
@@ -375,26 +411,24 @@ def compensate(quantized, reference: torch.nn.Module, levels, config: Compensate
         raise ValueError(f"no quantized Linear layer to compensate (modules={config.modules!r}); "
                          f"quantized Linear layers: {linears[:3]}…")
 
-    if calibration is None:
-        if tokenizer is None:
-            raise ValueError("compensate needs calibration text: pass tokenizer=... or calibration=LongTensor[n, seq]")
-        from .data import calibration_batch
+    if stats is None:
+        if calibration is None:
+            if tokenizer is None:
+                raise ValueError("compensate needs calibration text: pass tokenizer=..., calibration=LongTensor[n, seq] "
+                                 "or stats=collect_compensation_stats(...)")
+            from .data import calibration_batch
 
-        calibration = calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                                        seed=config.seed)
-    # Statistics of every quantized Linear's input in the float model: H for the noise profile
-    # of all of them, means for the compensated ones.
-    device = next(reference.parameters()).device
-    with InputStatsCollector(reference, linears, hessian=True) as col, torch.no_grad():
-        means = _MeanCollector(reference, chosen)
-        try:
-            for s in tqdm(range(0, calibration.shape[0], 4), desc="calibration inputs", unit="batch",
-                          disable=not progress):
-                reference(input_ids=calibration[s:s + 4].to(device), use_cache=False)
-                col.end_batch()
-        finally:
-            mu = means.close()
-    stats = col.stats()
+            calibration = calibration_batch(tokenizer, n_samples=config.calib_samples,
+                                            seq_len=config.calib_seq_len, seed=config.seed)
+        # Statistics of every quantized Linear's input in the float model: H for the noise
+        # profile of all of them, means for the compensated ones.
+        stats = collect_compensation_stats(reference, linears, calibration, progress=progress)
+    missing = [n for n in linears if n not in stats.stats or n not in stats.means]
+    if missing:
+        raise ValueError(f"stats lack {len(missing)} quantized Linear layer(s), e.g. {missing[:3]}; collect them "
+                         "with collect_compensation_stats(reference, quantized_linears(quantized), ...)")
+    mu, tokens = stats.means, stats.tokens
+    stats = stats.stats
 
     weights, errors, noise = {}, {}, {}
     for name in linears:
@@ -451,5 +485,4 @@ def compensate(quantized, reference: torch.nn.Module, levels, config: Compensate
         after = corrected_output_noise(w, w_comp, h, mu[name].cpu(), alpha, beta)
         records.append(ModuleCompensation(name, level_of.get(name, 0), w.numel(), comp.rank, comp.stored_bits,
                                           noise[name]["weight_noise"], noise[name]["output_noise"], after))
-    tokens = int(calibration.numel())
     return CompensateResult(model, quantized, config, records, noise, time.perf_counter() - t_start, tokens)
