@@ -295,7 +295,7 @@ def test_package_stores_pruned_layers_sparse_and_loads_them_back(family, tmp_pat
                         stored_bits += 8 * t.numel() * t.element_size()
     assert stored_bits == res.stored_bits
     meta = read_metadata(path)
-    assert meta["method"] == "magnitude-keep0.2" and meta["plan"] is None
+    assert meta["method"] == "magnitude-keep0.2-L2345-outer" and meta["plan"] is None
     assert meta["pruning"]["accounting"]["pruned_layers"]["kept"] == res.kept
     pmap = {}
     for f in (path / "layers").glob("*/precision_map.json"):
