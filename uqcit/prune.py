@@ -28,8 +28,9 @@ parameter, exactly zero where pruned, and a bool ``mask`` buffer (True = kept), 
 under a fixed mask (``uqcit.retrain``) can update the kept weights. A pruned embedding becomes a
 ``MaskedEmbedding`` of the same shape; an LM head tied to it becomes a ``MaskedLinear`` sharing its
 ``weight`` and ``mask``. By default only the Linears inside the blocks are pruned (levels 2-5);
-embeddings and the LM head stay dense unless the config names level 1 and ``outside_blocks``. Packages store it sparse
-(``sparse_encode``): the kept values plus a bitmap or an index list, whichever takes fewer bytes.
+``outside_blocks=True`` adds an untied LM head, and level 1 in ``levels`` the embeddings. Packages
+store pruned layers sparse (``sparse_encode``): the kept values plus a bitmap or an index list,
+whichever takes fewer bytes.
 
 >>> from uqcit.tiny import tiny_model
 >>> from uqcit.levels import analyze_levels
