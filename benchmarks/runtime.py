@@ -2,8 +2,9 @@
 
 - Memory: a fresh process loads the float32 model, another loads the packed package
   (``load_package``); each loads once to warm up (modeling code, tokenizer, kernel library),
-  drops it, and reports its resident set size (RSS) after a second load minus its RSS before
-  it, after ``gc`` and ``malloc_trim`` so memory freed while loading is not counted. Also the bytes of the model's tensors (what stays
+  drops it, and reports its resident set size (RSS) after a second load (every tensor read once,
+  so memory-mapped weights count) minus its RSS before it, after ``gc`` and ``malloc_trim`` so
+  memory freed while loading is not counted. Also the bytes of the model's tensors (what stays
   resident by construction). Target: packed RSS ≤ 1.2 × (package weight bytes + float parts).
 - Speed: greedy ``model.generate`` of 128 new tokens, batch 1, from a short prompt, for the
   float32 model and the packed one in the same process, alternating, best of ``--repeats``.
@@ -69,13 +70,15 @@ def child(kind: str, path: str | None) -> None:
     def load():
         return load_model(MODEL, progress=False).model if kind == "float" else load_package(path, progress=False).model
 
-    del load_model, load_package
     # A first load pulls in the modeling code, tokenizer, kernel library...: not the model's memory.
     warm = load()
     del warm
     _trim()
     before = rss_bytes()
     model = load()
+    with torch.no_grad():  # fault in every page: a memory-mapped weight is resident only once read
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.sum()
     _trim()
     after = rss_bytes()
     print(json.dumps({"rss_delta": after - before, "tensor_bytes": tensor_bytes(model)}))
