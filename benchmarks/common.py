@@ -52,25 +52,48 @@ def markdown(records: Iterable[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def score_quantized(q, tokenizer, reference, levels, workdir: Path, eval_config, *, model: str,
-                    seconds: dict[str, float], **extra: Any) -> dict[str, Any]:
-    """Export ``q`` (a ``QuantizeResult``) as a package, load it back from disk, evaluate it
-    against ``reference`` on the protocol's windows: one benchmark record of what was stored."""
+def package_candidate(q, tokenizer, levels, workdir: Path, *, model: str,
+                      seconds: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """Export ``q`` (a ``QuantizeResult``) as a package and load it back from disk: the loaded
+    model (``"model"``) and what the record needs about it; score it with ``score_candidates``."""
     import time
 
-    from uqcit.evaluate import evaluate_many
     from uqcit.package import export_package, load_package, package_bytes
 
-    method = q.method_name
     t0 = time.perf_counter()
-    path = export_package(q, tokenizer, Path(workdir) / method, source_model=model, levels=levels)
+    path = export_package(q, tokenizer, Path(workdir) / q.method_name, source_model=model, levels=levels)
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pkg = load_package(path)
+    pkg = load_package(path, progress=False)
     load_s = time.perf_counter() - t0
-    res = evaluate_many({method: pkg.model}, tokenizer, eval_config, reference=reference)
-    ev = res[method]
-    stage = {**seconds, **{f"quantize.{k}": v for k, v in q.stage_seconds.items()},
-             "export": export_s, "load_package": load_s, "evaluate": ev.seconds}
-    return record(model=model, method=method, bpw=q.bpw, package_bytes=package_bytes(path), ev=ev,
-                  seconds=stage, reference_ppl=res["reference"].ppl, **extra)
+    return {"model": pkg.model, "method": q.method_name, "bpw": q.bpw, "package_bytes": package_bytes(path),
+            "seconds": {**seconds, **{f"quantize.{k}": v for k, v in q.stage_seconds.items()},
+                        "export": export_s, "load_package": load_s},
+            "extra": extra}
+
+
+def score_candidates(candidates: list[dict[str, Any]], tokenizer, reference, eval_config, *,
+                     model: str) -> list[dict[str, Any]]:
+    """Evaluate packaged candidates (``package_candidate``) against ``reference`` on the same
+    windows, the reference's log-probs computed once for all: one record per candidate."""
+    from uqcit.evaluate import evaluate_many
+
+    res = evaluate_many({c["method"]: c["model"] for c in candidates}, tokenizer, eval_config,
+                        reference=reference)
+    out = []
+    for c in candidates:
+        ev = res[c["method"]]
+        out.append(record(model=model, method=c["method"], bpw=c["bpw"], package_bytes=c["package_bytes"],
+                          ev=ev, seconds={**c["seconds"], "evaluate": ev.seconds},
+                          reference_ppl=res["reference"].ppl, **c["extra"]))
+    return out
+
+
+def merge(name: str, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of ``results/<name>.json`` with ``new`` replacing those of the same method; written."""
+    jp = RESULTS / f"{name}.json"
+    old = json.loads(jp.read_text()) if jp.exists() else []
+    methods = {r["method"] for r in new}
+    records = [r for r in old if r["method"] not in methods] + new
+    write(name, records)
+    return records

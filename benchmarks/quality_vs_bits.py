@@ -7,9 +7,10 @@ export):
 
 1. the sensitivity table, measured into ``results/sensitivity-smollm2-135m.safetensors``
    (resumable: a restart skips what the file holds; ``--sensitivity-only`` stops after it);
-2. for every candidate: quantize, export a package, load it back from disk, evaluate it against
-   the float reference on the same windows. Results are rewritten after every candidate, so a
-   stopped run keeps what it measured.
+2. for every candidate: quantize, export a package, load it back from disk; then evaluate the
+   candidates against the float reference on the same windows, ``--batch`` at a time (the
+   reference's log-probs computed once per batch). Results are merged into the JSON after every
+   batch, so a stopped run keeps what it measured, and a restart measures only what is missing.
 
 Budgets: 2.5 (uniform: w2-g64), 3.25 (w3-g128) and 4.25 (w4-g128) bits/weight, every stored bit
 counted. The allocator gets the same budgets and must spend no more.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, score_quantized, write  # noqa: E402
+from common import RESULTS, merge, package_candidate, score_candidates  # noqa: E402
 
 from uqcit.allocate import AllocateConfig, allocate  # noqa: E402
 from uqcit.clusters import ClustersConfig, detect_clusters  # noqa: E402
@@ -53,6 +54,9 @@ def main() -> None:
     ap.add_argument("--name", default="quality_vs_bits")
     ap.add_argument("--sensitivity-only", action="store_true", help="stop after the sensitivity table")
     ap.add_argument("--only", default=None, help="comma-separated method names to (re)run")
+    ap.add_argument("--batch", type=int, default=4, help="candidates evaluated together (one reference pass)")
+    ap.add_argument("--reuse-baselines", action="store_true",
+                    help="copy rtn-w4-g128 and the preset from baselines.json instead of re-measuring")
     args = ap.parse_args()
 
     seconds: dict[str, float] = {}
@@ -72,61 +76,72 @@ def main() -> None:
     if args.sensitivity_only:
         return
 
-    clusters = None
-    candidates = []  # (method, plan, QuantizeConfig, clusters, extra)
-    for b in BUDGETS:
-        candidates.append((None, build_plan(levels, UNIFORM[b]), QuantizeConfig(), None, {"budget": b}))
-    for b in BUDGETS:
-        t0 = time.perf_counter()
-        alloc = allocate(levels, sens, AllocateConfig(target_bpw=b))
-        alloc_s = time.perf_counter() - t0
-        extra = {"budget": b, "predicted_kl": alloc.predicted_kl, "allocate_seconds": alloc_s,
-                 "formats_chosen": _format_counts(alloc)}
-        candidates.append((None, alloc.plan, QuantizeConfig(), None, extra))
-        candidates.append((None, alloc.plan, QuantizeConfig(method="gptq"), None, dict(extra)))
-    preset = build_plan(levels, PlanConfig(preset="binary-concentration"))
-    candidates.append((None, preset, QuantizeConfig(), None, {}))
-    t0 = time.perf_counter()
-    clusters = detect_clusters(ref, levels, ClustersConfig(), tok, progress=True)
-    seconds["clusters"] = time.perf_counter() - t0
-    candidates.append((None, preset, QuantizeConfig(), clusters,
-                       {"clusters": clusters.n_clusters, "rows_in_clusters": clusters.rows_in_clusters,
-                        "cluster_seconds": seconds["clusters"]}))
-
-    out_json = RESULTS / f"{args.name}.json"
-    records = json.loads(out_json.read_text()) if out_json.exists() and args.only else []
-    only = set(args.only.split(",")) if args.only else None
-    eval_cfg = EvalConfig(max_windows=args.windows)
-    with tempfile.TemporaryDirectory() as tmp:
-        for _, plan, qcfg, clus, extra in candidates:
+    # (method name, plan, QuantizeConfig, clusters, extra), cheapest first within each group.
+    candidates = [(f"rtn{build_plan(levels, UNIFORM[b]).name[3:]}", build_plan(levels, UNIFORM[b]),
+                   QuantizeConfig(), None, {"budget": b}) for b in BUDGETS]
+    for method in ("rtn", "gptq"):
+        for b in BUDGETS:
             t0 = time.perf_counter()
-            q = quantize_model(ref, levels, plan, qcfg, tokenizer=tok, clusters=clus)
-            quant_s = time.perf_counter() - t0
-            method = q.method_name
-            if only is not None and method not in only:
-                continue
-            rec = score_quantized(q, tok, ref, levels, Path(tmp), eval_cfg, model=MODEL,
-                                  seconds={"quantize": quant_s}, **extra)
-            if method.startswith("alloc-gptq-3.25"):
-                pipe = {k: seconds[k] for k in ("levels", "sensitivity")}
-                pipe |= {"allocate": extra["allocate_seconds"], "gptq_calibration": q.stage_seconds.get("calibration", 0.0),
-                         "gptq_quantize": q.stage_seconds.get("quantize", 0.0), "quantize_total": quant_s,
-                         "export": rec["seconds"]["export"]}
-                pipe["total"] = sum(pipe[k] for k in ("levels", "sensitivity", "allocate", "quantize_total", "export"))
-                rec["pipeline_seconds"] = pipe
-            records = [r for r in records if r["method"] != method] + [rec]
-            write(args.name, records)
-            print(f"{method}: bpw {q.bpw:.3f}  ppl {rec['ppl']:.3f}  KL {rec['kl']:.4f}  "
-                  f"top1 {rec['top1']:.2f}", flush=True)
-            del q
+            alloc = allocate(levels, sens, AllocateConfig(target_bpw=b))
+            extra = {"budget": b, "predicted_kl": alloc.predicted_kl,
+                     "allocate_seconds": time.perf_counter() - t0, "formats_chosen": alloc.format_counts()}
+            candidates.append((f"alloc-{method}-{b:g}", alloc.plan, QuantizeConfig(method=method), None, extra))
+    preset = build_plan(levels, PlanConfig(preset="binary-concentration"))
+    candidates.append(("preset-binary-concentration", preset, QuantizeConfig(), None, {}))
+    candidates.append(("clusters-preset-binary-concentration", preset, QuantizeConfig(), "clusters", {}))
+
+    done = {r["method"] for r in json.loads((RESULTS / f"{args.name}.json").read_text())} \
+        if (RESULTS / f"{args.name}.json").exists() else set()
+    if args.reuse_baselines:
+        # Same code, same protocol, deterministic (rtn-w3-g128 measured here matched baselines.json
+        # to every digit): copy those rows instead of spending 32 more passes on each.
+        base = json.loads((RESULTS / "baselines.json").read_text())
+        reused = [dict(r, source="baselines.json") for r in base if r["method"] in
+                  {"rtn-w4-g128", "preset-binary-concentration"} and r["method"] not in done]
+        if reused:
+            merge(args.name, reused)
+            done |= {r["method"] for r in reused}
+    only = set(args.only.split(",")) if args.only else None
+    todo = [c for c in candidates if (c[0] in only if only else c[0] not in done)]
+    print("to measure:", [c[0] for c in todo], flush=True)
+
+    eval_cfg = EvalConfig(max_windows=args.windows)
+    clusters = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(0, len(todo), args.batch):
+            batch = []
+            for method, plan, qcfg, clus, extra in todo[i:i + args.batch]:
+                if clus == "clusters" and clusters is None:
+                    t0 = time.perf_counter()
+                    clusters = detect_clusters(ref, levels, ClustersConfig(), tok, progress=False)
+                    seconds["clusters"] = time.perf_counter() - t0
+                if clus == "clusters":
+                    extra = {"clusters": clusters.n_clusters, "rows_in_clusters": clusters.rows_in_clusters,
+                             "cluster_seconds": seconds["clusters"], **extra}
+                t0 = time.perf_counter()
+                q = quantize_model(ref, levels, plan, qcfg, tokenizer=tok,
+                                   clusters=clusters if clus == "clusters" else None)
+                quant_s = time.perf_counter() - t0
+                assert q.method_name == method, (q.method_name, method)
+                cand = package_candidate(q, tok, levels, Path(tmp), model=MODEL, seconds={"quantize": quant_s},
+                                         **extra)
+                if method == "alloc-gptq-3.25":
+                    pipe = {"levels": seconds["levels"], "sensitivity": seconds["sensitivity"],
+                            "allocate": extra["allocate_seconds"],
+                            "gptq_calibration": q.stage_seconds.get("calibration", 0.0),
+                            "gptq_quantize": q.stage_seconds.get("quantize", 0.0),
+                            "export": cand["seconds"]["export"]}
+                    pipe["total"] = sum(v for k, v in pipe.items())
+                    cand["extra"]["pipeline_seconds"] = pipe
+                batch.append(cand)
+                del q
+            records = score_candidates(batch, tok, ref, eval_cfg, model=MODEL)
+            merge(args.name, records)
+            for r in records:
+                print(f"{r['method']}: bpw {r['bpw']:.3f}  ppl {r['ppl']:.3f}  KL {r['kl']:.4f}  "
+                      f"top1 {r['top1']:.2f}", flush=True)
+            del batch
     print((RESULTS / f"{args.name}.md").read_text())
-
-
-def _format_counts(alloc) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in alloc.rows:
-        counts[row.format] = counts.get(row.format, 0) + 1
-    return counts
 
 
 if __name__ == "__main__":
