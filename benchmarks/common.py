@@ -89,6 +89,14 @@ def score_candidates(candidates: list[dict[str, Any]], tokenizer, reference, eva
     return out
 
 
+def score_and_merge(name: str, candidates: list[dict[str, Any]], tokenizer, reference, eval_config, *,
+                    model: str) -> None:
+    """``score_candidates``, merged into ``results/<name>.json``, one line printed per record."""
+    for r in merge(name, score_candidates(candidates, tokenizer, reference, eval_config, model=model))[-len(candidates):]:
+        print(f"{r['method']}: bpw {r['bpw']:.4f}  ppl {r['ppl']:.3f}  KL {r['kl']:.4f}  top1 {r['top1']:.2f}",
+              flush=True)
+
+
 def merge(name: str, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records of ``results/<name>.json`` with ``new`` replacing those of the same method; written."""
     jp = RESULTS / f"{name}.json"

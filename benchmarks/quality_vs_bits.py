@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, merge, package_candidate, score_candidates  # noqa: E402
+from common import RESULTS, merge, package_candidate, score_and_merge  # noqa: E402
 
 from uqcit.allocate import AllocateConfig, allocate  # noqa: E402
 from uqcit.clusters import ClustersConfig, detect_clusters  # noqa: E402
@@ -135,11 +135,7 @@ def main() -> None:
                     cand["extra"]["pipeline_seconds"] = pipe
                 batch.append(cand)
                 del q
-            records = score_candidates(batch, tok, ref, eval_cfg, model=MODEL)
-            merge(args.name, records)
-            for r in records:
-                print(f"{r['method']}: bpw {r['bpw']:.3f}  ppl {r['ppl']:.3f}  KL {r['kl']:.4f}  "
-                      f"top1 {r['top1']:.2f}", flush=True)
+            score_and_merge(args.name, batch, tok, ref, eval_cfg, model=MODEL)
             del batch
     print((RESULTS / f"{args.name}.md").read_text())
 

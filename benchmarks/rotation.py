@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, merge, package_candidate, score_candidates  # noqa: E402
+from common import RESULTS, merge, package_candidate, score_and_merge  # noqa: E402
 
 from uqcit.compress import QuantizeConfig, quantize_model  # noqa: E402
 from uqcit.data import calibration_batch  # noqa: E402
@@ -108,11 +108,7 @@ def main() -> None:
                                                seconds={"rotate": rotate_s, "quantize": quant_s},
                                                budget=budget, quantizer=quantizer, **info))
                 del q
-            records = score_candidates(batch, tok, ref, eval_cfg, model=MODEL)  # against the unrotated model
-            merge(args.name, records)
-            for r in records:
-                print(f"{r['method']}: bpw {r['bpw']:.4f}  ppl {r['ppl']:.3f}  KL {r['kl']:.4f}  "
-                      f"top1 {r['top1']:.2f}", flush=True)
+            score_and_merge(args.name, batch, tok, ref, eval_cfg, model=MODEL)  # against the unrotated float model
             del batch
     print((RESULTS / f"{args.name}.md").read_text())
 
