@@ -273,7 +273,10 @@ def test_scales_retraining_runs_on_smollm2(smollm2):
     prepare_trainable(student, cfg)
     ids = torch.tensor([[504, 3575, 314, 253, 1345, 28, 357]])
     with torch.no_grad():
-        assert torch.equal(student(input_ids=ids).logits, q.model(input_ids=ids).logits)
+        # QuantLinear runs decode-sized inputs (<= 16 rows) through the packed kernel, which sums in
+        # another order than the de-quantized path the trainable wrapper takes: equal to float32 rounding.
+        torch.testing.assert_close(student(input_ids=ids).logits, q.model(input_ids=ids).logits,
+                                   atol=1e-3, rtol=1e-4)
     res = retrain(q.model, model, tok, cfg, progress=False)
     assert res.data.ids.shape == (3, 16) and res.windows == 1
     assert len(res.trainables) == 210 and [n for n, _ in res.skipped] == ["lm_head"]
