@@ -1,6 +1,6 @@
 """Self-retraining (seed 000 §3): the compressed model learns from text the original model wrote.
 
-1. **Self-generated text** (``self_generate``). The original (uncompressed) model samples
+1. **Self-generated text** (``self_generate``, in ``uqcit.selftext``). The original (uncompressed) model samples
    continuations of short, diverse prompts (``DEFAULT_PROMPTS``, or the user's). No external
    data set is read; the evaluation corpus is never seen. Sampling uses its own seeded
    ``torch.Generator``, so the same seed gives the same text. End-of-sequence tokens are not
