@@ -504,19 +504,16 @@ def _structural(name: str) -> bool:
 
 def encode_tensors(tensors: dict[str, torch.Tensor], keys: _Keys, rel: str) -> dict[str, torch.Tensor]:
     """Keyed signed permutation of every tensor but the structural masks (shapes and dtypes kept)."""
-    out = {}
-    for name, t in tensors.items():
-        if _structural(name):
-            out[name] = t
-            continue
-        flat = t.reshape(-1)
-        perm, flip = _tensor_stream(keys, rel, name, flat.numel())
-        out[name] = _flip(flat[perm], flip).reshape(t.shape).contiguous()
-    return out
+    return _keyed_permutation(tensors, keys, rel, inverse=False)
 
 
 def decode_tensors(tensors: dict[str, torch.Tensor], keys: _Keys, rel: str) -> dict[str, torch.Tensor]:
     """The exact inverse of ``encode_tensors`` under the same key."""
+    return _keyed_permutation(tensors, keys, rel, inverse=True)
+
+
+def _keyed_permutation(tensors: dict[str, torch.Tensor], keys: _Keys, rel: str, *,
+                       inverse: bool) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         if _structural(name):
@@ -524,9 +521,12 @@ def decode_tensors(tensors: dict[str, torch.Tensor], keys: _Keys, rel: str) -> d
             continue
         flat = t.reshape(-1)
         perm, flip = _tensor_stream(keys, rel, name, flat.numel())
-        x = torch.empty_like(flat)
-        x[perm] = _flip(flat, flip)
-        out[name] = x.reshape(t.shape)
+        if inverse:
+            x = torch.empty_like(flat)
+            x[perm] = _flip(flat, flip)
+            out[name] = x.reshape(t.shape)
+        else:
+            out[name] = _flip(flat[perm], flip).reshape(t.shape).contiguous()
     return out
 
 
