@@ -2,8 +2,7 @@
 each compensation at ~3.25 bits/weight (RTN w3-g128) and ~2.5 bits/weight (RTN w2-g64), with
 the bits each costs.
 
-Candidates per base: none; output shift + scale (bias) correction on Level-3
-layers; low-rank rank 16 (fp16 factors) + shift on Level-3 layers; and low-rank with a budget of
+Candidates per base: none; output shift + scale correction on Level-3 layers; low-rank rank 16 (fp16 factors) + shift on Level-3 layers; and low-rank with a budget of
 0.25 extra bits/weight over *all* Linear layers (ranks chosen greedily) + shift. "Recovery" is
 the fraction of the base's KL that compensation removes: 1 - KL(comp) / KL(base).
 
@@ -43,7 +42,7 @@ from uqcit.plan import PlanConfig, build_plan  # noqa: E402
 MODEL = "smollm2-135m"
 BASES = [PlanConfig(preset="uniform", bits=3, group_size=128), PlanConfig(preset="uniform", bits=2, group_size=64)]
 # (The output shift alone, without the scale, was dropped from the full-protocol run: on 2 cores
-# every candidate costs ~2.5 minutes of evaluation, and shift + scale is the seed's (a).)
+# every candidate costs ~3.5 minutes of evaluation, and shift + scale is the seed's (a).)
 COMPS = [
     CompensateConfig(lowrank=False, bias=True, scale=True),
     CompensateConfig(rank=16, bias=True),

@@ -20,6 +20,7 @@ Writes benchmarks/results/pipeline.json and .md.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from common import RESULTS, merge, record  # noqa: E402
 import torch  # noqa: E402
 
 from uqcit.allocate import AllocateConfig, allocate  # noqa: E402
+from uqcit.evaluate import EvalConfig  # noqa: E402
 from uqcit.pipeline import Session, run_job  # noqa: E402
 from uqcit.recipe import builtin_recipe  # noqa: E402
 from uqcit.sensitivity import SensitivityResult  # noqa: E402
@@ -65,12 +67,8 @@ def compare_tables(small: SensitivityResult, full: SensitivityResult, levels, bu
 
 
 def main() -> None:
-    import argparse
-
-    from uqcit.evaluate import EvalConfig
-
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default=MODEL, help="another model: a smoke run, not the benchmark")
+    ap.add_argument("--model", default=MODEL, help="another model: a smoke run, printed and not recorded")
     ap.add_argument("--windows", type=int, default=None, help="fewer windows (not the full protocol)")
     args = ap.parse_args()
     recipe = builtin_recipe(RECIPE)
@@ -103,7 +101,8 @@ def main() -> None:
                                                  session.results["levels"], 3.25)
     rec = record(model=args.model, method=f"pipeline-{report.method}", bpw=report.bpw,
                  package_bytes=report.package_bytes, ev=report.compressed, seconds=pipe, **extra)
-    merge("pipeline" if args.model == MODEL and not args.windows else "pipeline-smoke", [rec])
+    if args.model == MODEL and not args.windows:  # a smoke run is printed, never recorded
+        merge("pipeline", [rec])
     print({k: round(v, 1) for k, v in pipe.items()})
     print(report.summary())
     print(extra.get("vs_4x128_table"))

@@ -8,7 +8,7 @@ temporary folder, and stops the server by its PID.
 
 They are never skipped silently: without chromium or playwright they fail and say how to
 install them (``scripts/test.sh`` does); ``UQCIT_SKIP_BROWSER=1`` skips them on purpose, and
-the report says so. Each takes about 1.5 minutes on 2 cores with another job running.
+the report says so. Each takes about a minute on 2 cores (about 80 s with another job running).
 """
 from __future__ import annotations
 
