@@ -188,8 +188,31 @@ def test_lora_adapters_start_neutral_are_counted_and_stored_fp16(llama, quantize
     assert res.extra_bits == sum(16 * 4 * (a.in_features + a.out_features) for a in adapters)
     assert all(a.lora_A.dtype == a.lora_B.dtype == torch.float16 for a in adapters)
     assert any(a.lora_B.any() for a in adapters)
-    with pytest.raises(ValueError, match="LoRA"):
-        res.apply_to(quantized)
+
+
+def test_lora_adapters_export_as_low_rank_compensation(llama, quantized, text, tmp_path):
+    from uqcit.package import export_package, load_package
+
+    model, tok = llama
+    res = retrain(quantized.model, model, tok, SMALL.replace(mode="lora", lora_rank=4, gate=False, lr=1e-2),
+                  data=text, progress=False)
+    out = res.apply_to(quantized)
+    assert not any(isinstance(m, LoRALinear) for m in out.model.modules())
+    assert any(isinstance(m, LoRALinear) for m in res.model.modules())  # the result itself is untouched
+    assert out.stored_bits == quantized.stored_bits + res.extra_bits
+    assert out.bpw > quantized.bpw
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        trained = res.model(input_ids=ids).logits
+        assert torch.allclose(out.model(input_ids=ids).logits, trained, atol=1e-4)
+        loaded = load_package(export_package(out, tok, tmp_path / "lora", source_model="tiny-llama")).model
+        assert torch.allclose(loaded(input_ids=ids).logits, trained, atol=1e-4)
+        assert not torch.allclose(loaded(input_ids=ids).logits, quantized.model(input_ids=ids).logits, atol=1e-3)
+
+    float_lora = retrain(model, model, tok, SMALL.replace(mode="lora", lora_rank=2, epochs=1), data=text,
+                         progress=False)
+    with pytest.raises(ValueError, match="only adapters on quantized layers"):
+        float_lora.apply_to(quantized)
 
 
 def test_checkpoint_resumes_to_the_same_result(llama, quantized, text, tmp_path, monkeypatch):

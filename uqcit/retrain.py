@@ -70,9 +70,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import StageConfig, register_config
-from .formats import FLOAT_BITS
+from .compress import QuantizeResult
+from .formats import FLOAT_BITS, parse_format
+from .quant import quantize
 from .results import Result
-from .runtime import QuantEmbedding, QuantLinear, replace_module
+from .runtime import Compensation, QuantEmbedding, QuantLinear, replace_module
 from .selftext import DEFAULT_PROMPTS, SelfText, banned_tokens, self_generate  # noqa: F401 (public here too)
 
 FILE_KIND = "uqcit-retrain-checkpoint"
@@ -338,6 +340,36 @@ def finish_trainable(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def fold_lora(model: nn.Module) -> dict[str, int]:
+    """Replace every ``LoRALinear`` on a ``QuantLinear`` by that layer with the adapter as its
+    low-rank ``Compensation`` (stored in packages). Returns the bits added per module name.
+
+    Raises, naming the module, for an adapter on anything but a quantized layer, or on a layer that
+    already has a compensation (the two corrections would have to be merged, which loses the
+    exactness of each).
+    """
+    fp16 = parse_format("fp16")
+    added: dict[str, int] = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, LoRALinear):
+            continue
+        base = m.base
+        if not isinstance(base, QuantLinear):
+            raise ValueError(f"{name}: a LoRA adapter on {type(base).__name__} cannot be stored in a package; "
+                             "only adapters on quantized layers (QuantLinear) can")
+        if getattr(base, "compensation", None) is not None:
+            raise ValueError(f"{name}: the layer already has a compensation; adapters are stored as one, "
+                             "so retrain with mode 'lora' before compensating, or use mode 'scales'")
+        with torch.no_grad():
+            a = m.lora_B.to(torch.float16).float() * m.scaling  # exact for a power-of-two alpha / r
+            b = m.lora_A.to(torch.float16).float()
+        comp = Compensation(a=quantize(a, fp16), b=quantize(b, fp16))
+        base.set_compensation(comp)
+        replace_module(model, name, base)
+        added[name] = comp.stored_bits
+    return added
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -399,11 +431,25 @@ class RetrainResult(Result):
 
     def apply_to(self, compressed):
         """``compressed`` (the ``QuantizeResult``/``PruneResult`` retrained) with the retrained model in
-        it, ready for ``package.export_package``. LoRA adapters are not a package format yet."""
-        if self.config.mode == "lora":
-            raise ValueError("a LoRA-retrained model cannot be exported as a package yet (adapters are not "
-                             "stored by uqcit.package); use mode 'scales' or 'masked' to export")
-        return dataclasses.replace(compressed, model=self.model)
+        it, ready for ``package.export_package``.
+
+        LoRA adapters on quantized layers are stored as those layers' low-rank ``Compensation``
+        (fp16 factors ``a = (α/r)·B``, ``b = A``: the same computation), and their bits are added to
+        the modules' stored bits, so ``bpw`` counts them. Adapters elsewhere cannot be stored.
+        """
+        if self.config.mode != "lora":
+            return dataclasses.replace(compressed, model=self.model)
+        if not isinstance(compressed, QuantizeResult):
+            raise ValueError(f"LoRA adapters export only onto a QuantizeResult (quantized layers), not "
+                             f"{type(compressed).__name__}; use mode 'scales' or 'masked' for this model")
+        model = copy.deepcopy(self.model)
+        extra = fold_lora(model)
+        modules = [dataclasses.replace(m, stored_bits=m.stored_bits + extra[m.name]) if m.name in extra else m
+                   for m in compressed.modules]
+        unknown = set(extra) - {m.name for m in compressed.modules}
+        if unknown:
+            raise ValueError(f"adapted modules {sorted(unknown)} are not modules of the {type(compressed).__name__}")
+        return dataclasses.replace(compressed, model=model, modules=modules)
 
     def summary(self) -> str:
         gate = "gate on" if self.config.gate else "gate OFF"
