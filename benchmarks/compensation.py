@@ -2,9 +2,10 @@
 each compensation at ~3.25 bits/weight (RTN w3-g128) and ~2.5 bits/weight (RTN w2-g64), with
 the bits each costs.
 
-Candidates per base: none; output shift + scale correction on Level-3 layers; low-rank rank 16 (fp16 factors) + shift on Level-3 layers; and low-rank with a budget of
-0.25 extra bits/weight over *all* Linear layers (ranks chosen greedily) + shift. "Recovery" is
-the fraction of the base's KL that compensation removes: 1 - KL(comp) / KL(base).
+Candidates per base: none; output shift + scale correction on Level-3 layers; low-rank rank 16
+(fp16 factors) + shift on Level-3 layers; and low-rank with a budget of 0.25 extra bits/weight
+over *all* Linear layers (ranks chosen greedily) + shift. "Recovery" is the fraction of the
+base's KL that compensation removes: 1 - KL(comp) / KL(base).
 
 Every candidate is exported as a package, loaded back and scored on the same windows against
 the float reference (log-probs computed once per window).

@@ -358,8 +358,8 @@ def fold_lora(model: nn.Module) -> dict[str, int]:
             raise ValueError(f"{name}: a LoRA adapter on {type(base).__name__} cannot be stored in a package; "
                              "only adapters on quantized layers (QuantLinear) can")
         if getattr(base, "compensation", None) is not None:
-            raise ValueError(f"{name}: the layer already has a compensation; adapters are stored as one, "
-                             "so retrain with mode 'lora' before compensating, or use mode 'scales'")
+            raise ValueError(f"{name}: the layer already has a compensation and an adapter is stored as one; "
+                             "the two cannot be merged exactly: use mode 'scales' for this model")
         with torch.no_grad():
             a = m.lora_B.to(torch.float16).float() * m.scaling  # exact for a power-of-two alpha / r
             b = m.lora_A.to(torch.float16).float()
@@ -444,11 +444,11 @@ class RetrainResult(Result):
                              f"{type(compressed).__name__}; use mode 'scales' or 'masked' for this model")
         model = copy.deepcopy(self.model)
         extra = fold_lora(model)
-        modules = [dataclasses.replace(m, stored_bits=m.stored_bits + extra[m.name]) if m.name in extra else m
-                   for m in compressed.modules]
         unknown = set(extra) - {m.name for m in compressed.modules}
         if unknown:
             raise ValueError(f"adapted modules {sorted(unknown)} are not modules of the {type(compressed).__name__}")
+        modules = [dataclasses.replace(m, stored_bits=m.stored_bits + extra[m.name]) if m.name in extra else m
+                   for m in compressed.modules]
         return dataclasses.replace(compressed, model=model, modules=modules)
 
     def summary(self) -> str:
