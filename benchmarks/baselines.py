@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import record, write  # noqa: E402
 
-from uqcit.compress import quantize_model  # noqa: E402
-from uqcit.evaluate import EvalConfig, evaluate_many  # noqa: E402
-from uqcit.levels import analyze_levels  # noqa: E402
-from uqcit.models import load_model  # noqa: E402
+from uqcit.stages.quantize import quantize_model  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig, evaluate_many  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.package import export_package, load_package, package_bytes  # noqa: E402
-from uqcit.plan import PlanConfig, build_plan  # noqa: E402
+from uqcit.stages.plan import PlanConfig, build_plan  # noqa: E402
 
 MODEL = "smollm2-135m"
 PLANS = [PlanConfig(preset="uniform", bits=4), PlanConfig(preset="uniform", bits=3),

@@ -76,7 +76,7 @@ def score_candidates(candidates: list[dict[str, Any]], tokenizer, reference, eva
                      model: str) -> list[dict[str, Any]]:
     """Evaluate packaged candidates (``package_candidate``) against ``reference`` on the same
     windows, the reference's log-probs computed once for all: one record per candidate."""
-    from uqcit.evaluate import evaluate_many
+    from uqcit.stages.evaluate import evaluate_many
 
     res = evaluate_many({c["method"]: c["model"] for c in candidates}, tokenizer, eval_config,
                         reference=reference)

@@ -26,19 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import record, write  # noqa: E402
 
-from uqcit.compensation import (  # noqa: E402
+from uqcit.stages.compensate import (  # noqa: E402
     CompensateConfig,
     collect_compensation_stats,
     compensate,
     quantized_linears,
 )
-from uqcit.compress import quantize_model  # noqa: E402
-from uqcit.data import calibration_batch  # noqa: E402
-from uqcit.evaluate import EvalConfig, evaluate_many  # noqa: E402
-from uqcit.levels import analyze_levels  # noqa: E402
-from uqcit.models import load_model  # noqa: E402
+from uqcit.stages.quantize import quantize_model  # noqa: E402
+from uqcit.inputs.corpus import calibration_batch  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig, evaluate_many  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.package import export_package, load_package, package_bytes  # noqa: E402
-from uqcit.plan import PlanConfig, build_plan  # noqa: E402
+from uqcit.stages.plan import PlanConfig, build_plan  # noqa: E402
 
 MODEL = "smollm2-135m"
 BASES = [PlanConfig(preset="uniform", bits=3, group_size=128), PlanConfig(preset="uniform", bits=2, group_size=64)]

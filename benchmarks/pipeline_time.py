@@ -33,11 +33,11 @@ from common import RESULTS, merge, record  # noqa: E402
 
 import torch  # noqa: E402
 
-from uqcit.allocate import AllocateConfig, allocate  # noqa: E402
-from uqcit.evaluate import EvalConfig  # noqa: E402
+from uqcit.stages.allocate import AllocateConfig, allocate  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig  # noqa: E402
 from uqcit.pipeline import Session, run_job  # noqa: E402
 from uqcit.recipe import builtin_recipe  # noqa: E402
-from uqcit.sensitivity import SensitivityResult  # noqa: E402
+from uqcit.stages.sensitivity import SensitivityResult  # noqa: E402
 
 MODEL = "smollm2-135m"
 RECIPE = "alloc-gptq-3.25"

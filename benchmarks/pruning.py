@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, record, write  # noqa: E402
 
-from uqcit.evaluate import EvalConfig, evaluate_many  # noqa: E402
-from uqcit.levels import analyze_levels  # noqa: E402
-from uqcit.models import load_model  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig, evaluate_many  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.package import export_package, load_package, package_bytes  # noqa: E402
-from uqcit.prune import PruneConfig, prune_model  # noqa: E402
+from uqcit.stages.prune import PruneConfig, prune_model  # noqa: E402
 from uqcit.recipe import builtin_recipe  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -98,10 +98,10 @@ def main() -> None:
         for cfg in configs(prime, args.scope, args.context):
             t0 = time.perf_counter()
             if cfg.method == "wanda" and stats is None:
-                from uqcit.calibration import collect_input_stats
-                from uqcit.data import calibration_batch
-                from uqcit.importance import activation_source
-                from uqcit.prune import prune_targets
+                from uqcit.inputs.calibration import collect_input_stats
+                from uqcit.inputs.corpus import calibration_batch
+                from uqcit.stages.importance import activation_source
+                from uqcit.stages.prune import prune_targets
 
                 t1 = time.perf_counter()
                 batch = calibration_batch(tok, n_samples=cfg.calib_samples, seq_len=cfg.calib_seq_len, seed=cfg.seed)

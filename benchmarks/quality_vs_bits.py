@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, merge, package_candidate, score_and_merge  # noqa: E402
 
-from uqcit.allocate import AllocateConfig, allocate  # noqa: E402
-from uqcit.clusters import ClustersConfig, detect_clusters  # noqa: E402
-from uqcit.compress import QuantizeConfig, quantize_model  # noqa: E402
-from uqcit.evaluate import EvalConfig  # noqa: E402
-from uqcit.levels import analyze_levels  # noqa: E402
-from uqcit.models import load_model  # noqa: E402
-from uqcit.plan import PlanConfig, build_plan  # noqa: E402
-from uqcit.sensitivity import SensitivityConfig, measure_sensitivity  # noqa: E402
+from uqcit.stages.allocate import AllocateConfig, allocate  # noqa: E402
+from uqcit.stages.clusters import ClustersConfig, detect_clusters  # noqa: E402
+from uqcit.stages.quantize import QuantizeConfig, quantize_model  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
+from uqcit.stages.plan import PlanConfig, build_plan  # noqa: E402
+from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity  # noqa: E402
 
 MODEL = "smollm2-135m"
 SENSITIVITY_FILE = RESULTS / "sensitivity-smollm2-135m.safetensors"

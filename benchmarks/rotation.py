@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, merge, package_candidate, score_and_merge  # noqa: E402
 
-from uqcit.compress import QuantizeConfig, quantize_model  # noqa: E402
-from uqcit.data import calibration_batch  # noqa: E402
-from uqcit.evaluate import EvalConfig  # noqa: E402
-from uqcit.levels import analyze_levels  # noqa: E402
-from uqcit.models import load_model  # noqa: E402
-from uqcit.plan import PlanConfig, build_plan  # noqa: E402
-from uqcit.rotation import RotationConfig, rotate_model  # noqa: E402
+from uqcit.stages.quantize import QuantizeConfig, quantize_model  # noqa: E402
+from uqcit.inputs.corpus import calibration_batch  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
+from uqcit.stages.plan import PlanConfig, build_plan  # noqa: E402
+from uqcit.stages.rotation import RotationConfig, rotate_model  # noqa: E402
 
 MODEL = "smollm2-135m"
 BUDGETS = {3.25: PlanConfig(preset="uniform", bits=3), 2.5: PlanConfig(preset="uniform", bits=2, group_size=64)}

@@ -64,7 +64,7 @@ def child(kind: str, path: str | None) -> None:
     """Measure one load in this fresh process (after a warm-up load); prints JSON."""
     import transformers  # noqa: F401  (imported before the baseline is taken)
 
-    from uqcit.models import load_model
+    from uqcit.inputs.models import load_model
     from uqcit.package import load_package
 
     def load():
@@ -101,7 +101,7 @@ def decode_seconds(model, ids, new_tokens: int) -> float:
 
 def linear_share(model, ids, new_tokens: int) -> dict:
     """Seconds of one decode inside Linear/QuantLinear forwards vs the whole generate call."""
-    from uqcit.runtime import QuantLinear
+    from uqcit.runtime.modules import QuantLinear
 
     spent = [0.0]
     starts = {}
@@ -137,14 +137,14 @@ def main() -> None:
         child(args.child[0], args.child[1] if len(args.child) > 1 else None)
         return
 
-    from uqcit import packed
-    from uqcit.compress import quantize_model
-    from uqcit.formats import parse_format
-    from uqcit.levels import analyze_levels
-    from uqcit.models import load_model
+    from uqcit.runtime import kernel as packed
+    from uqcit.stages.quantize import quantize_model
+    from uqcit.tensor.formats import parse_format
+    from uqcit.stages.levels import analyze_levels
+    from uqcit.inputs.models import load_model
     from uqcit.package import export_package, load_package, package_bytes, read_metadata
-    from uqcit.plan import PlanConfig, build_plan
-    from uqcit.runtime import QuantLinear
+    from uqcit.stages.plan import PlanConfig, build_plan
+    from uqcit.runtime.modules import QuantLinear
 
     loaded = load_model(MODEL, progress=False)
     ref, tok = loaded.model, loaded.tokenizer

@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import RESULTS, machine, markdown, record  # noqa: E402
 
-from uqcit import secure  # noqa: E402
-from uqcit.compress import quantize_model  # noqa: E402
-from uqcit.data import calibration_batch  # noqa: E402
-from uqcit.evaluate import EvalConfig, evaluate_many  # noqa: E402
-from uqcit.levels import analyze_levels  # noqa: E402
-from uqcit.models import load_model  # noqa: E402
+from uqcit.package import secure  # noqa: E402
+from uqcit.stages.quantize import quantize_model  # noqa: E402
+from uqcit.inputs.corpus import calibration_batch  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig, evaluate_many  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.package import export_package, load_package, package_bytes  # noqa: E402
-from uqcit.plan import PlanConfig, build_plan  # noqa: E402
-from uqcit.quant import dequantize  # noqa: E402
+from uqcit.stages.plan import PlanConfig, build_plan  # noqa: E402
+from uqcit.tensor.quant import dequantize  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "Water boils at a temperature of"]

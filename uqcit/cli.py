@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _eval_config(args, recipe=None):
-    from .evaluate import EvalConfig
+    from uqcit.stages.evaluate import EvalConfig
 
     base = (recipe.stage("eval") if recipe is not None else None) or EvalConfig()
     if getattr(args, "quick", None):
@@ -23,7 +23,7 @@ class UsageError(ValueError):
 
 def _secret(args):
     """The encryption/encoding secret named on the command line (a file, or a passphrase in an env var)."""
-    from .secure import Secret
+    from uqcit.package.secure import Secret
 
     if getattr(args, "secret_file", None) and getattr(args, "passphrase_env", None):
         raise UsageError("give --secret-file or --passphrase-env, not both")
@@ -44,9 +44,9 @@ def _env(name: str | None) -> str | None:
 
 
 def cmd_compress(args) -> int:
-    from .pipeline import run_job
-    from .recipe import load_recipe
-    from .secure import ProtectConfig, load_signing_key
+    from uqcit.pipeline import run_job
+    from uqcit.recipe import load_recipe
+    from uqcit.package.secure import ProtectConfig, load_signing_key
 
     recipe = load_recipe(args.recipe)
     signing_key = (load_signing_key(args.sign, passphrase=_env(args.key_passphrase_env))
@@ -65,11 +65,11 @@ def cmd_compress(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_many
-    from .models import load_model
-    from .package import load_package
+    from uqcit.stages.evaluate import evaluate_many
+    from uqcit.inputs.models import load_model
+    from uqcit.package.export import load_package
 
-    from .secure import load_public_key
+    from uqcit.package.secure import load_public_key
 
     pkg = load_package(args.package, progress=not args.no_progress, secret=_secret(args),
                        public_key=load_public_key(args.public_key) if args.public_key else None)
@@ -90,7 +90,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .package import package_bytes, read_metadata
+    from uqcit.package.export import package_bytes, read_metadata
 
     path = Path(args.package)
     meta = read_metadata(path)
@@ -128,7 +128,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from .secure import Secret, fingerprint, keygen, load_public_key
+    from uqcit.package.secure import Secret, fingerprint, keygen, load_public_key
 
     priv, pub = keygen(args.out, args.name, passphrase=_env(args.passphrase_env))
     print(f"private key  {priv}  (keep it secret; signs packages)")
@@ -144,7 +144,7 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .secure import load_public_key, verify_package
+    from uqcit.package.secure import load_public_key, verify_package
 
     print(verify_package(args.package, load_public_key(args.public_key)).summary())
     return 0
@@ -157,7 +157,7 @@ def _secret_args(parser) -> None:
 
 
 def cmd_fetch_data(args) -> int:
-    from .data import fetch_corpora
+    from uqcit.inputs.corpus import fetch_corpora
 
     for p in fetch_corpora():
         print(p)
@@ -165,7 +165,7 @@ def cmd_fetch_data(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .recipe import builtin_recipe, builtin_recipes
+    from uqcit.recipe import builtin_recipe, builtin_recipes
 
     if args.name:
         print(builtin_recipe(args.name).to_json())
@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's first parallel region
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .package import PackageError
+    from uqcit.core.config import ConfigError
+    from uqcit.package.export import PackageError
 
     try:
         return args.fn(args)

@@ -14,21 +14,21 @@ from typing import Any, Callable
 
 import torch
 
-from .allocate import AllocateConfig, allocate
-from .clusters import ClustersConfig, detect_clusters
-from .compensation import CompensateConfig, CompensateResult, compensate
-from .compress import QuantizeConfig, QuantizeResult, quantize_model
-from .config import StageConfig
-from .evaluate import EvalConfig, EvalResult, evaluate_many
-from .importance import ImportanceConfig, score_importance
-from .levels import LevelsConfig, analyze_levels
-from .plan import PlanConfig, build_plan
-from .prune import PruneConfig, PruneResult, prune_model
-from .retrain import RetrainConfig, RetrainResult, retrain
-from .recipe import Recipe
-from .rotation import RotationConfig, rotate_model
-from .results import Result, html_table
-from .sensitivity import SensitivityConfig, measure_sensitivity
+from uqcit.stages.allocate import AllocateConfig, allocate
+from uqcit.stages.clusters import ClustersConfig, detect_clusters
+from uqcit.stages.compensate import CompensateConfig, CompensateResult, compensate
+from uqcit.stages.quantize import QuantizeConfig, QuantizeResult, quantize_model
+from uqcit.core.config import StageConfig
+from uqcit.stages.evaluate import EvalConfig, EvalResult, evaluate_many
+from uqcit.stages.importance import ImportanceConfig, score_importance
+from uqcit.stages.levels import LevelsConfig, analyze_levels
+from uqcit.stages.plan import PlanConfig, build_plan
+from uqcit.stages.prune import PruneConfig, PruneResult, prune_model
+from uqcit.stages.retrain import RetrainConfig, RetrainResult, retrain
+from uqcit.recipe import Recipe
+from uqcit.stages.rotation import RotationConfig, rotate_model
+from uqcit.core.results import Result, html_table
+from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
 
 Handler = Callable[["Session", Any], Result]
 STAGE_HANDLERS: dict[type[StageConfig], Handler] = {}
@@ -61,8 +61,8 @@ class Session:
 
     @classmethod
     def from_model(cls, name: str, *, progress: bool = True) -> "Session":
-        """Load a model by name (see ``uqcit.models.load_model``) into a new session."""
-        from .models import load_model
+        """Load a model by name (see ``uqcit.inputs.models.load_model``) into a new session."""
+        from uqcit.inputs.models import load_model
 
         loaded = load_model(name, progress=progress)
         s = cls(name=name, reference=loaded.model, tokenizer=loaded.tokenizer, progress=progress)
@@ -181,7 +181,7 @@ def _clusters(session: Session, cfg: ClustersConfig):
 
 @register_stage(RotationConfig)
 def _rotation(session: Session, cfg: RotationConfig):
-    from .data import calibration_batch
+    from uqcit.inputs.corpus import calibration_batch
 
     original = session.state.setdefault("original", session.reference)  # always rotate the original
     ids = calibration_batch(session.tokenizer, n_samples=cfg.check_samples, seq_len=cfg.check_seq_len,
@@ -283,10 +283,10 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
 
     The evaluation runs on the model loaded from disk, and its numbers are written
     into the package's ``validation/`` files. ``signing_key``/``protect``/``secret`` go to
-    ``export_package`` (see ``uqcit.secure``); a signed package is verified when loaded
+    ``export_package`` (see ``uqcit.package.secure``); a signed package is verified when loaded
     back and re-signed after its validation files are written.
     """
-    from . import package as pkg
+    from uqcit.package import export as pkg
 
     session = session or Session.from_model(model_name, progress=progress)
     session.run(recipe, skip=("eval",))

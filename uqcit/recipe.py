@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, StageConfig
+from uqcit.core.config import ConfigError, StageConfig
 
 RECIPE_VERSION = 1
 
@@ -87,7 +87,17 @@ class Recipe:
 
 def _register_all() -> None:
     """Import the stage modules so their configs are on the allow-list."""
-    from . import allocate, clusters, compress, evaluate, importance, levels, plan, prune, retrain, rotation, sensitivity  # noqa: F401
+    from uqcit.stages import allocate
+    from uqcit.stages import clusters
+    from uqcit.stages import quantize as compress
+    from uqcit.stages import evaluate
+    from uqcit.stages import importance
+    from uqcit.stages import levels
+    from uqcit.stages import plan
+    from uqcit.stages import prune
+    from uqcit.stages import retrain
+    from uqcit.stages import rotation
+    from uqcit.stages import sensitivity  # noqa: F401
 
 
 def _recipes_dir():

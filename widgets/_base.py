@@ -159,7 +159,7 @@ class Cancelled(Exception):
 
 def html_rows(columns: tuple[str, ...], rows: list[tuple[Any, ...]], cls: str = "") -> str:
     """A small HTML table for views (the core's ``html_table`` with a class for the browser test)."""
-    from uqcit.results import html_table
+    from uqcit.core.results import html_table
 
     table = html_table(columns, rows, max_rows=400)
     return table.replace("<table>", f"<table class='uqcit-table {cls}' style='border-collapse:collapse'>", 1)

@@ -7,9 +7,9 @@ from typing import Any
 
 import ipywidgets as W
 
-from uqcit.allocate import FLOAT, AllocateConfig, AllocationResult, allocate
-from uqcit.formats import parse_format
-from uqcit.levels import LEVEL_NAMES, LEVELS
+from uqcit.stages.allocate import FLOAT, AllocateConfig, AllocationResult, allocate
+from uqcit.tensor.formats import parse_format
+from uqcit.stages.levels import LEVEL_NAMES, LEVELS
 
 from ._base import LabState, View, figure_widget, html_rows, put_stage, sync_figure
 
@@ -29,7 +29,7 @@ class BudgetEditor(View):
     """Target bits/weight, candidate formats and pins in; the allocator's plan and totals out.
 
     Every edit (the target slider, a pin on a module or on a whole level, the candidate
-    formats) re-runs ``uqcit.allocate.allocate`` on the measured sensitivity — a knapsack over
+    formats) re-runs ``uqcit.stages.allocate.allocate`` on the measured sensitivity — a knapsack over
     a table, well under a second — and updates the chart and the totals in place: average
     stored bits/weight, predicted package size and predicted KL (the sum of measured per-module
     KLs: the allocator's additive model, not a measurement of the plan). Undo steps back

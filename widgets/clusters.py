@@ -7,14 +7,14 @@ import time
 import ipywidgets as W
 import torch
 
-from uqcit.clusters import ClustersConfig, ClustersResult, ModuleClusters, _image, find_clusters, row_correlation
-from uqcit.runtime import linear_weight
+from uqcit.stages.clusters import ClustersConfig, ClustersResult, ModuleClusters, _image, find_clusters, row_correlation
+from uqcit.runtime.modules import linear_weight
 
 from ._base import LabState, View, figure_widget, put_stage, sync_figure
 
 
 class ClusterExplorer(View):
-    """Correlation clusters of one module's weight rows (``uqcit.clusters``), explored live.
+    """Correlation clusters of one module's weight rows (``uqcit.stages.clusters``), explored live.
 
     The row correlation of a module is computed once and cached; moving the threshold only
     re-runs ``find_clusters`` on it (connected components, milliseconds) and updates the

@@ -8,8 +8,8 @@ from typing import Any
 
 import ipywidgets as W
 
-from uqcit.compress import QuantizeConfig, quantize_model
-from uqcit.evaluate import EvalConfig, EvalResult, evaluate_many
+from uqcit.stages.quantize import QuantizeConfig, quantize_model
+from uqcit.stages.evaluate import EvalConfig, EvalResult, evaluate_many
 
 from ._base import Cancelled, Job, LabState, View, figure_widget, html_rows
 
@@ -19,7 +19,7 @@ class EvalPanel(View):
 
     The plan is the budget editor's current allocation (``LabState.allocation``); when a
     rotation was put in the recipe (``LabState.rotation``), the rotated model is quantized.
-    Scores are the evaluation protocol's (``uqcit.evaluate.evaluate_many``: perplexity,
+    Scores are the evaluation protocol's (``uqcit.stages.evaluate.evaluate_many``: perplexity,
     KL(ref ‖ model), top-1 agreement against the float reference on the same windows), on the
     first ``windows`` windows only — a quick evaluation, and every row says so. The notebook
     stays usable meanwhile; Cancel stops the run between windows (quantizing itself is one
@@ -83,7 +83,7 @@ class EvalPanel(View):
         self.run_button.disabled, self.cancel_button.disabled = True, False
 
         def work(cancelled):
-            from uqcit import data
+            from uqcit.inputs import corpus as data
 
             t0 = time.perf_counter()
             q = quantize_model(model, self.levels, plan, qcfg, tokenizer=self.tokenizer, progress=False)

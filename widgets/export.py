@@ -8,15 +8,15 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from uqcit.compress import QuantizeConfig, quantize_model
+from uqcit.stages.quantize import QuantizeConfig, quantize_model
 from uqcit.package import export_package, package_bytes, read_metadata
 
 from ._base import Job, LabState, View, html_rows
 
 
 def signing_available() -> bool:
-    """Whether package signing (``uqcit.secure``) is part of this install."""
-    return importlib.util.find_spec("uqcit.secure") is not None
+    """Whether package signing (``uqcit.package.secure``) is part of this install."""
+    return importlib.util.find_spec("uqcit.package.secure") is not None
 
 
 class ExportPanel(View):
@@ -45,12 +45,12 @@ class ExportPanel(View):
         can_sign = signing_available()
         self.sign = W.Checkbox(value=False, description="sign (Ed25519)", disabled=not can_sign, indent=False,
                                tooltip="sign every file of the package" if can_sign else
-                               "signing needs uqcit.secure, not in this install")
+                               "signing needs uqcit.package.secure, not in this install")
         self.key_path = W.Text(value="", description="key", placeholder="private key .key (empty: make a new one)",
                                layout=W.Layout(width="520px"))
         self.export_button = W.Button(description="Export package", icon="download", button_style="primary")
         self.status = W.HTML("" if can_sign else
-                             "<i>Signing is not available: <code>uqcit.secure</code> is not in this install.</i>")
+                             "<i>Signing is not available: <code>uqcit.package.secure</code> is not in this install.</i>")
         self.signature = W.HTML()
         self.written = W.HTML()
         self.last_path: Path | None = None
@@ -84,7 +84,7 @@ class ExportPanel(View):
                                  levels=self.levels, sensitivity=self.sensitivity, signing_key=key)
             verified = None
             if key is not None:
-                from uqcit.secure import verify_package
+                from uqcit.package.secure import verify_package
 
                 verified = verify_package(out, key.public_key())
             return out, time.perf_counter() - t0, verified, key_note
@@ -114,7 +114,7 @@ class ExportPanel(View):
 
     def _signing_key(self, target: Path):
         """The key in the key box, or a new key pair written beside the package (never inside it)."""
-        from uqcit.secure import fingerprint, keygen, load_signing_key
+        from uqcit.package.secure import fingerprint, keygen, load_signing_key
 
         if self.key_path.value.strip():
             key = load_signing_key(Path(self.key_path.value).expanduser())

@@ -5,8 +5,8 @@ import html
 
 import ipywidgets as W
 
-from uqcit.compressibility import CompressibilityResult, compressibility_report
-from uqcit.rotation import RotationConfig, rotate_model
+from uqcit.stages.compressibility import CompressibilityResult, compressibility_report
+from uqcit.stages.rotation import RotationConfig, rotate_model
 
 from ._base import Job, LabState, View, figure_widget, put_stage, sync_figure
 
@@ -14,7 +14,7 @@ CONSTRUCTIONS = ("hadamard", "random", "optimized")
 
 
 class RotationView(View):
-    """Rotate a copy of the model (``uqcit.rotation.rotate_model``) and compare its weights.
+    """Rotate a copy of the model (``uqcit.stages.rotation.rotate_model``) and compare its weights.
 
     The rotation runs in the background (the notebook stays usable); results are cached per
     construction, so switching back is instant. Shown: the rotation's checks (max |Δlogit|,

@@ -9,13 +9,13 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
-from uqcit.allocate import AllocateConfig
-from uqcit.compress import QuantizeConfig
-from uqcit.evaluate import EvalConfig
-from uqcit.levels import LevelsConfig
+from uqcit.stages.allocate import AllocateConfig
+from uqcit.stages.quantize import QuantizeConfig
+from uqcit.stages.evaluate import EvalConfig
+from uqcit.stages.levels import LevelsConfig
 from uqcit.pipeline import Session
 from uqcit.recipe import Recipe
-from uqcit.sensitivity import SensitivityConfig, SensitivityResult
+from uqcit.stages.sensitivity import SensitivityConfig, SensitivityResult
 
 from ._base import ErrorBox, LabState
 from .budget import BudgetEditor
@@ -37,7 +37,7 @@ TABS = ("Levels", "Clusters", "Rotation", "Budget", "Evaluate", "Export", "Recip
 class Workbench(W.VBox):
     """The lab dashboard: level map, clusters, rotation, bit budget, evaluation, export, recipe.
 
-    ``model`` is a model name for ``uqcit.models.load_model`` (e.g. ``"smollm2-135m"``) or a
+    ``model`` is a model name for ``uqcit.inputs.models.load_model`` (e.g. ``"smollm2-135m"``) or a
     ``Session`` already loaded. ``sensitivity`` is a measured table: a ``.safetensors`` path
     (``SensitivityResult.save``), a ``SensitivityResult``, or None to measure a QUICK table
     (``QUICK_SENSITIVITY``; cached under the workbench's data folder, so only the first
@@ -144,7 +144,7 @@ class Workbench(W.VBox):
             return result, "file", _config_of(result, str(given))
         if given is not None:
             raise TypeError(f"sensitivity must be a path, a SensitivityResult or None, got {type(given).__name__}")
-        from uqcit.paths import home
+        from uqcit.core.paths import home
 
         path = home() / "sensitivity" / f"{_slug(s.name)}-quick.safetensors"
         try:

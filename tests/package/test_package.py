@@ -1,0 +1,145 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from uqcit.stages.quantize import quantize_model
+from uqcit.stages.levels import analyze_levels
+from uqcit.package import PackageError, export_package, load_package, package_bytes, read_metadata
+from uqcit.stages.plan import PlanConfig, build_plan
+from uqcit.recipe import builtin_recipe
+from uqcit.inputs.tiny import tiny_model
+
+
+def _compress(family, preset="binary-concentration", bits=4, group=32):
+    model, tok = tiny_model(family)
+    levels = analyze_levels(model)
+    plan = build_plan(levels, PlanConfig(preset=preset, bits=bits, group_size=group))
+    return model, tok, levels, quantize_model(model, levels, plan, progress=False)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+def test_package_round_trip_reproduces_compressed_logits(family, tmp_path):
+    model, tok, levels, q = _compress(family)
+    path = export_package(q, tok, tmp_path / "pkg", recipe=builtin_recipe("uqcit-default"),
+                          source_model=f"tiny-{family}", levels=levels)
+    loaded = load_package(path, progress=False)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(loaded.model, ids), _logits(q.model, ids))
+    # the original model was not modified by quantization
+    assert not any(type(m).__name__.startswith("Quant") for m in model.modules())
+    # and the compressed one really differs from it
+    assert not torch.allclose(_logits(model, ids), _logits(q.model, ids))
+
+
+def test_package_layout_and_bits_reported_are_bits_stored(tmp_path):
+    model, tok, levels, q = _compress("llama")
+    path = export_package(q, tok, tmp_path / "pkg", source_model="tiny-llama", levels=levels)
+    for f in ("config.json", "uqcit_metadata.json", "tokenizer", "validation/perplexity.json",
+              "validation/benchmarks.json", "validation/noise_profile.json"):
+        assert (path / f).exists(), f
+    layer_dirs = sorted(p.name for p in (path / "layers").iterdir())
+    assert layer_dirs == ["layer_000", "layer_001", "layer_002", "layer_003", "outer"]
+    for d in layer_dirs:
+        for f in ("weights.safetensors", "rotation.safetensors", "precision_map.json", "ghz_clusters.json"):
+            assert (path / "layers" / d / f).is_file()
+    meta = read_metadata(path)
+    # Count the bytes of every quantized tensor actually in the files.
+    stored = 0
+    for d in layer_dirs:
+        with safe_open(str(path / "layers" / d / "weights.safetensors"), "pt") as f:
+            for key in f.keys():
+                module = key.rsplit(".", 1)[0]
+                if module in meta["modules"] and not key.endswith(".bias"):
+                    t = f.get_tensor(key)
+                    stored += t.numel() * t.element_size()
+    assert stored == meta["quantized_stored_bytes"] == q.stored_bits // 8
+    assert meta["average_bits_per_param"] == pytest.approx(q.bpw)
+    assert meta["modules"]["lm_head"]["tied_to"] == "model.embed_tokens"
+    assert meta["package_bytes"] == package_bytes(path)
+    assert not list(path.rglob("*.pt")) and not list(path.rglob("*.bin"))
+
+
+def test_export_is_atomic_and_keeps_the_old_package(tmp_path, monkeypatch):
+    model, tok, levels, q = _compress("llama")
+    path = export_package(q, tok, tmp_path / "pkg", levels=levels)
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_package(q, tok, path, levels=levels)
+    after = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(os.listdir(tmp_path)) == ["pkg"]  # no temporary folders left behind
+
+
+def test_corrupt_truncated_and_foreign_folders_are_named(tmp_path):
+    model, tok, levels, q = _compress("llama")
+    path = export_package(q, tok, tmp_path / "pkg", levels=levels)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(PackageError, match="uqcit_metadata.json"):
+        load_package(foreign, progress=False)
+    with pytest.raises(PackageError, match="no such package folder"):
+        load_package(tmp_path / "missing", progress=False)
+
+    w = path / "layers" / "layer_001" / "weights.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PackageError, match="layer_001/weights.safetensors"):
+        load_package(path, progress=False)
+    w.write_bytes(data)
+
+    meta = path / "uqcit_metadata.json"
+    meta.write_text(meta.read_text()[:100])
+    with pytest.raises(PackageError, match="uqcit_metadata.json.*not valid JSON"):
+        load_package(path, progress=False)
+
+
+def test_package_with_float_modules_and_uniform_plan(tmp_path):
+    model, tok = tiny_model("mistral")
+    levels = analyze_levels(model)
+    plan = build_plan(levels, PlanConfig(preset="uniform", bits=3, group_size=32,
+                                         overrides={"re:.*o_proj": "float", "lm_head": "w8-g32"}))
+    q = quantize_model(model, levels, plan, progress=False)
+    path = export_package(q, tok, tmp_path / "pkg", levels=levels)
+    loaded = load_package(path, progress=False)
+    ids = torch.arange(30)[None]
+    assert torch.equal(_logits(loaded.model, ids), _logits(q.model, ids))
+    meta = read_metadata(path)
+    assert "model.layers.0.self_attn.o_proj" not in meta["modules"]
+    assert meta["modules"]["lm_head"]["format"] == "w8-g32"
+    prec = json.loads((path / "layers" / "layer_000" / "precision_map.json").read_text())
+    assert prec["model.layers.0.self_attn.q_proj"]["format"]["name"] == "w3-g32"
+
+
+def test_clusters_and_sensitivity_travel_with_the_package(tmp_path):
+    from uqcit.stages.clusters import ClustersConfig, detect_clusters
+    from uqcit.stages.sensitivity import SensitivityConfig, SensitivityResult, measure_sensitivity
+
+    model, tok, levels, q = _compress("llama")
+    clusters = detect_clusters(model, levels, ClustersConfig(threshold=0.2))
+    sens = measure_sensitivity(model, tok, levels, SensitivityConfig(formats=("w2", "w8"), group_size=32,
+                                                                      calib_samples=2, calib_seq_len=32),
+                               progress=False)
+    path = export_package(q, tok, tmp_path / "pkg", levels=levels, clusters=clusters, sensitivity=sens)
+    ghz = json.loads((path / "layers" / "layer_000" / "ghz_clusters.json").read_text())
+    assert ghz["computed"] is True and ghz["threshold"] == 0.2
+    assert sum(len(v["clusters"]) for v in clusters.for_layer_dir().values()) == \
+        sum(len(json.loads((d / "ghz_clusters.json").read_text())["clusters"])
+            for d in (path / "layers").iterdir())
+    back = SensitivityResult.load(path / "validation" / "sensitivity.safetensors")
+    assert back.modules == sens.modules and torch.equal(torch.as_tensor(back.table), torch.as_tensor(sens.table))
+    assert read_metadata(path)["package_bytes"] == package_bytes(path)

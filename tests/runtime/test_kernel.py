@@ -1,0 +1,115 @@
+"""The packed CPU kernel: numerics against dequantize for every supported layout, when
+QuantLinear uses it, copies, and decoding a packed model loaded from a package."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uqcit.runtime import kernel as packed
+from uqcit.stages.quantize import quantize_model
+from uqcit.tensor.formats import QuantFormat
+from uqcit.stages.levels import analyze_levels
+from uqcit.package import export_package, load_package
+from uqcit.stages.plan import PlanConfig, build_plan
+from uqcit.tensor.quant import dequantize, quantize
+from uqcit.runtime.modules import KERNEL_MAX_ROWS, QuantLinear
+from uqcit.inputs.tiny import tiny_model
+
+needs_kernel = pytest.mark.skipif(not packed.available(), reason=f"packed kernel unavailable: {packed.unavailable_reason()}")
+
+
+def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# Aligned layouts (phase path) and ones whose rows or groups start mid-byte (any-alignment path).
+CASES = [
+    (QuantFormat(bits=4, group_size=128), (96, 576)),  # groups straddle rows (576 = 4.5 groups)
+    (QuantFormat(bits=3, group_size=128), (40, 576)),
+    (QuantFormat(bits=2, group_size=64), (40, 192)),
+    (QuantFormat(bits=8, group_size=128), (40, 200)),
+    (QuantFormat(bits=4, group_size=32, symmetric=True), (24, 96)),
+    (QuantFormat(bits=4, group_size=30), (17, 45)),  # odd row length: rows start mid-byte
+    (QuantFormat(bits=3, group_size=12), (11, 37)),
+    (QuantFormat(bits=2, group_size=128), (9, 130)),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,shape", CASES, ids=[f"{f.name}-{s[0]}x{s[1]}" for f, s in CASES])
+def test_packed_matmul_equals_matmul_on_dequantized_weight(fmt, shape):
+    w = seeded(*shape) * torch.linspace(0.1, 3, shape[1])  # uneven columns: groups differ
+    q = quantize(w, fmt)
+    assert packed.supports(q)
+    for rows in (1, 3):
+        x = seeded(rows, shape[1], seed=rows) * 4
+        ref = (x.double() @ dequantize(q).double().T)
+        got = packed.packed_matmul(x, q)
+        assert got.dtype == torch.float32 and got.shape == (rows, shape[0])
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_unsupported_formats_are_declined():
+    w = seeded(16, 64)
+    assert not packed.supports(quantize(w, QuantFormat(bits=16)))
+    assert not packed.supports(quantize(w, QuantFormat(bits=2, group_size=32, high_bits=16, high_fraction=0.1)))
+    if packed.available():
+        with pytest.raises(ValueError, match="handles plain"):
+            packed.packed_matmul(seeded(1, 64), quantize(w, QuantFormat(bits=16)))
+    # QuantLinear still computes them (dequantize path).
+    q = quantize(w, QuantFormat(bits=2, group_size=32, high_bits=16, high_fraction=0.1))
+    x = seeded(1, 64, seed=1)
+    assert torch.equal(QuantLinear(q)(x), F.linear(x, dequantize(q)))
+
+
+@needs_kernel
+def test_quant_linear_uses_the_kernel_only_for_few_rows():
+    q = quantize(seeded(48, 128), QuantFormat(bits=4, group_size=64))
+    layer = QuantLinear(q, seeded(48, seed=2))
+    few, many = seeded(2, 3, 128, seed=3), seeded(KERNEL_MAX_ROWS + 1, 128, seed=4)
+    out = layer(few)
+    assert isinstance(layer._kernel, packed.PackedKernel) and out.shape == (2, 3, 48)
+    assert torch.allclose(out, F.linear(few, dequantize(q), layer.bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(many), F.linear(many, dequantize(q), layer.bias))  # the exact path
+    assert layer._cache is None  # nothing dequantized is kept
+    assert layer(few.to(torch.bfloat16)).dtype == torch.bfloat16  # other dtypes: dequantize path
+    off = QuantLinear(q, layer.bias.detach(), packed_kernel=False)
+    assert torch.equal(off(few), F.linear(few, dequantize(q), layer.bias)) and off._kernel is None
+
+
+@needs_kernel
+def test_copies_get_their_own_kernel():
+    q = quantize(seeded(32, 64), QuantFormat(bits=3, group_size=32))
+    layer = QuantLinear(q)
+    x = seeded(1, 64, seed=5)
+    expected = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin._kernel is not layer._kernel
+    with torch.no_grad():
+        layer.codes.zero_()  # the copy must not read the original's memory
+        layer.scales.fill_(0)
+    assert torch.equal(twin(x), expected)
+    fresh = QuantLinear(quantize(seeded(32, 64, seed=9), QuantFormat(bits=3, group_size=32)))
+    twin.load_state_dict(fresh.state_dict())
+    assert twin._kernel is None and torch.equal(twin(x), fresh(x))
+
+
+def test_generate_with_a_packed_package_matches_the_dequantize_path(tmp_path):
+    model, tok = tiny_model("llama")
+    levels = analyze_levels(model)
+    q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", bits=4, group_size=32)),
+                       progress=False)
+    loaded = load_package(export_package(q, tok, tmp_path / "pkg", levels=levels), progress=False).model
+    ids = tok("hello world", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+        assert out.shape == (1, ids.shape[1] + 8)
+        step = loaded(input_ids=out[:, -1:]).logits  # one token: kernel path where available
+        for m in loaded.modules():
+            if isinstance(m, QuantLinear):
+                m.packed_kernel = False
+        exact = loaded(input_ids=out[:, -1:]).logits
+    assert torch.allclose(step, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))

@@ -1,0 +1,449 @@
+"""Calibration statistics: the "accumulate" half of every data-aware stage.
+
+``collect_input_stats`` runs calibration text through the model with forward hooks on the
+named modules and accumulates, per module, the token mean of ``x xᵀ`` over its inputs (the
+Hessian ``H`` of the layer's squared output error, used by GPTQ) and of ``x_j²`` per input
+channel (its diagonal, used by activation-aware importance). Inputs are folded into the sums
+micro-batch by micro-batch and never stored.
+
+``BlockReplay`` runs calibration text through a stack of blocks one block at a time, so the
+statistics of a block can be collected after the blocks before it were modified (sequential
+GPTQ).
+
+``accumulate_fisher`` sums squared gradients of the model's loss per weight (the diagonal
+empirical Fisher), one micro-batch at a time.
+
+>>> from uqcit.inputs.tiny import tiny_model
+>>> model, tok = tiny_model("llama")
+>>> batch = torch.randint(0, 256, (2, 16))
+>>> stats = collect_input_stats(model, batch, ["model.layers.0.mlp.down_proj"], progress=False)
+>>> stats["model.layers.0.mlp.down_proj"].hessian.shape
+torch.Size([128, 128])
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from uqcit.runtime.modules import linear_weight
+
+
+@dataclasses.dataclass(eq=False)  # holds tensors: compare them explicitly
+class InputStats:
+    """Input statistics of one module over the calibration tokens.
+
+    For a Linear/Conv1D module (inputs ``x`` of width ``in``): ``channel_sq[j]`` is the mean of
+    ``x_j²`` over tokens and ``hessian`` the mean of ``x xᵀ`` (``diag(hessian) == channel_sq``).
+    For an embedding the input is a one-hot token: ``channel_sq[t]`` is token ``t``'s frequency
+    (the diagonal of its ``H``, which is diagonal) and there is no ``hessian`` (it would be
+    vocab × vocab).
+    """
+
+    name: str
+    kind: Literal["linear", "embedding"]
+    tokens: int  # calibration tokens seen
+    channel_sq: torch.Tensor  # float32 [in] (embedding: [num_embeddings])
+    hessian: torch.Tensor | None = None  # float32 [in, in]; None for embeddings or hessian=False
+
+    @property
+    def in_features(self) -> int:
+        return self.channel_sq.numel()
+
+    @property
+    def channel_norm(self) -> torch.Tensor:
+        """Root-mean-square of each input channel: Wanda's ‖x_j‖ up to the constant √tokens."""
+        return self.channel_sq.sqrt()
+
+    @property
+    def nbytes(self) -> int:
+        h = 0 if self.hessian is None else self.hessian.numel() * self.hessian.element_size()
+        return h + self.channel_sq.numel() * self.channel_sq.element_size()
+
+    def __repr__(self) -> str:
+        return (f"InputStats({self.name!r}, {self.kind}, in={self.in_features}, tokens={self.tokens}, "
+                f"hessian={'yes' if self.hessian is not None else 'no'})")
+
+
+def collect_input_stats(model: nn.Module, batch: torch.Tensor, modules: Iterable[str], *,
+                        hessian: bool = True, micro_batch: int = 4,
+                        progress: bool = True) -> dict[str, InputStats]:
+    """Input statistics of ``modules`` (Linear, Conv1D or Embedding names) over ``batch``.
+
+    ``batch`` is ``LongTensor [n, seq]`` of token ids (e.g. ``data.calibration_batch``), run
+    ``micro_batch`` sequences at a time with no gradients. ``hessian=False`` keeps only the
+    per-channel diagonal. Memory: a Hessian is ``4 · in²`` bytes per module (SmolLM2-135M:
+    about 0.5 GB for all 210 Linear layers); pass fewer ``modules`` to bound it. Embeddings
+    never get a Hessian (see ``InputStats``). Modules fed the same input tensor in one forward
+    (q/k/v, gate/up) share the computation of ``x xᵀ``. The model is not modified: its hooks
+    are removed when collection ends, also on error.
+    """
+    from tqdm.auto import tqdm
+
+    batch = _check_batch(batch)
+    _check_micro_batch(micro_batch)
+    modules = _names(modules)
+    device = _model_device(model)
+    with InputStatsCollector(model, modules, hessian=hessian) as col, torch.no_grad():
+        for s in tqdm(range(0, batch.shape[0], micro_batch), desc="calibration inputs", unit="batch",
+                      disable=not progress):
+            _forward(model, batch[s:s + micro_batch].to(device))
+            col.end_batch()
+    return col.stats()
+
+
+class InputStatsCollector:
+    """Context manager collecting input statistics during whatever forward passes run inside it.
+
+    ``collect_input_stats`` is this around a calibration loop; use it directly to gather the
+    statistics during another pass, e.g. the Fisher pass of ``accumulate_fisher``:
+
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> model, _ = tiny_model("llama")
+    >>> batch = torch.randint(0, 256, (2, 16))
+    >>> with InputStatsCollector(model, ["lm_head"], hessian=False) as col:
+    ...     fisher = accumulate_fisher(model, batch, modules=["lm_head"], progress=False)
+    >>> col.stats()["lm_head"].tokens
+    32
+
+    ``modules`` is a list of names, or a mapping name -> whether that module gets a Hessian
+    (``hessian`` applies to a list). Hooks are removed on exit, also on error.
+    """
+
+    def __init__(self, model: nn.Module, modules: Iterable[str] | Mapping[str, bool], *, hessian: bool = True):
+        targets = _resolve(model, modules)
+        want = dict(modules) if isinstance(modules, Mapping) else {n: hessian for n in targets}
+        self._targets = {n: (m, bool(want[n])) for n, m in targets.items()}
+        self._acc: dict[str, _Acc] = {}
+        self._shared = _SharedProduct()
+        self._handles: list = []
+        self._taken = False
+
+    def __enter__(self) -> "InputStatsCollector":
+        if self._handles or self._acc:
+            raise RuntimeError("an InputStatsCollector collects once; make a new one")
+        try:
+            for name, (module, hessian) in self._targets.items():
+                if isinstance(module, nn.Embedding):
+                    a = _Acc(name, "embedding", torch.zeros(module.num_embeddings, dtype=torch.float64,
+                                                            device=module.weight.device))
+                    hook = _embedding_hook(a)
+                else:
+                    n_in = linear_weight(module)[0].shape[1]
+                    dev = module.weight.device
+                    a = _Acc(name, "linear", torch.zeros(n_in, dtype=torch.float32, device=dev),
+                             torch.zeros(n_in, n_in, dtype=torch.float32, device=dev) if hessian else None)
+                    hook = _linear_hook(a, self._shared)
+                self._acc[name] = a
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def end_batch(self) -> None:
+        """Drop the one input still referenced (optional: only frees its memory sooner)."""
+        self._shared.clear()
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._shared.clear()
+
+    def stats(self) -> dict[str, InputStats]:
+        """The statistics per module, token means over everything seen. Call it once, after
+        collecting: the sums become means in place (no second copy of the Hessians)."""
+        if self._handles:
+            raise RuntimeError("stats() is read after the `with` block has ended")
+        if self._taken:
+            raise RuntimeError("stats() was already taken from this collector")
+        self._taken = True
+        return {name: a.finish() for name, a in self._acc.items()}
+
+
+class BlockReplay:
+    """Calibration inputs run through a stack of blocks one block at a time (sequential GPTQ).
+
+    The constructor runs ``batch`` through the model once, recording each micro-batch's input
+    to the first block and the extra arguments every block receives (attention masks, position
+    embeddings...), and collecting the ``capture`` statistics (module name -> want a Hessian)
+    on the way. Then ``collect(i, names)`` gathers input statistics of modules inside block
+    ``i`` by running only that block on its current inputs, and ``advance(i)`` runs block ``i``
+    as it is now (e.g. quantized) and makes its outputs the inputs of block ``i + 1``. Memory:
+    one block's input per micro-batch (SmolLM2, 16 x 256 tokens: 9 MB).
+
+    The blocks must run one after the other on the hidden state, as in every HF decoder or
+    encoder stack (``for layer in self.layers: hidden = layer(hidden, ...)``).
+    """
+
+    def __init__(self, model: nn.Module, stack: nn.ModuleList, batch: torch.Tensor, *,
+                 capture: dict[str, bool] | None = None, micro_batch: int = 4, progress: bool = True):
+        from tqdm.auto import tqdm
+
+        batch = _check_batch(batch)
+        _check_micro_batch(micro_batch)
+        if not isinstance(stack, nn.ModuleList) or len(stack) == 0:
+            raise TypeError(f"stack must be a non-empty nn.ModuleList of blocks, got {type(stack).__name__}")
+        self.model, self.stack, self.progress = model, stack, progress
+        self.hidden: list[torch.Tensor] = []  # per micro-batch: the input of the next block to run
+        self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in stack]  # per block, per micro-batch: (args[1:], kwargs)
+        self._next = 0
+        recorders = [blk.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
+                     for i, blk in enumerate(stack)]
+        device = _model_device(model)
+        try:
+            with InputStatsCollector(model, capture or {}) as col, torch.no_grad():
+                for s in tqdm(range(0, batch.shape[0], micro_batch), desc="calibration inputs",
+                              unit="batch", disable=not progress):
+                    _forward(model, batch[s:s + micro_batch].to(device))
+                    col.end_batch()
+        finally:
+            for h in recorders:
+                h.remove()
+        self.captured: dict[str, InputStats] = col.stats()
+
+    def _recorder(self, index: int):
+        def hook(module, args, kwargs):
+            if not args:
+                raise RuntimeError(f"block {index} was called without a positional hidden state; "
+                                   "BlockReplay cannot replay it")
+            if index == 0:
+                self.hidden.append(args[0].detach())
+            self.calls[index].append((tuple(args[1:]), dict(kwargs)))
+        return hook
+
+    def _check(self, index: int) -> None:
+        if index != self._next:
+            raise RuntimeError(f"blocks are replayed in order: the next block is {self._next}, not {index}")
+
+    def collect(self, index: int, modules: Iterable[str], *, hessian: bool = True) -> dict[str, InputStats]:
+        """Input statistics of ``modules`` (inside block ``index``) on the block's current inputs."""
+        self._check(index)
+        with InputStatsCollector(self.model, modules, hessian=hessian) as col, torch.no_grad():
+            for mb, (args, kwargs) in enumerate(self.calls[index]):
+                self.stack[index](self.hidden[mb], *args, **kwargs)
+                col.end_batch()
+        return col.stats()
+
+    def advance(self, index: int) -> None:
+        """Run block ``index`` as it is now; its outputs become the next block's inputs."""
+        self._check(index)
+        with torch.no_grad():
+            for mb, (args, kwargs) in enumerate(self.calls[index]):
+                out = self.stack[index](self.hidden[mb], *args, **kwargs)
+                self.hidden[mb] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+        self.calls[index] = []  # its arguments are not needed any more
+        self._next += 1
+
+
+def accumulate_fisher(model: nn.Module, batch: torch.Tensor, *, modules: Iterable[str] | None = None,
+                      micro_batch: int = 1, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of each module's weight: ``F = mean_b (∂L_b/∂W)²``.
+
+    ``L_b`` is the model's own loss on micro-batch ``b`` (``labels = input_ids``: next-token
+    NLL for causal LMs), so with ``micro_batch=1`` each term is one sequence's squared gradient.
+    ``modules`` defaults to every Linear, Conv1D and Embedding. Results are float32, shaped
+    like the weight in ``[out, in]`` convention (Conv1D transposed); modules sharing a weight
+    (a tied embedding and LM head) get the same tensor, the Fisher of the shared parameter.
+    Gradients are taken with ``torch.autograd.grad``: no ``.grad`` is left on the model, only
+    one micro-batch's gradients exist at a time, and ``requires_grad`` flags and train/eval
+    mode are restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    batch = _check_batch(batch)
+    _check_micro_batch(micro_batch)
+    if modules is None:
+        modules = [n for n, m in model.named_modules() if _is_weight_module(m)]
+    targets = _resolve(model, _names(modules))
+    params: list[nn.Parameter] = []
+    index_of: dict[int, int] = {}
+    slot: dict[str, int] = {}
+    for name, module in targets.items():
+        p = module.weight
+        if id(p) not in index_of:
+            index_of[id(p)] = len(params)
+            params.append(p)
+        slot[name] = index_of[id(p)]
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    device = _model_device(model)
+    n_steps = 0
+    try:
+        model.eval()  # no dropout: the Fisher of the model as it will be used
+        for p in params:
+            p.requires_grad_(True)
+        for s in tqdm(range(0, batch.shape[0], micro_batch), desc="fisher", unit="batch",
+                      disable=not progress):
+            ids = batch[s:s + micro_batch].to(device)
+            loss = _forward(model, ids, labels=ids).loss
+            if loss is None:
+                raise ValueError(f"{type(model).__name__} returned no loss for labels=input_ids; "
+                                 "accumulate_fisher needs a language-model head")
+            grads = torch.autograd.grad(loss, params)
+            for acc, g in zip(sums, grads):
+                acc.addcmul_(g, g)
+            n_steps += 1
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    fisher = [acc.div_(n_steps) for acc in sums]
+    out = {}
+    for name, module in targets.items():
+        f = fisher[slot[name]]
+        out[name] = f if isinstance(module, nn.Embedding) else _as_out_in(module, f)
+    return out
+
+
+def channel_importance(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+    """``|W| · ‖x‖`` per weight (Wanda's score) for ``weight`` in ``[out, in]`` convention.
+
+    Linear stats broadcast along rows (input channel ``j`` scales column ``j``); embedding stats
+    along columns (token ``t``'s frequency scales row ``t``).
+    """
+    norm = stats.channel_norm.to(device=weight.device)
+    w = weight.detach().to(torch.float32).abs()
+    if stats.kind == "embedding":
+        if w.shape[0] != norm.numel():
+            raise ValueError(f"{stats.name}: embedding stats cover {norm.numel()} tokens, "
+                             f"weight has {w.shape[0]} rows")
+        return w * norm[:, None]
+    if w.shape[-1] != norm.numel():
+        raise ValueError(f"{stats.name}: stats have {norm.numel()} input channels, weight has {w.shape[-1]}")
+    return w * norm
+
+
+# ------------------------------------------------------------------------------ internals
+
+
+@dataclasses.dataclass(eq=False)
+class _Acc:
+    name: str
+    kind: Literal["linear", "embedding"]
+    sq: torch.Tensor  # linear: Σ x_j² (unused when xxt is kept); embedding: token counts (float64, exact)
+    xxt: torch.Tensor | None = None  # Σ x xᵀ
+    tokens: int = 0
+
+    def finish(self) -> InputStats:
+        n = max(self.tokens, 1)
+        if self.xxt is not None:
+            h = self.xxt.div_(n)
+            return InputStats(self.name, self.kind, self.tokens, h.diagonal().clone(), h)
+        return InputStats(self.name, self.kind, self.tokens, (self.sq / n).to(torch.float32))
+
+
+class _SharedProduct:
+    """The last input seen and its ``(Σ x xᵀ, Σ x², rows)``: q/k/v (and gate/up) get the very
+    same tensor one after another, so computing the product once saves two thirds of the work.
+    Holds one reference at a time, dropped after every micro-batch."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.value: tuple[torch.Tensor | None, torch.Tensor, int] | None = None
+
+    def get(self, x: torch.Tensor, want_xxt: bool):
+        if self.x is x and self.value is not None and (self.value[0] is not None or not want_xxt):
+            return self.value
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        xxt = flat.T @ flat if want_xxt else None
+        sq = flat.square().sum(0)
+        self.x, self.value = x, (xxt, sq, flat.shape[0])
+        return self.value
+
+    def clear(self) -> None:
+        self.x = self.value = None
+
+
+def _linear_hook(acc: _Acc, shared: _SharedProduct):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        if x is None:
+            raise RuntimeError(f"{acc.name}: could not find the input of {type(module).__name__}.forward")
+        xxt, sq, rows = shared.get(x, acc.xxt is not None)
+        if acc.xxt is not None:
+            acc.xxt.add_(xxt)
+        else:
+            acc.sq.add_(sq)
+        acc.tokens += rows
+    return hook
+
+
+def _embedding_hook(acc: _Acc):
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs["input"]
+        ids = ids.detach().reshape(-1)
+        acc.sq.add_(torch.bincount(ids, minlength=acc.sq.numel()).to(acc.sq.dtype))
+        acc.tokens += ids.numel()
+    return hook
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, **kwargs):
+    # No KV cache: calibration runs whole sequences once, a cache would only cost memory.
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return model(input_ids=ids, **kwargs)
+
+
+def _names(modules: Iterable[str]) -> list[str]:
+    """``modules`` as a non-empty list of names."""
+    if isinstance(modules, str):
+        raise TypeError(f"modules must be a list of module names, not the string {modules!r}")
+    names = list(modules)
+    if not names:
+        raise ValueError("modules is empty: name at least one Linear, Conv1D or Embedding module")
+    return names
+
+
+def _check_micro_batch(micro_batch: int) -> None:
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+
+
+def _check_batch(batch: torch.Tensor) -> torch.Tensor:
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or batch.dtype != torch.long:
+        raise ValueError(f"batch must be a LongTensor [n, seq] of token ids, got "
+                         f"{getattr(batch, 'dtype', type(batch).__name__)} of shape "
+                         f"{tuple(getattr(batch, 'shape', ()))}")
+    if batch.numel() == 0:
+        raise ValueError(f"batch is empty (shape {tuple(batch.shape)})")
+    return batch
+
+
+def _is_weight_module(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, nn.Embedding, Conv1D))
+
+
+def _resolve(model: nn.Module, modules: Iterable[str]) -> dict[str, nn.Module]:
+    if isinstance(modules, str):
+        raise TypeError(f"modules must be a list of module names, not the string {modules!r}")
+    named = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for name in modules:
+        if name not in named:
+            raise ValueError(f"{type(model).__name__} has no module {name!r}")
+        module = named[name]
+        if not _is_weight_module(module):
+            raise TypeError(f"module {name!r} is a {type(module).__name__}; calibration statistics "
+                            "are collected for nn.Linear, transformers Conv1D and nn.Embedding")
+        out[name] = module
+    return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _as_out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``module.weight`` in ``[out, in]`` convention (Conv1D stores ``[in, out]``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return t.t().contiguous() if isinstance(module, Conv1D) else t
+

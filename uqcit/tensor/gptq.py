@@ -1,0 +1,242 @@
+"""Error-feedback rounding (GPTQ, Frantar et al. 2022), written from the paper's algorithm.
+
+Round-to-nearest minimizes ``‖W − Ŵ‖`` weight by weight. GPTQ minimizes the layer's output
+error on calibration inputs, ``‖XWᵀ − XŴᵀ‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ)`` with ``H = XᵀX``: it
+quantizes one input column at a time and spreads that column's rounding error over the
+columns not yet quantized, weighted by the inverse Hessian (the Optimal Brain Surgeon update).
+The paper's three practical steps are all here:
+
+- one shared column order for every row, so ``H⁻¹`` is computed once per layer: the rows of
+  the upper Cholesky factor ``U`` of ``H⁻¹`` are exactly the OBS updates of successive columns;
+- lazy batch updates: inside a block of ``block_size`` columns the error is propagated column
+  by column; the rest of the matrix is updated once per block with one matrix product;
+- dampening (``damp`` × mean diagonal added to ``H``) and, optionally, act-order (columns in
+  order of decreasing ``diag(H)``: the columns with the largest inputs are quantized first,
+  while most columns can still absorb their error).
+
+Dead input columns (an input that is always zero on the calibration text, ``H[j, j] = 0``) get
+``H[j, j] = 1``; their weights are rounded to nearest and propagate nothing, rather than being
+zeroed as in the reference code: the calibration text merely never excited them.
+
+The grid is *static*: scales, zeros and (mixed formats) the high-precision mask are chosen
+once from the original ``W`` by ``quant.quant_params``, exactly as ``quant.quantize`` chooses
+them, and every weight is rounded onto its own group's grid (fp16 high weights: to fp16). The
+updated weights are then encoded on that grid with ``quant.quantize_with``, so the result is
+an ordinary ``QuantizedTensor`` in the same packed layout, with ``fmt.bits_for(numel)`` bits,
+that ``dequantize`` and ``QuantLinear`` use unchanged. (Static groups are also what makes
+act-order compatible with consecutive row-major groups.)
+
+>>> import torch
+>>> from uqcit.tensor.formats import QuantFormat
+>>> x = torch.randn(512, 64) @ torch.randn(64, 64)  # correlated inputs
+>>> w = torch.randn(32, 64)
+>>> q = gptq_quantize(w, x.T @ x / 512, QuantFormat(bits=3, group_size=64))
+>>> q.stored_bits == q.fmt.bits_for(w.numel())
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
+from uqcit.tensor.quant import IntGrid, QuantizedTensor, quant_params, quantize, quantize_with
+
+_DAMP_RETRIES = 3  # a Hessian that is still singular after damp × 10³ is a bug upstream, not noise
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
+                  act_order: bool = True, block_size: int = 128,
+                  importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantize ``w`` ``[out, in]`` into ``fmt`` by error-feedback rounding against ``hessian``.
+
+    ``hessian`` is ``[in, in]``, proportional to ``XᵀX`` of the layer's calibration inputs
+    (``uqcit.inputs.calibration.collect_input_stats`` gives its token mean; the scale does not
+    matter). ``importance`` picks the high-precision weights of a mixed format, as in
+    ``quantize``. ``w`` and ``hessian`` are never modified. fp16 formats are stored directly.
+    """
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise ValueError(f"w must be a 2-D floating-point [out, in] matrix, got "
+                         f"{getattr(w, 'dtype', type(w).__name__)} of shape {tuple(getattr(w, 'shape', ()))}")
+    n = w.shape[1]
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (n, n):
+        raise ValueError(f"hessian must be [{n}, {n}] for w of shape {tuple(w.shape)}, "
+                         f"got {tuple(getattr(hessian, 'shape', ()))}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("hessian contains NaN or infinite values")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if fmt.bits == FLOAT_BITS:
+        return quantize(w, fmt)
+
+    weight = w.detach().to(torch.float32)
+    params = quant_params(weight, fmt, importance)  # the static grid, from the original weights
+    grid = _ElementGrid.of(params)
+
+    h = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
+    dead = torch.nonzero(h.diagonal() == 0).squeeze(1)
+    h[dead, dead] = 1.0
+    # Work on a copy of Wᵀ [in, out] (updated in place): a column of W is then a contiguous row.
+    wt = weight.t().clone(memory_format=torch.contiguous_format)
+    perm = None
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        h = h[perm][:, perm]
+        wt = wt[perm]
+        grid = grid.rows(perm)
+    u = _inverse_cholesky_upper(h, damp)
+    qt = _error_feedback(wt, u, grid, block_size)
+    if perm is not None:
+        qt = qt[torch.argsort(perm)]
+    return quantize_with(qt.t(), params)
+
+
+def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error on the calibration inputs: ``‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖`` from ``H ∝ XᵀX``."""
+    w = w.detach().to(torch.float32)
+    h = hessian.to(device=w.device, dtype=torch.float32)
+    e = w_hat.detach().to(device=w.device, dtype=torch.float32) - w
+    num = float(((e @ h) * e).sum())
+    den = float(((w @ h) * w).sum())
+    if den <= 0:
+        return 0.0 if num <= 0 else math.inf
+    return math.sqrt(max(num, 0.0) / den)
+
+
+# ------------------------------------------------------------------------------ internals
+
+
+@dataclasses.dataclass(frozen=True)
+class _ElementGrid:
+    """Each weight's own grid, laid out like ``Wᵀ`` ``[in, out]`` (rows are columns of W).
+
+    ``code = clamp(round(w / scale) + offset, qmin, qmax)``, ``ŵ = (code − offset) · scale``:
+    the operations of ``quant._encode_int``, so the codes chosen here are the codes stored.
+    """
+
+    scale: torch.Tensor  # float32; 1 where fp16
+    offset: torch.Tensor  # float32: zero point, or 2**(bits-1) when symmetric
+    qmin: torch.Tensor | float
+    qmax: torch.Tensor | float
+    fp16: torch.Tensor | None  # bool, True where the weight is stored as fp16 (mixed +w16)
+
+    @classmethod
+    def of(cls, params) -> "_ElementGrid":
+        fmt = params.fmt
+        out_f, in_f = params.shape
+        numel = out_f * in_f
+        device = params.low.scales.device
+
+        def per_element(grid: IntGrid, bits: int, rank: torch.Tensor):
+            group = rank // fmt.group_size
+            scales = grid.scales.to(torch.float32)
+            if scales.numel() == 0:  # an empty part: nothing indexes it, keep gathers in range
+                scales = torch.ones(1, device=device)
+                group = torch.zeros_like(group)
+            if fmt.symmetric:
+                offset = torch.full_like(scales, float(1 << (bits - 1)))
+            else:
+                offset = grid.zeros.to(torch.float32) if grid.zeros.numel() else torch.zeros_like(scales)
+            qmin = 1.0 if fmt.symmetric else 0.0
+            return scales[group], offset[group], qmin, float((1 << bits) - 1)
+
+        def as_t(x):  # flat row-major [out*in] -> [in, out]
+            return x.view(out_f, in_f).t().contiguous() if isinstance(x, torch.Tensor) else x
+
+        if not fmt.mixed:
+            s, o, lo, hi = per_element(params.low, fmt.bits, torch.arange(numel, device=device))
+            return cls(as_t(s), as_t(o), lo, hi, None)
+        mask = params.mask
+        # Position of each weight inside its compacted part (row-major order, as stored).
+        low_rank = (torch.cumsum(~mask, 0) - 1).clamp_(min=0)
+        high_rank = (torch.cumsum(mask, 0) - 1).clamp_(min=0)
+        s, o, lo, hi = per_element(params.low, fmt.bits, low_rank)
+        lo_t = torch.full((numel,), lo, device=device)
+        hi_t = torch.full((numel,), hi, device=device)
+        fp16 = None
+        if fmt.high_bits == FLOAT_BITS:
+            s = torch.where(mask, torch.ones_like(s), s)
+            o = torch.where(mask, torch.zeros_like(o), o)
+            fp16 = mask
+        else:
+            hs, ho, hlo, hhi = per_element(params.high, fmt.high_bits, high_rank)
+            s, o = torch.where(mask, hs, s), torch.where(mask, ho, o)
+            lo_t = torch.where(mask, torch.full_like(lo_t, hlo), lo_t)
+            hi_t = torch.where(mask, torch.full_like(hi_t, hhi), hi_t)
+        return cls(as_t(s), as_t(o), as_t(lo_t), as_t(hi_t), None if fp16 is None else as_t(fp16))
+
+    def rows(self, index: torch.Tensor) -> "_ElementGrid":
+        """The grid with its rows (W's columns) taken in ``index`` order."""
+        pick = lambda x: x[index] if isinstance(x, torch.Tensor) else x  # noqa: E731
+        return _ElementGrid(pick(self.scale), pick(self.offset), pick(self.qmin), pick(self.qmax),
+                            pick(self.fp16))
+
+    def round_row(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (row ``i`` of Wᵀ, i.e. one column of W) rounded onto its grid."""
+        s, o = self.scale[i], self.offset[i]
+        lo = self.qmin[i] if isinstance(self.qmin, torch.Tensor) else self.qmin
+        hi = self.qmax[i] if isinstance(self.qmax, torch.Tensor) else self.qmax
+        q = torch.round(w / s).add_(o).clamp_(lo, hi)
+        w_hat = q.sub_(o).mul_(s)
+        if self.fp16 is not None:
+            w_hat = torch.where(self.fp16[i], w.to(torch.float16).to(torch.float32), w_hat)
+        return w_hat
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``UᵀU = (H + λI)⁻¹``), λ = damp · mean diag(H).
+
+    Computed as ``J L⁻¹ J`` where ``L`` is the lower Cholesky factor of ``J (H + λI) J`` and
+    ``J`` reverses the index order: one factorization and one triangular inverse instead of the
+    reference's three factorizations (the same matrix; a Cholesky factor is unique). If
+    ``H + λI`` is not numerically positive definite, λ grows tenfold (with a warning), at
+    most ``_DAMP_RETRIES`` times.
+    """
+    mean_diag = float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    flipped = h.flip(0, 1)
+    d = damp
+    for attempt in range(_DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(flipped + (d * mean_diag) * eye)
+        if int(info) == 0:
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            if bool(torch.isfinite(inv).all()):
+                return inv.flip(0, 1)
+        if attempt == _DAMP_RETRIES:
+            break
+        new = max(d * 10, 1e-6)
+        warnings.warn(f"GPTQ: the Hessian is not positive definite with damp={d:g}; retrying with "
+                      f"damp={new:g}", RuntimeWarning, stacklevel=3)
+        d = new
+    raise ValueError(f"GPTQ: the Hessian stays singular even with damp={d:g} "
+                     "(are the calibration inputs all zero or non-finite?)")
+
+
+def _error_feedback(wt: torch.Tensor, u: torch.Tensor, grid: _ElementGrid, block_size: int) -> torch.Tensor:
+    """The GPTQ column loop on ``Wᵀ`` ``[in, out]`` (modified in place); returns ``Ŵᵀ``."""
+    n = wt.shape[0]
+    qt = torch.empty_like(wt)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = wt[i1:i2]  # a view: the in-block updates land in wt
+        u1 = u[i1:i2, i1:i2]
+        err = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            w = w1[i]
+            w_hat = grid.round_row(i1 + i, w)
+            qt[i1 + i] = w_hat
+            e = (w - w_hat).div_(u1[i, i])
+            err[i] = e
+            if i + 1 < i2 - i1:
+                # OBS update of the block's remaining columns by this column's error.
+                w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+        if i2 < n:
+            # Lazy batch update: the whole block's errors reach the later columns at once.
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1.0)
+    return qt
+
