@@ -1,4 +1,4 @@
-"""Shared bits of the benchmark scripts: the record format of DESIGN.md and a markdown table."""
+"""Shared bits of the benchmark scripts: the record format of docs/evaluation.md and a markdown table."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -22,7 +22,7 @@ def machine() -> dict[str, Any]:
 
 def record(*, model: str, method: str, bpw: float | None, package_bytes: int | None, ev,
            seconds: dict[str, float], **extra: Any) -> dict[str, Any]:
-    """One benchmark record (DESIGN.md "Benchmark results format")."""
+    """One benchmark record (docs/evaluation.md, "Benchmark records")."""
     return {
         "model": model, "method": method, "bpw": bpw, "package_bytes": package_bytes,
         "ppl": ev.ppl, "kl": ev.kl, "top1": ev.top1, "windows": ev.windows,

@@ -8,7 +8,7 @@ import torch
 from uqcit.stages.quantize import QuantizeConfig
 from uqcit.stages.evaluate import EvalConfig
 from uqcit.stages.levels import LevelsConfig
-from uqcit.pipeline import STAGE_HANDLERS, Session, run_job
+from uqcit.pipeline import Session, compressed_result, run_job
 from uqcit.stages.plan import PlanConfig
 from uqcit.recipe import builtin_recipe
 from uqcit.inputs.tiny import tiny_model
@@ -39,8 +39,7 @@ def test_stages_run_in_order_and_need_their_inputs():
 def test_a_new_stage_plugs_in_without_editing_the_runner():
     import dataclasses
 
-    from uqcit.core.config import StageConfig
-    from uqcit.pipeline import register_stage
+    from uqcit.core.config import HANDLERS, StageConfig, stage_handler
     from uqcit.core.results import Result
 
     @dataclasses.dataclass(frozen=True)
@@ -55,11 +54,13 @@ def test_a_new_stage_plugs_in_without_editing_the_runner():
             return {"n": self.n}
 
     try:
-        register_stage(CountConfig)(lambda s, c: CountResult(sum(1 for _ in s.reference.parameters())))
+        stage_handler(CountConfig)(lambda s, c: CountResult(sum(1 for _ in s.reference.parameters())))
         s = _tiny_session()
         assert s.run_stage(CountConfig()).n == len(list(s.reference.parameters()))
     finally:
-        STAGE_HANDLERS.pop(CountConfig, None)
+        HANDLERS.pop(CountConfig, None)
+    with pytest.raises(ValueError, match="no handler for stage type 'count-test'"):
+        _tiny_session().run_stage(CountConfig())
 
 
 def test_run_job_on_tiny_model_writes_validation(tmp_path):
@@ -118,10 +119,68 @@ def test_run_job_with_rotation_names_it_counts_its_bits_and_scores_against_the_o
     q = s.require("quantize")
     rot = s.require("rotation")
     assert report.method == "rot-hadamard-rtn-w8-g32" == q.method_name
-    assert s.state["original"] is original and s.reference is rot.model
+    # `reference` stays the original; the later stages worked on the rotated model.
+    assert s.reference is original and s.rotated is rot.model and s.working is rot.model
+    assert s.require("levels").config == LevelsConfig()
     # Online rotations (down_proj inputs, final norm) are stored, so they are counted.
     assert rot.stored_bits > 0 and q.rotation_bits == rot.stored_bits
     assert q.bpw == pytest.approx((q.stored_bits + rot.stored_bits) / q.weight_count)
     assert read_metadata(tmp_path / "pkg")["rotation"]["max_logit_diff"] < 1e-4
     # 8-bit of a function-preserving rotation: the package must track the *original* closely.
     assert report.compressed.kl < 0.01
+
+
+def test_one_function_decides_the_compressed_model():
+    """compensate > quantize > prune; a retrain on top: as trained for evaluation, folded for the package."""
+    import dataclasses
+
+    from uqcit.core.results import Result
+
+    @dataclasses.dataclass
+    class Fake(Result):
+        model: object
+        tag: str = ""
+
+        def to_dict(self):
+            return {"tag": self.tag}
+
+    class FakeRetrain(Fake):
+        def apply_to(self, compressed):
+            return dataclasses.replace(compressed, model=("folded", self.model))
+
+    prune, quant, comp = Fake("p", "prune"), Fake("q", "quantize"), Fake("c", "compensate")
+    assert compressed_result({}) is None
+    assert compressed_result({"prune": prune, "quantize": quant}) is quant
+    assert compressed_result({"prune": prune, "quantize": quant, "compensate": comp}) is comp
+    retrained = FakeRetrain("r", "retrain")
+    both = {"quantize": quant, "retrain": retrained}
+    assert compressed_result(both) is retrained
+    stored = compressed_result(both, stored=True)
+    assert stored.model == ("folded", "r") and stored.tag == "quantize"
+    s = _tiny_session()
+    s.results.update(both)
+    assert s.compressed == "r"
+
+
+def test_export_session_is_the_job_s_export_step(tmp_path):
+    """What run_job exports, export_session exports (the widgets' way in), rotation and clusters included."""
+    from uqcit.package import read_metadata
+    from uqcit.pipeline import export_session
+    from uqcit.recipe import Recipe
+    from uqcit.stages.clusters import ClustersConfig
+    from uqcit.stages.rotation import RotationConfig
+
+    recipe = Recipe(name="rot-clusters", stages=(
+        RotationConfig(), LevelsConfig(), ClustersConfig(threshold=0.5),
+        PlanConfig(preset="uniform", bits=8, group_size=32), QuantizeConfig()))
+    s = _tiny_session()
+    with pytest.raises(RuntimeError, match="nothing to export"):
+        export_session(s, tmp_path / "none", recipe=recipe, model_name="tiny-llama")
+    s.run(recipe)
+    stored = export_session(s, tmp_path / "pkg", recipe=recipe, model_name="tiny-llama")
+    assert stored is s.require("quantize") and "export" in s.seconds
+    meta = read_metadata(tmp_path / "pkg")
+    assert meta["recipe"]["name"] == "rot-clusters" and meta["rotation"]["construction"] == "hadamard"
+    assert stored.method_name.startswith("rot-hadamard-") and meta["method"] == stored.method_name
+    found = [json.loads(f.read_text()) for f in (tmp_path / "pkg" / "layers").glob("*/ghz_clusters.json")]
+    assert any(c["computed"] for c in found)  # the session's clusters travel with the package

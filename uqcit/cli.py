@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from uqcit.core.io import atomic_write
+
 
 def _eval_config(args, recipe=None):
     from uqcit.stages.evaluate import EvalConfig
@@ -60,14 +62,14 @@ def cmd_compress(args) -> int:
                      protect=protect if protect.active else None, secret=secret)
     print(report.format_table())
     if args.json:
-        Path(args.json).write_text(report.to_json() + "\n")
+        atomic_write(args.json, (report.to_json() + "\n").encode())
     return 0
 
 
 def cmd_eval(args) -> int:
     from uqcit.stages.evaluate import evaluate_many
     from uqcit.inputs.models import load_model
-    from uqcit.package.export import load_package
+    from uqcit.package import load_package
 
     from uqcit.package.secure import load_public_key
 
@@ -85,30 +87,28 @@ def cmd_eval(args) -> int:
         print(res["reference"].summary())
     print(res["package"].summary())
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write(args.json, (json.dumps(out, indent=2) + "\n").encode())
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from uqcit.package.export import package_bytes, read_metadata
+    from uqcit.package import PackageMetadata, package_bytes
 
     path = Path(args.package)
-    meta = read_metadata(path)
+    meta = PackageMetadata.read(path)
     print(f"package       {path}")
-    print(f"source model  {meta.get('source_model')}")
-    print(f"method        {meta.get('method')}")
-    print(f"bits/weight   {meta['average_bits_per_param']:.3f} over {meta['quantized_weight_count']:,} quantized weights")
+    print(f"source model  {meta.source_model}")
+    print(f"method        {meta.method}")
+    print(f"bits/weight   {meta.average_bits_per_param:.3f} over {meta.quantized_weight_count:,} quantized weights")
     print(f"package bytes {package_bytes(path):,}")
-    if meta.get("signature"):
-        print(f"signed        ed25519, key {meta['signature']['public_key_sha256'][:16]} "
+    if meta.signed_by:
+        print(f"signed        ed25519, key {meta.signed_by[:16]} "
               "(not verified here: uqcit verify --public-key)")
-    prot = meta.get("protection") or {}
-    if prot:
-        parts = [w for w in ("encryption", "encoding") if w in prot]
-        print(f"protection    {' + '.join(parts)} (key from {prot.get('kdf')}; loading needs the secret)")
+    if meta.protection:
+        print(f"protection    {' + '.join(meta.protected)} (key from {meta.key_derivation}; loading needs the secret)")
     print("levels:")
-    for lvl, d in meta.get("level_distribution", {}).items():
-        print(f"  {lvl}: {d['percent']:.1f}% of weights, {d['avg_bits']:.3f} bits/weight")
+    for lvl, percent, avg_bits in meta.levels():
+        print(f"  {lvl}: {percent:.1f}% of weights, {avg_bits:.3f} bits/weight")
     vdir = path / "validation"
     for name in ("perplexity", "benchmarks"):
         f = vdir / f"{name}.json"
@@ -121,9 +121,9 @@ def cmd_inspect(args) -> int:
                 print(f"KL / top-1    {data['kl']:.4f} / {data['top1']:.2f}%")
     if args.layers:
         print("modules:")
-        for name, e in meta["modules"].items():
-            tied = f" (tied to {e['tied_to']})" if e.get("tied_to") else ""
-            print(f"  {e['layer']:>9}  L{e.get('level')}  {e['format']:<20} {name}{tied}")
+        for name, layer, level, fmt, tied_to in meta.module_rows():
+            tied = f" (tied to {tied_to})" if tied_to else ""
+            print(f"  {layer:>9}  L{level}  {fmt:<20} {name}{tied}")
     return 0
 
 
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="evaluate a package", description="Evaluate a package with the "
-                       "protocol of DESIGN.md, against its source model unless --reference none.")
+                       "protocol of docs/evaluation.md, against its source model unless --reference none.")
     e.add_argument("package")
     e.add_argument("--reference", help="reference model (default: the package's source model); 'none' to skip")
     e.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's first parallel region
     args = build_parser().parse_args(argv)
     from uqcit.core.config import ConfigError
-    from uqcit.package.export import PackageError
+    from uqcit.package import PackageError
 
     try:
         return args.fn(args)

@@ -1,8 +1,10 @@
-"""Run recipes: a registry from config type to stage handler, a session, and the main job.
+"""Run recipes: a session that holds a model under compression, and the main job.
 
-A ``Session`` holds the reference model and every stage's result; running a
-stage config looks its handler up in ``STAGE_HANDLERS`` so a new stage plugs in
-with ``register_stage`` and no edit here.
+A ``Session`` holds the original model and every stage's result; running a stage
+config looks its handler up in the one registry (``uqcit.core.config.handler_for``:
+each handler sits beside its config in its stage module), so a new stage plugs in
+with no edit here. ``run_job`` is the CLI's job; ``export_session`` its export step,
+which the widgets use too.
 """
 from __future__ import annotations
 
@@ -10,41 +12,45 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import torch
 
-from uqcit.stages.allocate import AllocateConfig, allocate
-from uqcit.stages.clusters import ClustersConfig, detect_clusters
-from uqcit.stages.compensate import CompensateConfig, CompensateResult, compensate
-from uqcit.stages.quantize import QuantizeConfig, QuantizeResult, quantize_model
-from uqcit.core.config import StageConfig
-from uqcit.stages.evaluate import EvalConfig, EvalResult, evaluate_many
-from uqcit.stages.importance import ImportanceConfig, score_importance
-from uqcit.stages.levels import LevelsConfig, analyze_levels
-from uqcit.stages.plan import PlanConfig, build_plan
-from uqcit.stages.prune import PruneConfig, PruneResult, prune_model
-from uqcit.stages.retrain import RetrainConfig, RetrainResult, retrain
-from uqcit.recipe import Recipe
-from uqcit.stages.rotation import RotationConfig, rotate_model
+from uqcit import package as pkg
+from uqcit.core.config import StageConfig, handler_for
 from uqcit.core.results import Result, html_table
-from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
+from uqcit.recipe import Recipe
+from uqcit.stages.evaluate import EvalConfig, EvalResult, evaluate_many
+from uqcit.stages.levels import LevelsConfig
+from uqcit.stages.plan import BitPlan
 
-Handler = Callable[["Session", Any], Result]
-STAGE_HANDLERS: dict[type[StageConfig], Handler] = {}
+# Stages whose result holds the compressed model, by precedence: a compensated model wraps the
+# quantized one; a retrain, when there is one, retrains whichever of them comes first.
+COMPRESSING_STAGES = ("compensate", "quantize", "prune")
 
 
-def register_stage(config_type: type[StageConfig]) -> Callable[[Handler], Handler]:
-    """Decorator: ``handler(session, config) -> Result`` runs stages of ``config_type``."""
-    def deco(fn: Handler) -> Handler:
-        STAGE_HANDLERS[config_type] = fn
-        return fn
-    return deco
+def compressed_result(results: Mapping[str, Result], *, stored: bool = False) -> Result | None:
+    """The one answer to "which model is the compressed one": the result of the first of
+    ``COMPRESSING_STAGES`` that ran, with a retrain applied on top; None when none ran.
+
+    ``stored=False`` gives the ``RetrainResult`` itself, its model as trained (what evaluation and
+    a second retrain use); ``stored=True`` the form a package stores (``RetrainResult.apply_to``:
+    LoRA adapters folded into compensations and counted in the bits).
+    """
+    base = next((results[tag] for tag in COMPRESSING_STAGES if tag in results), None)
+    retrained = results.get("retrain")
+    if base is None or retrained is None:
+        return base
+    return retrained.apply_to(base) if stored else retrained
 
 
 @dataclasses.dataclass
 class Session:
-    """A model under compression: the float reference, its tokenizer and each stage's result.
+    """A model under compression: the original float model, its tokenizer and each stage's result.
+
+    ``reference`` is always the original model (evaluation and retraining compare against it);
+    ``working`` is the model later stages analyse and compress: the rotated one after a
+    rotation stage, else the original.
 
     >>> s = Session.from_model("tiny-llama", progress=False)
     >>> s.run_stage(LevelsConfig()).n_blocks
@@ -52,12 +58,13 @@ class Session:
     """
 
     name: str
-    reference: torch.nn.Module
+    reference: torch.nn.Module  # the original float model; never replaced
     tokenizer: Any
     progress: bool = True
     results: dict[str, Result] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    plan: BitPlan | None = None  # the bit plan of the last plan/allocate stage; quantize uses it
+    rotated: torch.nn.Module | None = None  # set by a rotation stage (a rotated copy of reference)
 
     @classmethod
     def from_model(cls, name: str, *, progress: bool = True) -> "Session":
@@ -69,12 +76,20 @@ class Session:
         s.seconds["load"] = loaded.seconds
         return s
 
+    @property
+    def working(self) -> torch.nn.Module:
+        """The model later stages analyse and compress: rotated after a rotation, else the original."""
+        return self.rotated if self.rotated is not None else self.reference
+
+    @property
+    def compressed(self) -> torch.nn.Module | None:
+        """The compressed model (see ``compressed_result``), or None before any compressing stage."""
+        result = compressed_result(self.results)
+        return None if result is None else result.model
+
     def run_stage(self, config: StageConfig) -> Result:
         """Run one stage and keep its result under its type tag."""
-        handler = STAGE_HANDLERS.get(type(config))
-        if handler is None:
-            known = sorted(c.type_tag for c in STAGE_HANDLERS)
-            raise ValueError(f"no handler for stage type {config.type_tag!r}; known: {known}")
+        handler = handler_for(type(config))
         t0 = time.perf_counter()
         result = handler(self, config)
         self.seconds[config.type_tag] = time.perf_counter() - t0
@@ -83,7 +98,6 @@ class Session:
 
     def run(self, recipe: Recipe, *, skip: tuple[str, ...] = ()) -> dict[str, Result]:
         """Run every stage of a recipe in order (except those whose type is in ``skip``)."""
-        self.state["recipe"] = recipe
         for cfg in recipe.stages:
             if cfg.type_tag not in skip:
                 self.run_stage(cfg)
@@ -93,116 +107,6 @@ class Session:
         if tag not in self.results:
             raise RuntimeError(f"stage {tag!r} has not run yet in this session; run it first")
         return self.results[tag]
-
-    @property
-    def compressed(self) -> torch.nn.Module | None:
-        for tag in ("retrain", "compensate", "quantize", "prune"):  # a retrained model replaces what it retrained
-            r = self.results.get(tag)
-            if isinstance(r, (RetrainResult, CompensateResult, QuantizeResult, PruneResult)):
-                return r.model
-        return None
-
-
-@register_stage(LevelsConfig)
-def _levels(session: Session, cfg: LevelsConfig):
-    return analyze_levels(session.reference, cfg)
-
-
-@register_stage(PlanConfig)
-def _plan(session: Session, cfg: PlanConfig):
-    levels = session.require("levels")
-    plan = build_plan(levels, cfg)
-    session.state["plan"] = plan
-    return plan.summarize(levels)
-
-
-@register_stage(QuantizeConfig)
-def _quantize(session: Session, cfg: QuantizeConfig):
-    levels = session.require("levels")
-    if "plan" not in session.state:
-        raise RuntimeError("stage 'quantize' needs a bit plan; run a 'plan' stage first")
-    rotation = session.results.get("rotation")
-    return quantize_model(session.reference, levels, session.state["plan"], cfg,
-                          tokenizer=session.tokenizer, clusters=session.state.get("clusters"),
-                          rotation=rotation.config.method_name if rotation is not None else "",
-                          progress=session.progress)
-
-
-@register_stage(CompensateConfig)
-def _compensate(session: Session, cfg: CompensateConfig):
-    quantized = session.require("quantize")
-    return compensate(quantized, session.reference, session.require("levels"), cfg,
-                      tokenizer=session.tokenizer, progress=session.progress)
-
-
-@register_stage(PruneConfig)
-def _prune(session: Session, cfg: PruneConfig):
-    levels = session.require("levels")
-    return prune_model(session.reference, levels, cfg, tokenizer=session.tokenizer, progress=session.progress)
-
-
-@register_stage(RetrainConfig)
-def _retrain(session: Session, cfg: RetrainConfig):
-    model = session.compressed
-    if model is None:
-        raise RuntimeError("stage 'retrain' needs a compressed model; run a 'quantize' or 'prune' stage first")
-    return retrain(model, session.state.get("original", session.reference), session.tokenizer, cfg,
-                   progress=session.progress)
-
-
-@register_stage(ImportanceConfig)
-def _importance(session: Session, cfg: ImportanceConfig):
-    levels = session.require("levels")
-    return score_importance(session.reference, levels, cfg, tokenizer=session.tokenizer,
-                            sensitivity=session.results.get("sensitivity"), progress=session.progress)
-
-
-@register_stage(SensitivityConfig)
-def _sensitivity(session: Session, cfg: SensitivityConfig):
-    levels = session.require("levels")
-    return measure_sensitivity(session.reference, session.tokenizer, levels, cfg, progress=session.progress)
-
-
-@register_stage(AllocateConfig)
-def _allocate(session: Session, cfg: AllocateConfig):
-    levels = session.require("levels")
-    result = allocate(levels, session.require("sensitivity"), cfg)
-    session.state["plan"] = result.plan  # a following "quantize" stage uses it
-    return result
-
-
-@register_stage(ClustersConfig)
-def _clusters(session: Session, cfg: ClustersConfig):
-    levels = session.require("levels")
-    result = detect_clusters(session.reference, levels, cfg, session.tokenizer, progress=session.progress)
-    session.state["clusters"] = result
-    return result
-
-
-@register_stage(RotationConfig)
-def _rotation(session: Session, cfg: RotationConfig):
-    from uqcit.inputs.corpus import calibration_batch
-
-    original = session.state.setdefault("original", session.reference)  # always rotate the original
-    ids = calibration_batch(session.tokenizer, n_samples=cfg.check_samples, seq_len=cfg.check_seq_len,
-                            seed=cfg.seed)
-    result = rotate_model(original, cfg, check_ids=ids, progress=session.progress)
-    session.reference = result.model  # later stages (levels, sensitivity, quantize) see the rotated model
-    if "levels" in session.results:  # names are unchanged, but an untied head changes tied_to
-        session.results["levels"] = analyze_levels(session.reference, session.results["levels"].config)
-    return result
-
-
-@register_stage(EvalConfig)
-def _eval(session: Session, cfg: EvalConfig):
-    model = session.compressed
-    if model is None:
-        raise RuntimeError("stage 'eval' needs a compressed model; run a 'quantize' stage first")
-    res = evaluate_many({"compressed": model}, session.tokenizer, cfg,
-                        reference=session.state.get("original", session.reference),
-                        progress=session.progress)
-    session.state["eval_reference"] = res["reference"]
-    return res["compressed"]
 
 
 # --------------------------------------------------------------------------- the main job
@@ -275,6 +179,30 @@ def _rotation_metadata(rotation) -> dict[str, Any]:
                          "online_overhead": rotation.online_overhead}}
 
 
+def export_session(session: Session, out: str | os.PathLike, *, recipe: Recipe | None, model_name: str,
+                   signing_key=None, protect=None, secret=None) -> Result:
+    """Write what a session holds as a package at ``out``: its compressed model (``compressed_result``,
+    stored form) with the levels, clusters, sensitivity and rotation it went through, and ``recipe``.
+
+    The export step of ``run_job`` and of the widgets: one way to write a package. Returns the
+    result the package stores. ``signing_key``/``protect``/``secret``: see ``run_job``.
+    """
+    quantized = compressed_result(session.results, stored=True)  # what the package stores
+    if quantized is None:
+        what = f"recipe {recipe.name!r}" if recipe is not None else f"session {session.name!r}"
+        raise RuntimeError(f"{what} has no 'quantize' or 'prune' stage: nothing to export")
+    out = Path(out)
+
+    t0 = time.perf_counter()
+    pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
+                       levels=session.results.get("levels"), clusters=session.results.get("clusters"),
+                       sensitivity=session.results.get("sensitivity"),
+                       extra_metadata=_rotation_metadata(session.results.get("rotation")),
+                       signing_key=signing_key, protect=protect, secret=secret)
+    session.seconds["export"] = time.perf_counter() - t0
+    return quantized
+
+
 def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
             eval_config: EvalConfig | None = None, progress: bool = True,
             session: Session | None = None, signing_key=None, protect=None,
@@ -286,25 +214,11 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     ``export_package`` (see ``uqcit.package.secure``); a signed package is verified when loaded
     back and re-signed after its validation files are written.
     """
-    from uqcit.package import export as pkg
-
     session = session or Session.from_model(model_name, progress=progress)
     session.run(recipe, skip=("eval",))
-    quantized = (session.results.get("compensate") or session.results.get("quantize")
-                 or session.results.get("prune"))  # what the package stores
-    if quantized is not None and "retrain" in session.results:
-        quantized = session.results["retrain"].apply_to(quantized)
-    if quantized is None:
-        raise RuntimeError(f"recipe {recipe.name!r} has no 'quantize' or 'prune' stage: nothing to export")
     out = Path(out)
-
-    t0 = time.perf_counter()
-    pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
-                       levels=session.results.get("levels"), clusters=session.results.get("clusters"),
-                       sensitivity=session.results.get("sensitivity"),
-                       extra_metadata=_rotation_metadata(session.results.get("rotation")),
-                       signing_key=signing_key, protect=protect, secret=secret)
-    session.seconds["export"] = time.perf_counter() - t0
+    quantized = export_session(session, out, recipe=recipe, model_name=model_name, signing_key=signing_key,
+                               protect=protect, secret=secret)
 
     t0 = time.perf_counter()
     loaded = pkg.load_package(out, progress=progress, secret=secret,
@@ -313,9 +227,8 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
 
     cfg = eval_config or recipe.stage("eval") or EvalConfig()
     t0 = time.perf_counter()
-    original = session.state.get("original", session.reference)  # the unrotated float model
     res = evaluate_many({"package": loaded.model}, session.tokenizer, cfg,
-                        reference=original, progress=progress)
+                        reference=session.reference, progress=progress)  # the original, unrotated model
     session.seconds["evaluate"] = time.perf_counter() - t0
 
     ref, comp = res["reference"], res["package"]
@@ -326,7 +239,7 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     pkg.write_validation(out, "benchmarks", {
         "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
         "package": comp.to_dict()}, signing_key=signing_key)
-    ref_bytes = sum(p.numel() * p.element_size() for p in original.parameters())
+    ref_bytes = sum(p.numel() * p.element_size() for p in session.reference.parameters())
     return JobReport(model=model_name, method=quantized.method_name, package=str(out), bpw=quantized.bpw,
                      package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,
                      compressed=comp, seconds={k: round(v, 2) for k, v in session.seconds.items()})

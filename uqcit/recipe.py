@@ -12,7 +12,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from uqcit.core.config import ConfigError, StageConfig
+from uqcit.core.config import StageConfig, stage_rank
+from uqcit.core.io import atomic_write
+from uqcit.core.keys import ConfigError, check_keys
 
 RECIPE_VERSION = 1
 
@@ -35,14 +37,23 @@ class Recipe:
         return next((s for s in self.stages if s.type_tag == type_tag), None)
 
     def with_stage(self, config: StageConfig) -> "Recipe":
-        """A copy where the stage of ``config``'s type is replaced (or appended)."""
+        """A copy where the stage of ``config``'s type is replaced, or inserted in pipeline order
+        (before the first stage that runs after it, see ``uqcit.core.config.STAGE_MODULES``) when
+        the recipe has none.
+
+        >>> from uqcit.stages.rotation import RotationConfig
+        >>> [s.type_tag for s in builtin_recipe("rtn-w4-g128").with_stage(RotationConfig()).stages][:2]
+        ['rotation', 'levels']
+        """
         stages = list(self.stages)
         for i, s in enumerate(stages):
             if s.type_tag == config.type_tag:
                 stages[i] = config
                 break
         else:
-            stages.append(config)
+            mine = stage_rank(config)
+            at = next((i for i, s in enumerate(stages) if stage_rank(s) > mine), len(stages))
+            stages.insert(at, config)
         return dataclasses.replace(self, stages=tuple(stages))
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,13 +71,8 @@ class Recipe:
         version = data.pop("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise ConfigError(f"recipe version {version} is not {RECIPE_VERSION}")
-        unknown = sorted(set(data) - {"name", "description", "stages"})
-        if unknown:
-            raise ConfigError(f"unknown recipe key(s) {unknown}; allowed: ['description', 'name', 'stages']")
-        if "name" not in data or "stages" not in data:
-            raise ConfigError("a recipe needs 'name' and 'stages'")
-        _register_all()
-        stages = tuple(StageConfig.from_dict(s) for s in data["stages"])
+        check_keys(data, ("name", "description", "stages"), "recipe", required=("name", "stages"))
+        stages = tuple(StageConfig.from_dict(s) for s in data["stages"])  # types from the allow-list only
         return cls(name=data["name"], stages=stages, description=data.get("description", ""))
 
     @classmethod
@@ -82,22 +88,7 @@ class Recipe:
             raise ConfigError(f"{p}: {exc}") from exc
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
-
-def _register_all() -> None:
-    """Import the stage modules so their configs are on the allow-list."""
-    from uqcit.stages import allocate
-    from uqcit.stages import clusters
-    from uqcit.stages import quantize as compress
-    from uqcit.stages import evaluate
-    from uqcit.stages import importance
-    from uqcit.stages import levels
-    from uqcit.stages import plan
-    from uqcit.stages import prune
-    from uqcit.stages import retrain
-    from uqcit.stages import rotation
-    from uqcit.stages import sensitivity  # noqa: F401
+        atomic_write(path, (self.to_json() + "\n").encode())
 
 
 def _recipes_dir():

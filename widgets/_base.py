@@ -15,6 +15,7 @@ from typing import Any, Callable
 import ipywidgets as W
 import traitlets
 
+from uqcit.core.results import html_table
 from uqcit.recipe import Recipe
 
 
@@ -159,27 +160,6 @@ class Cancelled(Exception):
 
 def html_rows(columns: tuple[str, ...], rows: list[tuple[Any, ...]], cls: str = "") -> str:
     """A small HTML table for views (the core's ``html_table`` with a class for the browser test)."""
-    from uqcit.core.results import html_table
-
     table = html_table(columns, rows, max_rows=400)
     return table.replace("<table>", f"<table class='uqcit-table {cls}' style='border-collapse:collapse'>", 1)
 
-
-# Pipeline order of stage types, for inserting a stage a recipe does not have yet.
-STAGE_ORDER = ("rotation", "levels", "clusters", "importance", "sensitivity", "plan", "allocate",
-               "quantize", "compensate", "prune", "retrain", "eval")
-
-
-def put_stage(recipe: Recipe, config) -> Recipe:
-    """A copy of ``recipe`` with ``config`` replacing its stage of the same type, or inserted in
-    pipeline order (before the first stage that runs after it) when the recipe has none."""
-    import dataclasses
-
-    if recipe.stage(config.type_tag) is not None:
-        return recipe.with_stage(config)
-    rank = {t: i for i, t in enumerate(STAGE_ORDER)}
-    mine = rank.get(config.type_tag, len(STAGE_ORDER))
-    stages = list(recipe.stages)
-    at = next((i for i, s in enumerate(stages) if rank.get(s.type_tag, len(STAGE_ORDER)) > mine), len(stages))
-    stages.insert(at, config)
-    return dataclasses.replace(recipe, stages=tuple(stages))

@@ -11,7 +11,7 @@ from uqcit.stages.allocate import FLOAT, AllocateConfig, AllocationResult, alloc
 from uqcit.tensor.formats import parse_format
 from uqcit.stages.levels import LEVEL_NAMES, LEVELS
 
-from ._base import LabState, View, figure_widget, html_rows, put_stage, sync_figure
+from ._base import LabState, View, figure_widget, html_rows, sync_figure
 
 AUTO = "auto (solver)"
 
@@ -35,7 +35,17 @@ class BudgetEditor(View):
     KLs: the allocator's additive model, not a measurement of the plan). Undo steps back
     through edits; "Apply to recipe" writes the ``allocate`` stage into the shared recipe.
 
-    >>> # BudgetEditor(levels, SensitivityResult.load(path), target_bpw=3.25)
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> from uqcit.stages.levels import analyze_levels
+    >>> from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
+    >>> model, tok = tiny_model("llama")
+    >>> levels = analyze_levels(model)
+    >>> sens = measure_sensitivity(model, tok, levels, SensitivityConfig(
+    ...     formats=("w2", "w4", "w8"), group_size=32, calib_samples=2, calib_seq_len=32), progress=False)
+    >>> editor = BudgetEditor(levels, sens, target_bpw=4.0)  # or SensitivityResult.load(path)
+    >>> editor.target.value = 5.0  # dragging the slider re-runs the allocator
+    >>> editor.allocation.target_bpw, editor.allocation.achieved_bpw <= 5.0
+    (5.0, True)
     """
 
     def __init__(self, levels, sensitivity, *, target_bpw: float = 3.25, formats: tuple[str, ...] | None = None,
@@ -165,7 +175,7 @@ class BudgetEditor(View):
         """Write the current ``AllocateConfig`` into the shared recipe (inserted in order when missing)."""
         if self.lab.recipe is None:
             raise RuntimeError("no recipe to edit: this editor has no shared recipe (Workbench sets one)")
-        self.lab.recipe = put_stage(self.lab.recipe, self.config)
+        self.lab.recipe = self.lab.recipe.with_stage(self.config)
         self.recipe_html.value = (f"<span class='uqcit-applied'>Applied to recipe <b>{html.escape(self.lab.recipe.name)}"
                                   f"</b>: allocate stage = target {self.target_bpw:g} bpw, {len(self.pins)} pin(s), "
                                   f"candidates {', '.join(self._edit.formats)}.</span>")

@@ -10,7 +10,7 @@ import torch
 from uqcit.stages.clusters import ClustersConfig, ClustersResult, ModuleClusters, _image, find_clusters, row_correlation
 from uqcit.runtime.modules import linear_weight
 
-from ._base import LabState, View, figure_widget, put_stage, sync_figure
+from ._base import LabState, View, figure_widget, sync_figure
 
 
 class ClusterExplorer(View):
@@ -21,7 +21,13 @@ class ClusterExplorer(View):
     heatmap, its cluster outlines and the size histogram in place. "Use in recipe" writes the
     threshold into the recipe's ``clusters`` stage.
 
-    >>> # ClusterExplorer(session.reference, levels, module="model.layers.0.self_attn.q_proj")
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> from uqcit.stages.levels import analyze_levels
+    >>> model = tiny_model("llama")[0]
+    >>> explorer = ClusterExplorer(model, analyze_levels(model), module="model.layers.0.self_attn.q_proj")
+    >>> explorer.threshold.value = 0.2  # moving the slider re-clusters at once
+    >>> explorer.result.config.threshold, explorer.result.modules[0].name
+    (0.2, 'model.layers.0.self_attn.q_proj')
     """
 
     def __init__(self, model, levels, *, module: str | None = None, threshold: float = 0.7,
@@ -117,4 +123,4 @@ class ClusterExplorer(View):
             raise RuntimeError("no recipe to edit: this view has no shared recipe (Workbench sets one)")
         old = self.lab.recipe.stage("clusters")
         cfg = (old or ClustersConfig()).replace(threshold=float(self.threshold.value))
-        self.lab.recipe = put_stage(self.lab.recipe, cfg)
+        self.lab.recipe = self.lab.recipe.with_stage(cfg)

@@ -25,7 +25,19 @@ class EvalPanel(View):
     stays usable meanwhile; Cancel stops the run between windows (quantizing itself is one
     step and finishes first).
 
-    >>> # EvalPanel(session.reference, session.tokenizer, levels, state=lab, windows=2)
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> from uqcit.stages.levels import analyze_levels
+    >>> from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
+    >>> from uqcit.widgets import BudgetEditor
+    >>> model, tok = tiny_model("llama")
+    >>> levels = analyze_levels(model)
+    >>> sens = measure_sensitivity(model, tok, levels, SensitivityConfig(
+    ...     formats=("w2", "w4"), group_size=32, calib_samples=2, calib_seq_len=32), progress=False)
+    >>> editor = BudgetEditor(levels, sens, target_bpw=4.0)  # publishes the plan to evaluate
+    >>> panel = EvalPanel(model, tok, levels, state=editor.lab, windows=1)
+    >>> panel.run(wait=True)  # what "Evaluate current plan" does, here waiting for the result
+    >>> len(panel.runs), panel.runs[0]["windows"]
+    (1, 1)
     """
 
     def __init__(self, reference, tokenizer, levels, *, windows: int = 2, state: LabState | None = None,

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from uqcit.stages.quantize import QuantizeConfig, quantize_model
-from uqcit.package import export_package, package_bytes, read_metadata
+from uqcit.package import package_bytes, read_metadata
+from uqcit.pipeline import Session, export_session
+from uqcit.stages.quantize import QuantizeConfig
+from uqcit.stages.rotation import adopt_rotation
 
 from ._base import Job, LabState, View, html_rows
 
@@ -22,16 +24,32 @@ def signing_available() -> bool:
 class ExportPanel(View):
     """Export the budget editor's current plan with the shared recipe embedded, in the background.
 
-    Reuses the model the evaluation panel quantized for the same plan, else quantizes the
-    reference (or the rotated model, when a rotation is in the recipe) first. The package is
-    written atomically by ``uqcit.package.export_package``; the panel then lists its folders
-    and files with their sizes and the measured bits/weight from its metadata.
+    The export goes through the CLI's own step (``uqcit.pipeline.export_session``) on a session
+    holding what the lab chose: the levels, the sensitivity, ``clusters`` when given, the
+    rotation put in the recipe (its rotated model is quantized, and the package records it) and
+    the plan. The model the evaluation panel quantized for the same plan is reused when there is
+    no rotation or clusters; else the session's quantize stage runs. The panel then lists the
+    package's folders and files with their sizes and the measured bits/weight from its metadata.
 
-    >>> # ExportPanel(session.reference, session.tokenizer, levels, path="runs/demo/package")
+    >>> import tempfile
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> from uqcit.stages.levels import analyze_levels
+    >>> from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
+    >>> from uqcit.widgets import BudgetEditor
+    >>> model, tok = tiny_model("llama")
+    >>> levels = analyze_levels(model)
+    >>> sens = measure_sensitivity(model, tok, levels, SensitivityConfig(
+    ...     formats=("w2", "w4"), group_size=32, calib_samples=2, calib_seq_len=32), progress=False)
+    >>> editor = BudgetEditor(levels, sens, target_bpw=4.0)  # publishes the plan to export
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     panel = ExportPanel(model, tok, levels, path=f"{d}/package", state=editor.lab)
+    ...     panel.export(wait=True)  # what "Export package" does, here waiting for the files
+    ...     panel.last_path.name, len(editor.lab.packages)
+    ('package', 1)
     """
 
     def __init__(self, reference, tokenizer, levels, *, path: str = "runs/workbench/package",
-                 source_model: str = "unknown", sensitivity=None, state: LabState | None = None,
+                 source_model: str = "unknown", sensitivity=None, clusters=None, state: LabState | None = None,
                  quantize: QuantizeConfig = QuantizeConfig()):
         super().__init__(state)
         self.reference = reference
@@ -39,6 +57,7 @@ class ExportPanel(View):
         self.levels = levels
         self.source_model = source_model
         self.sensitivity = sensitivity
+        self.clusters = clusters
         self.quantize_config = quantize
         self.job = Job()
         self.path = W.Text(value=str(path), description="path", layout=W.Layout(width="520px"))
@@ -67,31 +86,41 @@ class ExportPanel(View):
             raise ValueError("give a path for the package")
         target = Path(self.path.value).expanduser()
         key, key_note = self._signing_key(target) if self.sign.value else (None, "")
-        rotation = self.lab.rotation
-        model = rotation.model if rotation is not None else self.reference
+        session = self._session(alloc.plan)
         cached = self.lab.quantized
+        reuse = (cached is not None and cached[1].plan == alloc.plan and self.lab.rotation is None
+                 and self.clusters is None)  # the evaluation panel quantized this very plan
         self.export_button.disabled = True
         self.status.value = f"<i>exporting to {html.escape(str(target))}…</i>"
 
         def work(cancelled):
             t0 = time.perf_counter()
-            if cached is not None and cached[1].plan == alloc.plan and rotation is None:
-                q = cached[1]
+            if reuse:
+                session.results["quantize"] = cached[1]
             else:
-                q = quantize_model(model, self.levels, alloc.plan, self.quantize_config, tokenizer=self.tokenizer,
-                                   progress=False)
-            out = export_package(q, self.tokenizer, target, recipe=self.lab.recipe, source_model=self.source_model,
-                                 levels=self.levels, sensitivity=self.sensitivity, signing_key=key)
+                session.run_stage(self.quantize_config)
+            export_session(session, target, recipe=self.lab.recipe, model_name=self.source_model, signing_key=key)
             verified = None
             if key is not None:
                 from uqcit.package.secure import verify_package
 
-                verified = verify_package(out, key.public_key())
-            return out, time.perf_counter() - t0, verified, key_note
+                verified = verify_package(target, key.public_key())
+            return target, time.perf_counter() - t0, verified, key_note
 
         self.job.start(work, self._done)
         if wait:
             self.job.join()
+
+    def _session(self, plan) -> Session:
+        """A session holding what the lab chose, for the pipeline's quantize stage and export step."""
+        session = Session(name=self.source_model, reference=self.reference, tokenizer=self.tokenizer,
+                          progress=False, results={"levels": self.levels}, plan=plan)
+        for tag, result in (("sensitivity", self.sensitivity), ("clusters", self.clusters)):
+            if result is not None:
+                session.results[tag] = result
+        if self.lab.rotation is not None:
+            adopt_rotation(session, self.lab.rotation)
+        return session
 
     def _done(self, result, exc) -> None:
         self.export_button.disabled = False

@@ -19,7 +19,12 @@ class LevelMap(View):
     scores when an ``ImportanceResult`` is given); a click selects the module in the shared
     ``LabState`` so the cluster explorer and the budget editor follow.
 
-    >>> # LevelMap(session.results["levels"], importance=session.results.get("importance"))
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> from uqcit.stages.levels import analyze_levels
+    >>> view = LevelMap(analyze_levels(tiny_model("llama")[0]))
+    >>> view.select("model.layers.0.self_attn.o_proj")  # what a click on its cell does
+    >>> view.lab.module  # now selected for every view sharing this LabState
+    'model.layers.0.self_attn.o_proj'
     """
 
     def __init__(self, levels, *, importance=None, sensitivity=None, state: LabState | None = None):

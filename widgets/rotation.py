@@ -8,7 +8,7 @@ import ipywidgets as W
 from uqcit.stages.compressibility import CompressibilityResult, compressibility_report
 from uqcit.stages.rotation import RotationConfig, rotate_model
 
-from ._base import Job, LabState, View, figure_widget, put_stage, sync_figure
+from ._base import Job, LabState, View, figure_widget, sync_figure
 
 CONSTRUCTIONS = ("hadamard", "random", "optimized")
 
@@ -23,7 +23,14 @@ class RotationView(View):
     "Use in recipe" puts the rotation stage in the recipe; the evaluation panel then quantizes
     the rotated model.
 
-    >>> # RotationView(session.reference, levels, construction="hadamard")
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> from uqcit.stages.levels import analyze_levels
+    >>> model = tiny_model("llama")[0]
+    >>> view = RotationView(model, analyze_levels(model), construction="hadamard")
+    >>> view.rotate(wait=True)  # what "Rotate" does, here waiting for the background job
+    >>> rotation, report = view.results["hadamard"]
+    >>> rotation.max_logit_diff < 1e-4  # the rotated float model computes the same function
+    True
     """
 
     def __init__(self, model, levels, *, construction: str = "hadamard", state: LabState | None = None,
@@ -134,4 +141,4 @@ class RotationView(View):
         rot, _ = self.results[which]
         self.lab.rotation = rot
         if self.lab.recipe is not None:
-            self.lab.recipe = put_stage(self.lab.recipe, rot.config)
+            self.lab.recipe = self.lab.recipe.with_stage(rot.config)

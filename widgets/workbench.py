@@ -43,8 +43,21 @@ class Workbench(W.VBox):
     (``QUICK_SENSITIVITY``; cached under the workbench's data folder, so only the first
     dashboard of a model pays for it). The header says which one the budget editor uses.
 
-    >>> # from uqcit.widgets import Workbench
-    >>> # Workbench("smollm2-135m", sensitivity="benchmarks/results/sensitivity-smollm2-135m.safetensors")
+    In a notebook, on the default model with the repository's measured table::
+
+        Workbench("smollm2-135m", sensitivity="benchmarks/results/sensitivity-smollm2-135m.safetensors")
+
+    The same on a tiny model, with a small table measured on the spot:
+
+    >>> from uqcit.pipeline import Session
+    >>> from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
+    >>> s = Session.from_model("tiny-llama", progress=False)
+    >>> levels = s.run_stage(LevelsConfig())
+    >>> sens = measure_sensitivity(s.reference, s.tokenizer, levels, SensitivityConfig(
+    ...     formats=("w2", "w4"), group_size=32, calib_samples=2, calib_seq_len=32), progress=False)
+    >>> wb = Workbench(s, sensitivity=sens)
+    >>> list(wb.tabs.titles)
+    ['Levels', 'Clusters', 'Rotation', 'Budget', 'Evaluate', 'Export', 'Recipe']
     """
 
     def __init__(self, model: str | Session = "smollm2-135m", *,
@@ -86,7 +99,7 @@ class Workbench(W.VBox):
                                            source=self._source_html(), state=self.lab),
             "Evaluate": lambda: EvalPanel(s.reference, s.tokenizer, self.levels, windows=eval_windows, state=self.lab),
             "Export": lambda: ExportPanel(s.reference, s.tokenizer, self.levels, state=self.lab, source_model=s.name,
-                                          sensitivity=self.sensitivity,
+                                          sensitivity=self.sensitivity, clusters=s.results.get("clusters"),
                                           path=export_path or f"runs/{_slug(s.name)}-workbench/package"),
             "Recipe": self._recipe_view,
         }

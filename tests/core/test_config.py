@@ -1,25 +1,10 @@
 import dataclasses
+import re
 
 import pytest
 
-from uqcit.core.config import CONFIG_TYPES, ConfigError, StageConfig
+from uqcit.core.config import ConfigError, FrozenMap, StageConfig
 from uqcit.recipe import Recipe, builtin_recipe, builtin_recipes
-
-
-def _all_configs():
-    import uqcit.recipe
-
-    uqcit.recipe._register_all()
-    return sorted(CONFIG_TYPES.items())
-
-
-@pytest.mark.parametrize("tag,cls", _all_configs())
-def test_every_config_round_trips_through_json(tag, cls):
-    cfg = cls()
-    back = StageConfig.from_json(cfg.to_json())
-    assert type(back) is cls and back == cfg
-    d = cfg.to_dict()
-    assert d["type"] == tag and d["version"] == cls.version
 
 
 def test_unknown_key_is_rejected_by_name():
@@ -78,3 +63,71 @@ def test_recipe_with_stage_replaces_by_type():
     assert r.stage("eval").max_windows is None  # the original is untouched
     assert [s.type_tag for s in r2.stages] == [s.type_tag for s in r.stages]
     assert dataclasses.is_dataclass(r2)
+
+
+def test_recipe_with_stage_inserts_a_new_stage_in_pipeline_order():
+    from uqcit.stages.clusters import ClustersConfig
+    from uqcit.stages.retrain import RetrainConfig
+    from uqcit.stages.rotation import RotationConfig
+
+    r = builtin_recipe("rtn-w4-g128")  # levels, plan, quantize, eval
+    tags = [s.type_tag for s in r.with_stage(RotationConfig()).with_stage(ClustersConfig())
+            .with_stage(RetrainConfig()).stages]
+    assert tags == ["rotation", "levels", "clusters", "plan", "quantize", "retrain", "eval"]
+
+
+def test_configs_are_immutable_and_hold_no_dict():
+    from uqcit.stages.allocate import AllocateConfig
+    from uqcit.stages.plan import PlanConfig, build_plan
+
+    cfg = PlanConfig()
+    assert isinstance(cfg.level_patterns, FrozenMap) and cfg.level_patterns == {"1": "46-54", "2": "30-70",
+                                                                               "3": "10-90", "4": "30-70",
+                                                                               "5": "46-54"}
+    with pytest.raises(TypeError):
+        cfg.level_patterns["3"] = "46-54"  # the shared default of build_plan cannot be edited
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.bits = 2
+    assert build_plan.__defaults__[0].level_patterns["3"] == "10-90"
+    pins = {"re:.*q_proj": "w8-g128"}
+    a = AllocateConfig(pins=pins)
+    pins["re:.*k_proj"] = "float"  # the caller's dict stays the caller's
+    assert dict(a.pins) == {"re:.*q_proj": "w8-g128"} and hash(a) == hash(AllocateConfig(pins=dict(a.pins)))
+    assert a.to_dict()["pins"] == {"re:.*q_proj": "w8-g128"} and type(a.to_dict()["pins"]) is dict
+    import copy
+    import pickle
+
+    assert copy.deepcopy(a) == a and pickle.loads(pickle.dumps(a)) == a
+
+
+@pytest.mark.parametrize("make, message", [
+    ("QuantizeConfig(block_size=0)", "QuantizeConfig.block_size must be >= 1, got 0"),
+    ("QuantizeConfig(method='awq')", "QuantizeConfig.method must be one of ['rtn', 'gptq'], got 'awq'"),
+    ("PlanConfig(group_size=0)", "PlanConfig.group_size must be >= 1, got 0"),
+    ("PlanConfig(bits=5)", "PlanConfig.bits must be one of"),
+    ("PlanConfig(overrides={'x': 'w9'})", "PlanConfig.overrides: override 'x'"),
+    ("PlanConfig(level_patterns={'3': '10-80'})", "PlanConfig.level_patterns['3']"),
+    ("AllocateConfig(target_bpw=0)", "AllocateConfig.target_bpw must be positive, got 0"),
+    ("AllocateConfig(formats=())", "AllocateConfig.formats is empty"),
+    ("AllocateConfig(pins={'x': 'w9'})", "AllocateConfig.pins: pin 'x'"),
+    ("EvalConfig(window=100, total_tokens=1024)", "EvalConfig.total_tokens must be a positive multiple"),
+    ("EvalConfig(max_windows=0)", "EvalConfig.max_windows must be >= 1"),
+    ("ClustersConfig(threshold=1.0)", "ClustersConfig.threshold must be in [0, 1)"),
+    ("SensitivityConfig(formats=())", "SensitivityConfig.formats: formats is empty"),
+    ("SensitivityConfig(calib_seq_len=1)", "SensitivityConfig.calib_seq_len must be >= 2, got 1"),
+    ("RotationConfig(lr=0)", "RotationConfig.lr must be > 0, got 0"),
+    ("RetrainConfig(mode='full')", "RetrainConfig.mode must be one of"),
+    ("PruneConfig(tau=1.0)", "PruneConfig.tau must be in [0, 1)"),
+    ("CompensateConfig(rank=-1)", "CompensateConfig.rank must be >= 0, got -1"),
+    ("ImportanceConfig(calib_seq_len=1)", "ImportanceConfig.calib_seq_len must be >= 2"),
+    ("LevelsConfig(late_fraction=-0.1)", "LevelsConfig.late_fraction must be in [0, 1]"),
+])
+def test_configs_are_validated_when_built_naming_the_field(make, message):
+    from uqcit.core.config import config_types
+
+    names = {cls.__name__: cls for cls in config_types().values()}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        eval(make, {}, names)
+    cls_name, _, args = make.partition("(")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        eval(f"{cls_name}().replace({args}", {}, names)  # a changed copy is validated too

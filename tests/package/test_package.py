@@ -143,3 +143,25 @@ def test_clusters_and_sensitivity_travel_with_the_package(tmp_path):
     back = SensitivityResult.load(path / "validation" / "sensitivity.safetensors")
     assert back.modules == sens.modules and torch.equal(torch.as_tensor(back.table), torch.as_tensor(sens.table))
     assert read_metadata(path)["package_bytes"] == package_bytes(path)
+
+
+def test_metadata_is_one_typed_record_that_inspect_reads(tmp_path, capsys):
+    from uqcit.cli import main
+    from uqcit.package import PackageMetadata
+
+    model, tok, levels, q = _compress("llama")
+    path = export_package(q.export_record(), tok, tmp_path / "pkg", source_model="tiny-llama",
+                          extra_metadata={"note": "kept as given"})
+    meta = PackageMetadata.read(path)
+    assert meta.to_dict() == read_metadata(path)  # every key of the file, no more
+    assert meta.extra == {"note": "kept as given"} and meta.pruning is None and meta.signed_by is None
+    assert (meta.method, meta.average_bits_per_param, meta.package_bytes) == (q.method_name, q.bpw, package_bytes(path))
+    assert main(["inspect", str(path), "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert f"method        {q.method_name}" in out and "(tied to model.embed_tokens)" in out
+    assert out.count("% of weights") == len(meta.level_distribution) > 0
+    bad = json.loads((path / "uqcit_metadata.json").read_text())
+    del bad["modules"]
+    (path / "uqcit_metadata.json").write_text(json.dumps(bad))
+    with pytest.raises(PackageError, match=r"uqcit_metadata.json: metadata lacks key\(s\) \['modules'\]"):
+        PackageMetadata.read(path)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from uqcit.package import secure
 from uqcit.stages.quantize import quantize_model
-from uqcit.core.config import StageConfig
+from uqcit.core.config import ConfigError, StageConfig
 from uqcit.stages.levels import analyze_levels
 from uqcit.package import PackageError, export_package, load_package, package_bytes, read_metadata, write_validation
 from uqcit.stages.plan import PlanConfig, build_plan
@@ -157,7 +157,8 @@ def test_secret_is_never_written_and_nonces_are_unique(protected):
     path, secret = protected
     blobs = {f: (path / f).read_bytes() for f in _files(path)}
     assert not any(secret.material in b for b in blobs.values())
-    nonces = [b[len(secure._MAGIC):len(secure._MAGIC) + 12] for f, b in blobs.items() if f.endswith(".enc")]
+    m = len(secure.ENCRYPTED_MAGIC)
+    nonces = [b[m:m + 12] for f, b in blobs.items() if f.endswith(".enc")]
     assert len(nonces) == len(set(nonces)) > 5
     raw = Secret.generate()
     assert raw.material.hex() not in repr(raw)
@@ -210,7 +211,7 @@ def test_keyed_encoding_is_exact_with_the_key_and_garbage_without(quantized, tmp
 
 
 def test_encoding_round_trips_every_dtype():
-    keys = secure._Keys(Secret.generate(), b"s" * 16, 10)
+    keys = secure.DerivedKeys(Secret.generate(), b"s" * 16, 10)
     ts = {"f16": torch.randn(7, 5).half(), "f32": torch.randn(33), "bf16": torch.randn(4, 4).bfloat16(),
           "u8": torch.randint(0, 256, (100,), dtype=torch.uint8), "i64": torch.arange(9),
           "b": torch.rand(17) > 0.5, "empty": torch.zeros(0), "x.mask": torch.randint(0, 256, (8,), dtype=torch.uint8)}
@@ -229,7 +230,9 @@ def test_protect_needs_a_secret_and_config_round_trips(quantized, tmp_path):
         export_package(q, tok, tmp_path / "pkg", protect=ProtectConfig(encrypt=True))
     assert not (tmp_path / "pkg").exists() and not list(tmp_path.iterdir())  # nothing half-written
     cfg = ProtectConfig(encrypt=True, scrypt_log2_n=16)
-    assert StageConfig.from_json(cfg.to_json()) == cfg
+    assert ProtectConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="protect"):  # an export option, not a stage: no recipe holds one
+        StageConfig.from_json(cfg.to_json())
     with pytest.raises(ValueError, match="scrypt_log2_n"):
         ProtectConfig(scrypt_log2_n=3)
     with pytest.raises(ValueError, match="32 bytes"):

@@ -168,7 +168,7 @@ def test_pipeline_runs_sensitivity_then_allocation_into_quantize():
     s.run_stage(LevelsConfig())
     s.run_stage(SensitivityConfig(formats=("w2", "w4", "w8"), group_size=32, calib_samples=2, calib_seq_len=32))
     alloc = s.run_stage(AllocateConfig(target_bpw=4.0))
-    assert s.state["plan"] is alloc.plan
+    assert s.plan is alloc.plan
     quantized = s.run_stage(QuantizeConfig())
     assert quantized.bpw == pytest.approx(alloc.achieved_bpw, abs=1e-12)  # planned bits are stored bits
     assert quantized.plan.name == "alloc-4"

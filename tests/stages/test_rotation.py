@@ -33,10 +33,10 @@ from uqcit.tensor.structures import (
     paley_conference,
     random_orthogonal,
     randomized_hadamard,
-    structure_checks,
     structure_layout,
     symplectic_basis,
 )
+from uqcit.tensor.invariants import structure_checks
 from uqcit.inputs.tiny import tiny_model
 
 ORDERS = (4, 8, 12, 20, 48, 64, 576, 1536)

@@ -174,7 +174,7 @@ def test_gptq_through_quantize_model_and_the_pipeline():
     s = Session(name="tiny-llama", reference=model, tokenizer=tok, progress=False)
     s.run_stage(LevelsConfig())
     s.run_stage(PlanConfig(preset="uniform", bits=3, group_size=32))
-    rtn = quantize_model(model, s.results["levels"], s.state["plan"], progress=False)
+    rtn = quantize_model(model, s.results["levels"], s.plan, progress=False)
     gptq = s.run_stage(QuantizeConfig(method="gptq", calib_samples=4, calib_seq_len=64))
     assert gptq.method == "gptq" and gptq.method_name == "gptq-w3-g32"
     assert gptq.bpw == rtn.bpw and gptq.stored_bits == rtn.stored_bits
@@ -186,7 +186,7 @@ def test_gptq_through_quantize_model_and_the_pipeline():
                        progress=False)
     assert ev["gptq"].kl < ev["rtn"].kl
     assert not gptq.sequential
-    seq = quantize_model(model, s.results["levels"], s.state["plan"],
+    seq = quantize_model(model, s.results["levels"], s.plan,
                          QuantizeConfig(method="gptq", sequential=True, calib_samples=4, calib_seq_len=64),
                          tokenizer=tok, progress=False)
     assert seq.sequential and seq.stored_bits == rtn.stored_bits

@@ -6,9 +6,9 @@ flushed and then renamed over the target, so a reader sees the old file or the n
 never half of one, and two writers never share a temporary name.
 
 >>> import tempfile, pathlib
->>> d = pathlib.Path(tempfile.mkdtemp())
->>> _ = write_json(d / "a.json", {"b": 2, "a": (1, 2)})
->>> (d / "a.json").read_text()
+>>> with tempfile.TemporaryDirectory() as d:
+...     _ = write_json(pathlib.Path(d) / "a.json", {"b": 2, "a": (1, 2)})
+...     (pathlib.Path(d) / "a.json").read_text()
 '{\\n  "a": [\\n    1,\\n    2\\n  ],\\n  "b": 2\\n}\\n'
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = FILE_MODE)
     """Write ``data`` to ``path`` through a unique temporary file and one rename.
 
     >>> import tempfile, pathlib
-    >>> p = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
-    >>> atomic_write(p, b"abc").read_bytes()
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     atomic_write(pathlib.Path(d) / "x.bin", b"abc").read_bytes()
     b'abc'
     """
     path = Path(path)

@@ -38,7 +38,7 @@ def home() -> Path:
 
 
 def corpora_dir() -> Path:
-    """Text corpora fetched by ``uqcit fetch-data`` (``data.fetch_corpora``)."""
+    """Text corpora fetched by ``uqcit fetch-data`` (``uqcit.inputs.corpus.fetch_corpora``)."""
     return _ensure(home() / "corpora")
 
 

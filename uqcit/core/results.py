@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any, Iterable, Sequence
 
+from uqcit.core.io import json_default
+
 
 class Result:
     """Mixin for stage results. Subclasses implement ``to_dict``, ``figure`` and ``summary``."""
@@ -20,7 +22,8 @@ class Result:
         raise NotImplementedError
 
     def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=_json_default)
+        # Keys keep to_dict's order (a reader sees the fields in the order the result declares them).
+        return json.dumps(self.to_dict(), indent=indent, default=json_default)
 
     def summary(self) -> str:
         """One line saying what this result measured."""
@@ -70,10 +73,3 @@ def fmt(value: Any) -> str:
         return f"{value:.4g}"
     return str(value)
 
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot serialize {type(value).__name__} to JSON")

@@ -72,7 +72,7 @@ def collect_input_stats(model: nn.Module, batch: torch.Tensor, modules: Iterable
                         progress: bool = True) -> dict[str, InputStats]:
     """Input statistics of ``modules`` (Linear, Conv1D or Embedding names) over ``batch``.
 
-    ``batch`` is ``LongTensor [n, seq]`` of token ids (e.g. ``data.calibration_batch``), run
+    ``batch`` is ``LongTensor [n, seq]`` of token ids (e.g. ``uqcit.inputs.corpus.calibration_batch``), run
     ``micro_batch`` sequences at a time with no gradients. ``hessian=False`` keeps only the
     per-channel diagonal. Memory: a Hessian is ``4 · in²`` bytes per module (SmolLM2-135M:
     about 0.5 GB for all 210 Linear layers); pass fewer ``modules`` to bound it. Embeddings

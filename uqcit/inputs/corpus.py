@@ -1,4 +1,4 @@
-"""Text for evaluation and calibration, following the protocol of DESIGN.md.
+"""Text for evaluation and calibration, following the protocol of docs/evaluation.md.
 
 The evaluation text is gensim's ``lee_background.cor`` (news, about 360 KB),
 tokenized whole with the model's tokenizer and no special tokens. Evaluation
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from uqcit.core import paths
+from uqcit.core.io import atomic_write
 
 DEFAULT_CORPUS = "lee_background"
 CORPORA: dict[str, str] = {"lee_background": "lee_background.cor", "lee": "lee.cor"}
@@ -118,7 +119,7 @@ def fetch_corpora() -> list[Path]:
                         raise CorpusFetchError(
                             f"{member} in {wheel.name} is not the evaluation text this workbench "
                             f"measures on (sha256 {digest}, expected {CORPUS_SHA256[name]})")
-                    _write_atomic(targets[name], data)
+                    atomic_write(targets[name], data)
     return list(targets.values())
 
 
@@ -155,18 +156,6 @@ def _download_gensim_wheel(folder: Path) -> Path:
         raise CorpusFetchError(f"`pip download gensim` failed (exit {done.returncode}); it needs "
                                f"access to PyPI and pip in this environment:\n{tail}")
     return wheels[0]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256_file(path: Path) -> str | None:
@@ -250,6 +239,22 @@ def calibration_batch(tokenizer, *, n_samples: int = 32, seq_len: int = 512, see
     starts = skip_tokens + torch.randint(0, available - seq_len + 1, (n_samples,), generator=generator)
     index = starts[:, None] + torch.arange(seq_len)  # [n_samples, seq_len]
     return ids[index]
+
+
+def stage_calibration(config, tokenizer, calibration: torch.Tensor | None, *, what: str,
+                      alternative: str = "") -> torch.Tensor:
+    """The calibration batch of a stage: ``calibration`` when given, else ``calibration_batch``.
+
+    ``config`` gives ``calib_samples``, ``calib_seq_len`` and ``seed``. Without a batch or a
+    tokenizer the error names ``what`` needs it (and ``alternative``, another way to supply it).
+    """
+    if calibration is not None:
+        return calibration
+    if tokenizer is None:
+        raise ValueError(f"{what} needs calibration text: pass tokenizer=... or "
+                         f"calibration=LongTensor[n, seq]{alternative}")
+    return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
+                             seed=config.seed)
 
 
 def _tokens(tokenizer, text: str | None) -> torch.Tensor:

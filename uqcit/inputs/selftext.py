@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uqcit.core.results import Result
+from uqcit.inputs.corpus import encode
 
 # Short, deliberately varied openings (news, science, how-to, dialogue, code, lists, fiction...):
 # they only steer where the original model starts writing; every token after them is its own.
@@ -116,8 +117,6 @@ def self_generate(model: nn.Module, tokenizer, *, n_sequences: int, seq_len: int
     """``model`` continues ``prompts`` (cycling, ``batch`` samples of one prompt at a time) to
     ``n_sequences`` sequences of ``seq_len`` tokens, sampled with a generator seeded by ``seed``."""
     from tqdm.auto import tqdm
-
-    from uqcit.inputs.corpus import encode
 
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt text")

@@ -1,4 +1,11 @@
-"""The compressed package on disk: format, export, load, and the secure wrapper."""
-from uqcit.package.export import (  # noqa: F401
-    FORMAT_VERSION, METADATA_FILE, LoadedPackage, PackageError, export_package, load_package,
-    package_bytes, read_metadata, write_validation)
+"""The compressed package on disk: format, export, load, and the secure wrapper (``uqcit.package.secure``)."""
+from uqcit.package.export import export_package, write_validation
+from uqcit.package.format import (
+    FORMAT_VERSION, METADATA_FILE, LoadedPackage, PackageError, PackageMetadata, SecurityError, package_bytes,
+    read_metadata)
+from uqcit.package.load import load_package
+
+__all__ = [
+    "FORMAT_VERSION", "METADATA_FILE", "LoadedPackage", "PackageError", "PackageMetadata", "SecurityError",
+    "export_package", "load_package", "package_bytes", "read_metadata", "write_validation",
+]

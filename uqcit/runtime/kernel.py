@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from uqcit.core.io import atomic_write_with
+from uqcit.core.paths import home
 from uqcit.tensor.formats import FLOAT_BITS
 from uqcit.tensor.quant import QuantizedTensor
 
@@ -208,8 +210,6 @@ ENV_DISABLE = "UQCIT_NO_KERNEL"  # set to 1 to force the pure-torch path (for co
 
 
 def _build() -> ctypes.CDLL:
-    from uqcit.core.paths import home
-
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
@@ -225,11 +225,14 @@ def _build() -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             src = Path(tmp) / "uq_packed.c"
             src.write_text(_C_SOURCE)
-            out = Path(tmp) / lib_path.name
-            proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise OSError(f"{cc} failed to build the packed kernel: {proc.stderr.strip()[:500]}")
-            os.replace(out, lib_path)  # atomic: a concurrent build never sees half a library
+
+            def compile_to(out: Path) -> None:
+                proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise OSError(f"{cc} failed to build the packed kernel: {proc.stderr.strip()[:500]}")
+
+            # Atomic: a concurrent build never sees half a library. 0o755, as the linker writes it.
+            atomic_write_with(lib_path, compile_to, mode=0o755)
     lib = ctypes.CDLL(str(lib_path))
     lib.uq_init.restype = None
     lib.uq_init()

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uqcit.core.names import DEFAULT_BLOCK_PATTERN, block_of, stack_of
+from uqcit.runtime import kernel as packed
 from uqcit.tensor.formats import QuantFormat, parse_format
 from uqcit.tensor.quant import QuantizedTensor, dequantize, dequantize_at, quantize, tensor_layout
 
@@ -227,8 +229,6 @@ class QuantLinear(_QuantStorage):
         if x.numel() > KERNEL_MAX_ROWS * self.in_features:
             return None
         if self._kernel is None:  # decided once per placement of the buffers
-            from uqcit.runtime import kernel as packed
-
             q = self.qtensor
             self._kernel = packed.PackedKernel(q) if packed.available() and packed.supports(q) else False
         return self._kernel or None
@@ -385,3 +385,35 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     if child not in parent._modules:
         raise ValueError(f"{parent_name or type(model).__name__!r} has no child module {child!r} (replacing {name!r})")
     setattr(parent, child, new)
+
+
+def block_stack(model: nn.Module, names: Iterable[str],
+                block_pattern: str = DEFAULT_BLOCK_PATTERN) -> tuple[str, nn.ModuleList] | None:
+    """The ``ModuleList`` of blocks that the block modules among ``names`` sit in, with its dotted name.
+
+    None when they sit in several stacks (an encoder and a decoder), in none, or in a
+    container that is not a ``ModuleList``: such models are run whole, never block by block.
+    """
+    stacks = {stack_of(n, block_pattern).rstrip(".") for n in names if block_of(n, block_pattern) is not None}
+    if len(stacks) != 1:
+        return None
+    (name,) = stacks
+    try:
+        container = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return (name, container) if isinstance(container, nn.ModuleList) else None
+
+
+def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[b, seq, vocab]`` of ``model`` on token ``ids``, without a KV cache.
+
+    ``ids`` move to the model's device; a model without an LM head gives its last hidden state.
+    Gradients flow (wrap the call in ``torch.no_grad()`` to measure).
+    """
+    device = next(model.parameters()).device
+    # A generative HF model keeps a cache unless told not to; plain modules take no such flag.
+    accepts_cache = hasattr(model, "generation_config") or type(model).__name__.endswith("ForCausalLM")
+    out = model(input_ids=ids.to(device), use_cache=False) if accepts_cache else model(input_ids=ids.to(device))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float()

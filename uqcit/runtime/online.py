@@ -11,9 +11,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from uqcit.core.names import block_of, layer_dir
+from uqcit.runtime.modules import replace_module
 from uqcit.tensor.structures import Rotation, kron_apply, structure_factors
-
-OUTER = "outer"  # package folder of modules outside the blocks (same naming as uqcit.package.export)
 
 # =============================================================================================
 # run-time modules: online rotations that cannot be folded into a weight
@@ -140,24 +140,17 @@ def is_rotation_key(key: str) -> bool:
     return len(parts) >= 2 and parts[-2] in _SITES and parts[-1] in ("signs", "layout", "matrix")
 
 
-def _layer_dir(name: str) -> str:
-    from uqcit.stages.levels import block_of
-
-    block = block_of(name)
-    return OUTER if block is None else f"layer_{block:03d}"
-
-
 def rotation_tensors_for_layer_dir(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Every online rotation's stored tensors, grouped by package layer folder.
 
     Keys are full state-dict keys (e.g. ``model.layers.3.mlp.online_rotation.signs``); folders
-    are named as ``uqcit.package.export`` names them (``layer_003``, ``outer``). Folded rotations
+    are named by ``uqcit.core.names.layer_dir`` (``layer_003``, ``outer``). Folded rotations
     store nothing and do not appear.
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, OnlineRotation):
-            layer = _layer_dir(name)
+            layer = layer_dir(block_of(name))
             for key, t in mod.state_dict().items():
                 out.setdefault(layer, {})[f"{name}.{key}"] = t.detach().contiguous()
     return out
@@ -186,7 +179,7 @@ def apply_online_rotations(model: nn.Module, tensors: Mapping[str, torch.Tensor]
             if isinstance(owner, RotatedGatedMLP):
                 owner.online_rotation = rot
             else:
-                _replace(model, owner_name, RotatedGatedMLP(owner, rot))
+                replace_module(model, owner_name, RotatedGatedMLP(owner, rot))
         elif kind == "scale_rotation":
             if isinstance(owner, RotatedRMSNorm):
                 owner.scale_rotation = rot
@@ -194,17 +187,11 @@ def apply_online_rotations(model: nn.Module, tensors: Mapping[str, torch.Tensor]
                 eps = getattr(owner, "variance_epsilon", getattr(owner, "eps", None))
                 if eps is None or not hasattr(owner, "weight"):
                     raise TypeError(f"{owner_name} ({type(owner).__name__}) is not an RMSNorm")
-                _replace(model, owner_name, RotatedRMSNorm(owner.weight, eps, rot))
+                replace_module(model, owner_name, RotatedRMSNorm(owner.weight, eps, rot))
         else:
             attach_input_rotation(owner, rot)
         done.append(site)
     return done
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    from uqcit.runtime.modules import replace_module
-
-    replace_module(model, name, new)
 
 
 def _set_online_enabled(model: nn.Module, enabled: bool) -> None:

@@ -43,11 +43,11 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import ConfigError, StageConfig, StageSession, register_config, stage_handler
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat, parse_format
 from uqcit.stages.plan import LEVEL_COLORS, BitPlan
 from uqcit.core.results import Result
@@ -64,9 +64,22 @@ class AllocateConfig(StageConfig):
     type_tag = "allocate"
 
     target_bpw: float = 3.25  # average stored bits per weight over the quantizable modules, all overhead counted
-    pins: dict[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format name or "float"
+    pins: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format name or "float"
     formats: tuple[str, ...] | None = None  # candidates allowed (measured names); None: every measured format
     resolution_bpw: float = 0.005  # budget the bit grid may lose to rounding, in bits/weight (<< 0.02)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.target_bpw > 0, "target_bpw", "must be positive")
+        self.check(self.resolution_bpw > 0, "resolution_bpw", "must be positive")
+        self.check(self.formats is None or len(self.formats) > 0, "formats",
+                   "is empty: allow at least one measured format (None: all)")
+        for key, value in self.pins.items():
+            if value != FLOAT:
+                try:
+                    parse_format(value)
+                except ValueError as exc:
+                    raise ConfigError(f"AllocateConfig.pins: pin {key!r}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +207,6 @@ def allocate(levels, sensitivity, config: AllocateConfig = AllocateConfig()) -> 
     owners = levels.quantizable()
     if not owners:
         raise ValueError("levels has no quantizable module")
-    if not config.target_bpw > 0 or not config.resolution_bpw > 0:
-        raise ValueError(f"target_bpw and resolution_bpw must be positive, got {config.target_bpw}, "
-                         f"{config.resolution_bpw}")
     allowed = _allowed_formats(sensitivity, config.formats)
     pins = _expand_pins(levels, config.pins)
 
@@ -254,8 +264,6 @@ def _allowed_formats(sensitivity, formats: tuple[str, ...] | None) -> list[str]:
     unknown = [f for f in formats if f not in sensitivity.formats]
     if unknown:
         raise ValueError(f"formats {unknown} were not measured; measured formats: {sensitivity.formats}")
-    if not formats:
-        raise ValueError("formats is empty: allow at least one measured format")
     return list(formats)
 
 
@@ -332,3 +340,13 @@ def _solve(candidates: list[list[tuple[str, int, float]]], budget: int, weights:
         choice[i] = fronts[i][slot]
         s -= cost[i][slot]
     return choice, n * unit / weights
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(AllocateConfig)
+def _allocate_stage(session: StageSession, cfg: AllocateConfig) -> AllocationResult:
+    levels = session.require("levels")
+    result = allocate(levels, session.require("sensitivity"), cfg)
+    session.plan = result.plan  # a following "quantize" stage uses it
+    return result

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import StageConfig, StageSession, register_config, stage_handler
 from uqcit.stages.levels import select_modules
 from uqcit.core.results import Result
 
@@ -66,6 +66,12 @@ class ClustersConfig(StageConfig):
     calib_samples: int = 4  # activations only: calibration sequences
     calib_seq_len: int = 256  # activations only: tokens per sequence
     seed: int = 0  # activations only: picks the calibration sequences
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(0.0 <= self.threshold < 1.0, "threshold", "must be in [0, 1)")
+        for name in ("max_rows", "calib_samples", "calib_seq_len"):
+            self.check(getattr(self, name) >= 1, name, "must be >= 1")
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -283,7 +289,7 @@ def detect_clusters(model: nn.Module, levels, config: ClustersConfig = ClustersC
     """Find correlated output channels in each selected module (see the module doc).
 
     ``tokenizer`` is needed for the ``"activations"`` and ``"both"`` sources (calibration
-    text: ``data.calibration_batch``, or ``text``).
+    text: ``uqcit.inputs.corpus.calibration_batch``, or ``text``).
     """
     from tqdm.auto import tqdm
 
@@ -367,3 +373,11 @@ def _image(off: torch.Tensor, clusters: list[list[int]]) -> tuple[torch.Tensor, 
     m = off[order][:, order]
     pooled = torch.nn.functional.max_pool2d(m[None, None], kernel_size=scale, stride=scale, ceil_mode=True)[0, 0]
     return pooled, spans, scale
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(ClustersConfig)
+def _clusters_stage(session: StageSession, cfg: ClustersConfig) -> ClustersResult:
+    levels = session.require("levels")
+    return detect_clusters(session.working, levels, cfg, session.tokenizer, progress=session.progress)

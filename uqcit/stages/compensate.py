@@ -17,10 +17,24 @@ inputs in the float model on calibration text:
   float output ``y = Wx`` by the compensated one (``α = cov(y, ŷ) / var(ŷ)``,
   ``β = E[y] − α E[ŷ]``; bias only: ``α = 1``, ``β = (W − Ŵ') μ``), from ``H`` and ``μ``.
 
-At run time the layer computes ``α (Ŵx + A(Bx)) + β + bias`` (``runtime.Compensation``).
+At run time the layer computes ``α (Ŵx + A(Bx)) + β + bias`` (``uqcit.runtime.modules.Compensation``).
 
->>> # res = compensate(quantized, reference, levels, CompensateConfig(rank=16), tokenizer=tok)
->>> # res.model is the compensated copy; res.noise_profile() goes to validation/noise_profile.json
+``res.model`` is the compensated copy; ``res.noise_profile()`` goes to ``validation/noise_profile.json``.
+
+>>> from uqcit.inputs.tiny import tiny_model
+>>> from uqcit.stages.levels import analyze_levels
+>>> from uqcit.stages.plan import PlanConfig, build_plan
+>>> from uqcit.stages.quantize import quantize_model
+>>> model, tok = tiny_model("llama")
+>>> levels = analyze_levels(model)
+>>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", bits=3, group_size=32)),
+...                    progress=False)
+>>> res = compensate(q, model, levels, CompensateConfig(rank=4, calib_samples=2, calib_seq_len=32),
+...                  tokenizer=tok, progress=False)
+>>> [m.name for m in res.compensated]  # the Level-3 layers (the last block is Level 5)
+['model.layers.0.self_attn.o_proj', 'model.layers.1.self_attn.o_proj', 'model.layers.2.self_attn.o_proj']
+>>> all(m.output_noise_after < m.output_noise for m in res.compensated), res.bpw > q.bpw
+(True, True)
 """
 from __future__ import annotations
 
@@ -33,11 +47,13 @@ from typing import Any
 import torch
 
 from uqcit.inputs.calibration import InputStatsCollector
-from uqcit.core.config import StageConfig, register_config
+from uqcit.inputs.corpus import stage_calibration
+from uqcit.core.config import ConfigError, StageConfig, StageSession, register_config, stage_handler
 from uqcit.tensor.formats import FLOAT_BITS, parse_format
 from uqcit.stages.levels import select_modules
 from uqcit.stages.plan import LEVEL_COLORS
 from uqcit.tensor.quant import dequantize, quantize
+from uqcit.core.record import ExportRecord, module_records
 from uqcit.core.results import Result
 from uqcit.runtime.modules import Compensation, QuantLinear, linear_weight
 
@@ -62,19 +78,19 @@ class CompensateConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"rank must be >= 0, got {self.rank}")
-        if self.rank_budget is not None and self.rank_budget < 0:
-            raise ValueError(f"rank_budget must be >= 0 bits/weight, got {self.rank_budget}")
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, got {self.damp}")
-        if self.calib_samples < 1 or self.calib_seq_len < 1:
-            raise ValueError("calib_samples and calib_seq_len must be >= 1")
-        fmt = parse_format(self.factor_format)  # raises with the accepted spellings
-        if fmt.mixed:
-            raise ValueError(f"factor_format must be fp16 or a plain integer format, got {self.factor_format!r}")
+        super().__post_init__()
+        self.check(self.rank >= 0, "rank", "must be >= 0")
+        self.check(self.rank_budget is None or self.rank_budget >= 0, "rank_budget", "must be >= 0 bits/weight")
+        self.check(self.damp >= 0, "damp", "must be >= 0")
+        self.check(self.calib_samples >= 1, "calib_samples", "must be >= 1")
+        self.check(self.calib_seq_len >= 1, "calib_seq_len", "must be >= 1")
+        try:
+            fmt = parse_format(self.factor_format)
+        except ValueError as exc:  # the parser's message lists the accepted spellings
+            raise ConfigError(f"CompensateConfig.factor_format: {exc}") from None
+        self.check(not fmt.mixed, "factor_format", "must be fp16 or a plain integer format")
         if not (self.lowrank or self.bias or self.scale):
-            raise ValueError("nothing to do: enable lowrank, bias or scale")
+            raise ConfigError("CompensateConfig: nothing to do: enable lowrank, bias or scale")
 
     @property
     def method_prefix(self) -> str:
@@ -121,7 +137,7 @@ class CompensateResult(Result):
     seconds: float
     calib_tokens: int
 
-    # --- what export_package reads from a QuantizeResult
+    # --- the figures a QuantizeResult has, compensation included
     @property
     def plan(self):
         return self.quantized.plan
@@ -174,6 +190,14 @@ class CompensateResult(Result):
                 "calibration_tokens": self.calib_tokens, "method": self.method_name,
                 "compensation": self.config.to_dict(), "extra_bits": self.extra_bits,
                 "modules": modules}
+
+    def export_record(self) -> ExportRecord:
+        """What ``uqcit.package.export_package`` writes: the quantized figures plus the compensation's
+        bits, and the output noise before/after as the noise profile."""
+        return ExportRecord(model=self.model, method=self.method_name, bpw=self.bpw,
+                            stored_bits=self.stored_bits, weight_count=self.weight_count,
+                            modules=module_records(self.modules), plan=self.plan.to_dict(),
+                            noise_profile=self.noise_profile())
 
     def summary(self) -> str:
         if not self.compensated:
@@ -392,7 +416,7 @@ def compensate(quantized, reference: torch.nn.Module, levels, config: Compensate
 
     ``reference`` is the float model ``quantized`` came from (its weights and its inputs on
     calibration text define the target). Calibration text: ``calibration`` (``LongTensor
-    [n, seq]``) or ``tokenizer`` for ``data.calibration_batch`` (never the evaluation text);
+    [n, seq]``) or ``tokenizer`` for ``uqcit.inputs.corpus.calibration_batch`` (never the evaluation text);
     or ``stats`` from ``collect_compensation_stats`` over all ``quantized_linears(quantized)``,
     to compare several configs without re-collecting.
     """
@@ -412,14 +436,8 @@ def compensate(quantized, reference: torch.nn.Module, levels, config: Compensate
                          f"quantized Linear layers: {linears[:3]}…")
 
     if stats is None:
-        if calibration is None:
-            if tokenizer is None:
-                raise ValueError("compensate needs calibration text: pass tokenizer=..., calibration=LongTensor[n, seq] "
-                                 "or stats=collect_compensation_stats(...)")
-            from uqcit.inputs.corpus import calibration_batch
-
-            calibration = calibration_batch(tokenizer, n_samples=config.calib_samples,
-                                            seq_len=config.calib_seq_len, seed=config.seed)
+        calibration = stage_calibration(config, tokenizer, calibration, what="compensate",
+                                        alternative=" or stats=collect_compensation_stats(...)")
         # Statistics of every quantized Linear's input in the float model: H for the noise
         # profile of all of them, means for the compensated ones.
         stats = collect_compensation_stats(reference, linears, calibration, progress=progress)
@@ -486,3 +504,12 @@ def compensate(quantized, reference: torch.nn.Module, levels, config: Compensate
         records.append(ModuleCompensation(name, level_of.get(name, 0), w.numel(), comp.rank, comp.stored_bits,
                                           noise[name]["weight_noise"], noise[name]["output_noise"], after))
     return CompensateResult(model, quantized, config, records, noise, time.perf_counter() - t_start, tokens)
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(CompensateConfig)
+def _compensate_stage(session: StageSession, cfg: CompensateConfig) -> CompensateResult:
+    quantized = session.require("quantize")
+    return compensate(quantized, session.working, session.require("levels"), cfg,
+                      tokenizer=session.tokenizer, progress=session.progress)

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from uqcit.core.names import block_of
 from uqcit.core.results import Result
 
 GAUSSIAN_DB_PER_BIT = 20 * math.log10(2)  # 6.02 dB: the rate-distortion slope of a Gaussian source
@@ -200,8 +201,6 @@ def compressibility_report(before: nn.Module, after: nn.Module, *, modules: Iter
     """
     from tqdm.auto import tqdm
     from transformers.pytorch_utils import Conv1D
-
-    from uqcit.stages.levels import block_of
 
     t0 = time.perf_counter()
     named_b, named_a = dict(before.named_modules()), dict(after.named_modules())

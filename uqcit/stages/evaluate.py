@@ -1,6 +1,6 @@
 """The evaluation protocol: perplexity, KL(ref ‖ model) and top-1 agreement on fixed windows.
 
-Protocol (DESIGN.md): lee_background.cor tokenized whole without special tokens,
+Protocol (docs/evaluation.md): lee_background.cor tokenized whole without special tokens,
 the first 32,768 tokens in non-overlapping windows of 1,024. Every candidate is
 scored on the same windows; the reference's log-probabilities are computed once
 per window per run, shared by all candidates, and dropped before the next
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import StageConfig, StageSession, register_config, stage_handler
 from uqcit.core.results import Result
 
 FULL_WINDOWS = 32  # 32,768 tokens / 1,024
@@ -34,6 +34,14 @@ class EvalConfig(StageConfig):
     window: int = 1024  # protocol: non-overlapping 1,024-token windows
     max_windows: int | None = None  # quick mode: only the first k windows (says so in results)
     chunk: int = 256  # positions per KL chunk: bounds the memory of vocab-wide softmaxes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.window >= 1, "window", "must be >= 1")
+        self.check(self.total_tokens >= self.window and self.total_tokens % self.window == 0, "total_tokens",
+                   f"must be a positive multiple of window ({self.window})")
+        self.check(self.max_windows is None or self.max_windows >= 1, "max_windows", "must be >= 1 (None: all)")
+        self.check(self.chunk >= 1, "chunk", "must be >= 1")
 
     @property
     def n_windows(self) -> int:
@@ -233,3 +241,15 @@ def _finish(name: str, acc: _Acc, n: int, per_window: int, full: bool) -> EvalRe
         window_kl=acc.kl,
         window_top1=acc.top1,
     )
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(EvalConfig)
+def _eval_stage(session: StageSession, cfg: EvalConfig) -> EvalResult:
+    model = session.compressed
+    if model is None:
+        raise RuntimeError("stage 'eval' needs a compressed model; run a 'quantize' stage first")
+    res = evaluate_many({"compressed": model}, session.tokenizer, cfg, reference=session.reference,
+                        progress=session.progress)  # scored against the original float model
+    return res["compressed"]

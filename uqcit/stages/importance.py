@@ -46,7 +46,9 @@ from uqcit.inputs.calibration import (
     channel_importance,
     collect_input_stats,
 )
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import ConfigError, StageConfig, StageSession, register_config, stage_handler
+from uqcit.core.names import LEVEL_COLORS
+from uqcit.inputs.corpus import stage_calibration
 from uqcit.tensor.formats import parse_format
 from uqcit.core.results import Result
 from uqcit.runtime.modules import weight_matrix
@@ -58,7 +60,6 @@ ScoreName = Literal["magnitude", "fisher", "activation", "output_information"]
 # Per-level distributions are histograms of log10(score) on fixed bins, so they add up across
 # layers exactly without keeping any per-weight tensor; values outside clamp to the end bins.
 HIST_LOG10_MIN, HIST_LOG10_MAX, HIST_BINS = -16.0, 4.0, 80
-_LEVEL_COLORS = {1: "#4C78A8", 2: "#F58518", 3: "#E45756", 4: "#72B7B2", 5: "#54A24B"}
 
 
 @register_config
@@ -69,7 +70,7 @@ class ImportanceConfig(StageConfig):
     type_tag: ClassVar[str] = "importance"
 
     scores: tuple[ScoreName, ...] = ("magnitude", "fisher", "activation")  # output_information needs a sensitivity measurement
-    weights: dict[str, float] = dataclasses.field(  # weight of each score in `combined`
+    weights: Mapping[str, float] = dataclasses.field(  # weight of each score in `combined`
         default_factory=lambda: {s: 1.0 for s in LAYER_SCORES})
     normalize: Literal["rank", "sum"] = "rank"  # rank: robust to Fisher's heavy tails
     aggregate: Literal["mean", "sum"] = "mean"  # per-layer = mean per weight, comparable across sizes
@@ -79,24 +80,22 @@ class ImportanceConfig(StageConfig):
     seed: int = 0  # calibration offsets; same seed, same scores
 
     def __post_init__(self) -> None:
-        if not self.scores:
-            raise ValueError("scores is empty; choose from " + ", ".join(LAYER_SCORES))
-        if len(set(self.scores)) != len(self.scores):
-            raise ValueError(f"scores has duplicates: {list(self.scores)}")
+        super().__post_init__()
+        self.check(len(self.scores) > 0, "scores", "is empty; choose from " + ", ".join(LAYER_SCORES))
+        self.check(len(set(self.scores)) == len(self.scores), "scores", "has duplicates")
         bad = sorted(set(self.scores) - set(LAYER_SCORES))
-        if bad:
-            raise ValueError(f"unknown score(s) {bad}; choose from {list(LAYER_SCORES)}")
+        self.check(not bad, "scores", f"has unknown score(s) {bad}; choose from {list(LAYER_SCORES)}")
         bad = sorted(set(self.weights) - set(LAYER_SCORES))
-        if bad:
-            raise ValueError(f"weights names unknown score(s) {bad}; allowed: {list(LAYER_SCORES)}")
+        self.check(not bad, "weights", f"names unknown score(s) {bad}; allowed: {list(LAYER_SCORES)}")
         neg = {k: v for k, v in self.weights.items() if not v >= 0}
-        if neg:
-            raise ValueError(f"weights must be >= 0, got {neg}")
-        if self.calib_samples < 1 or self.calib_seq_len < 2:
-            raise ValueError(f"need calib_samples >= 1 and calib_seq_len >= 2, got "
-                             f"{self.calib_samples}, {self.calib_seq_len}")
+        self.check(not neg, "weights", f"must be >= 0 ({neg} are not)")
+        self.check(self.calib_samples >= 1, "calib_samples", "must be >= 1")
+        self.check(self.calib_seq_len >= 2, "calib_seq_len", "must be >= 2")
         if self.sensitivity_format is not None:
-            parse_format(self.sensitivity_format)  # fail early on a typo
+            try:
+                parse_format(self.sensitivity_format)  # fail early on a typo
+            except ValueError as exc:
+                raise ConfigError(f"ImportanceConfig.sensitivity_format: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +212,7 @@ class ImportanceResult(Result):
             rows = [lay for lay in self.layers if lay.level == lvl]
             fig.add_trace(go.Bar(
                 x=[lay.name for lay in rows], y=[_finite_or_none(lay.scores.get(score)) for lay in rows],
-                name=f"L{lvl}", legendgroup=f"L{lvl}", marker_color=_LEVEL_COLORS.get(lvl),
+                name=f"L{lvl}", legendgroup=f"L{lvl}", marker_color=LEVEL_COLORS.get(lvl),
                 uid=f"importance-bars-L{lvl}",
                 hovertext=[f"{lay.name}<br>L{lvl}, {lay.numel:,} weights" for lay in rows], hoverinfo="text+y"),
                 row=1, col=1)
@@ -226,7 +225,7 @@ class ImportanceResult(Result):
                     continue
                 fig.add_trace(go.Scatter(
                     x=centers, y=[c / total / width for c in counts], mode="lines", name=f"L{lvl}",
-                    legendgroup=f"L{lvl}", showlegend=False, line_color=_LEVEL_COLORS.get(lvl),
+                    legendgroup=f"L{lvl}", showlegend=False, line_color=LEVEL_COLORS.get(lvl),
                     uid=f"importance-dist-L{lvl}"), row=2, col=1)
         fig.update_xaxes(showticklabels=False, row=1, col=1)
         fig.update_yaxes(type="log" if score != "combined" else "linear", row=1, col=1)
@@ -278,7 +277,7 @@ def score_importance(model: torch.nn.Module, levels, config: ImportanceConfig = 
     """Score every weight-bearing module of ``model`` (``levels`` from ``analyze_levels``).
 
     Calibration text is ``calibration`` (``LongTensor [n, seq]``) or, when it is None,
-    ``data.calibration_batch(tokenizer, ...)`` per the config. ``stats`` / ``fisher`` reuse
+    ``uqcit.inputs.corpus.calibration_batch(tokenizer, ...)`` per the config. ``stats`` / ``fisher`` reuse
     statistics already collected. ``sensitivity`` is required for ``output_information``.
     The model is not modified.
     """
@@ -300,7 +299,7 @@ def score_importance(model: torch.nn.Module, levels, config: ImportanceConfig = 
     need_fisher = "fisher" in wanted and fisher is None
     batch = None
     if need_stats or need_fisher:
-        batch = calibration if calibration is not None else _calibration(tokenizer, config)
+        batch = stage_calibration(config, tokenizer, calibration, what="scoring importance")
     if need_fisher:
         t0 = time.perf_counter()
         if need_stats:  # the Fisher pass's forwards give the activation norms for free
@@ -437,15 +436,6 @@ def _sensitivity_kl(sensitivity, name: str, fmt: str) -> float:
         return math.nan
 
 
-def _calibration(tokenizer, config: ImportanceConfig) -> torch.Tensor:
-    if tokenizer is None:
-        raise ValueError("importance scores need calibration text: pass tokenizer=... (or calibration=...)")
-    from uqcit.inputs.corpus import calibration_batch
-
-    return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                             seed=config.seed)
-
-
 def _sort_key(v: float | None) -> tuple[int, float]:
     return (0, -v) if v is not None and math.isfinite(v) else (1, 0.0)
 
@@ -456,3 +446,12 @@ def _finite_or_none(v: float | None) -> float | None:
 
 def _json_float(v: float) -> float | None:
     return v if math.isfinite(v) else None
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(ImportanceConfig)
+def _importance_stage(session: StageSession, cfg: ImportanceConfig) -> ImportanceResult:
+    levels = session.require("levels")
+    return score_importance(session.working, levels, cfg, tokenizer=session.tokenizer,
+                            sensitivity=session.results.get("sensitivity"), progress=session.progress)

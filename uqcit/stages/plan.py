@@ -11,8 +11,10 @@ import dataclasses
 import re
 from typing import Any, Iterable, Literal, Mapping
 
-from uqcit.core.config import StageConfig, register_config
-from uqcit.tensor.formats import FLOAT_BITS, QuantFormat, parse_format
+from uqcit.core.config import ConfigError, StageConfig, StageSession, register_config, stage_handler
+from uqcit.core.keys import check_keys
+from uqcit.core.names import LEVEL_COLORS as NAMED_LEVEL_COLORS
+from uqcit.tensor.formats import FLOAT_BITS, INT_BITS, QuantFormat, parse_format
 from uqcit.core.results import Result
 
 # Seed 002 §2.2.2.2: level -> pattern name, and each pattern as (high bits, high fraction, low bits).
@@ -22,7 +24,9 @@ SEED_PATTERNS: dict[str, tuple[int, float, int]] = {
     "30-70": (8, 0.30, 4),  # top 30% int8, other 70% int4
     "46-54": (8, 0.46, 4),  # 46% int8, 54% int4
 }
-LEVEL_COLORS = {1: "#4c78a8", 2: "#f58518", 3: "#e45756", 4: "#72b7b2", 5: "#54a24b"}
+# The level colours of uqcit.core.names, written in lower case as the plan, quantize, prune,
+# compensate and allocate figures have always stored them (notebook outputs hold these strings).
+LEVEL_COLORS = {level: color.lower() for level, color in NAMED_LEVEL_COLORS.items()}
 
 
 def pattern_format(pattern: str, group_size: int = 128, symmetric: bool = False) -> QuantFormat:
@@ -93,9 +97,7 @@ class BitPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BitPlan":
-        unknown = sorted(set(data) - {"name", "default", "exact", "patterns"})
-        if unknown:
-            raise ValueError(f"unknown BitPlan key(s) {unknown}")
+        check_keys(data, {"name", "default", "exact", "patterns"}, "BitPlan", required=())
         dec = lambda s: None if s is None else parse_format(s)  # noqa: E731
         return cls(
             name=data.get("name", "custom"),
@@ -210,9 +212,25 @@ class PlanConfig(StageConfig):
     bits: int = 4  # uniform preset only
     group_size: int = 128  # 128 is the common trade-off between scale overhead and error
     symmetric: bool = False  # asymmetric fits skewed groups better for 16 extra bits per group
-    level_patterns: dict[str, str] = dataclasses.field(
+    level_patterns: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {str(k): v for k, v in SEED_LEVEL_PATTERNS.items()})
-    overrides: dict[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format name or "float"
+    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format or "float"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.bits in INT_BITS + (FLOAT_BITS,), "bits", f"must be one of {INT_BITS + (FLOAT_BITS,)}")
+        self.check(self.group_size >= 1, "group_size", "must be >= 1")
+        for level, pattern in self.level_patterns.items():
+            try:
+                pattern_format(pattern, self.group_size, self.symmetric)
+            except ValueError as exc:
+                raise ConfigError(f"PlanConfig.level_patterns[{level!r}]: {exc}") from None
+        for key, value in self.overrides.items():
+            if value != "float":
+                try:
+                    parse_format(value)
+                except ValueError as exc:
+                    raise ConfigError(f"PlanConfig.overrides: override {key!r}: {exc}") from None
 
     @property
     def method_name(self) -> str:
@@ -253,3 +271,12 @@ def build_plan(levels, config: PlanConfig = PlanConfig()) -> BitPlan:
 def uniform_plan(modules: Iterable[str], fmt: QuantFormat, name: str | None = None) -> BitPlan:
     """Every named module in ``fmt``."""
     return BitPlan(default=None, exact={m: fmt for m in modules}, name=name or f"rtn-{fmt.name}")
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(PlanConfig)
+def _plan_stage(session: StageSession, cfg: PlanConfig) -> PlanSummary:
+    levels = session.require("levels")
+    session.plan = build_plan(levels, cfg)  # a following "quantize" stage uses it
+    return session.plan.summarize(levels)

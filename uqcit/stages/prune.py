@@ -48,19 +48,21 @@ import time
 from typing import Any, ClassVar, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uqcit.inputs.calibration import InputStats
-from uqcit.core.config import StageConfig, register_config
+from uqcit.inputs.corpus import stage_calibration
+from uqcit.core.config import StageConfig, StageSession, register_config, stage_handler
 from uqcit.stages.importance import activation_source
-from uqcit.tensor.packing import pack, packed_nbytes, unpack
 from uqcit.stages.plan import LEVEL_COLORS
+from uqcit.core.record import ExportRecord, module_records, weight_noise_profile
 from uqcit.core.results import Result
 from uqcit.runtime.modules import linear_weight, replace_module, weight_matrix
+from uqcit.runtime.masked import MaskedEmbedding, MaskedLinear  # noqa: F401 (public here too)
+from uqcit.tensor.sparse import (  # noqa: F401 (public here too)
+    VALUE_DTYPES, index_dtype, sparse_decode, sparse_encode, sparse_storage)
 
 PRUNE_METHODS = ("prime", "magnitude", "wanda")
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @register_config
@@ -86,23 +88,14 @@ class PruneConfig(StageConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))  # one spelling per scope
-        if self.method not in PRUNE_METHODS:
-            raise ValueError(f"method must be one of {PRUNE_METHODS}, got {self.method!r}")
-        if not 0.0 <= self.tau < 1.0:
-            raise ValueError(f"tau must be in [0, 1) (0.8 keeps the top 20%), got {self.tau}")
-        if self.quantile_over not in ("prime", "matrix"):
-            raise ValueError(f"quantile_over must be 'prime' or 'matrix', got {self.quantile_over!r}")
-        if self.index_base not in (0, 1):
-            raise ValueError(f"index_base must be 0 or 1, got {self.index_base!r}")
-        if not 0.0 < self.kept_fraction <= 1.0:
-            raise ValueError(f"kept_fraction must be in (0, 1], got {self.kept_fraction}")
-        if not self.levels or any(lv not in (1, 2, 3, 4, 5) for lv in self.levels):
-            raise ValueError(f"levels must be a non-empty subset of 1..5, got {list(self.levels)}")
-        if self.value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {self.value_dtype!r}")
-        if self.calib_samples < 1 or self.calib_seq_len < 1:
-            raise ValueError(f"calib_samples and calib_seq_len must be >= 1, got "
-                             f"{self.calib_samples}, {self.calib_seq_len}")
+        super().__post_init__()  # method, quantile_over, value_dtype: one of their Literal values
+        self.check(0.0 <= self.tau < 1.0, "tau", "must be in [0, 1) (0.8 keeps the top 20%)")
+        self.check(self.index_base in (0, 1), "index_base", "must be 0 or 1")
+        self.check(0.0 < self.kept_fraction <= 1.0, "kept_fraction", "must be in (0, 1]")
+        self.check(bool(self.levels) and all(lv in (1, 2, 3, 4, 5) for lv in self.levels), "levels",
+                   "must be a non-empty subset of 1..5")
+        self.check(self.calib_samples >= 1, "calib_samples", "must be >= 1")
+        self.check(self.calib_seq_len >= 1, "calib_seq_len", "must be >= 1")
 
     @property
     def method_name(self) -> str:
@@ -124,103 +117,6 @@ class PruneConfig(StageConfig):
         if self.modules is not None:
             name += "-subset"
         return name if self.value_dtype == "float32" else f"{name}-{self.value_dtype}"
-
-
-# --------------------------------------------------------------------------- the module
-
-
-class MaskedLinear(nn.Linear):
-    """A Linear whose pruned weights are held at zero by a fixed mask.
-
-    ``weight`` is a dense ``[out, in]`` parameter, exactly zero where ``mask`` (a bool buffer of
-    the same shape, True = kept) is False; ``forward(x) = F.linear(x, weight * mask, bias)``, so
-    gradients never revive a pruned weight's effect. Without gradients the product is skipped
-    (``weight`` is already zero there: code that edits it must keep it so, e.g. with
-    ``apply_mask_``), so inference costs what a dense Linear costs. It is an ``nn.Linear``, so
-    stages that look for Linears (levels, calibration statistics, quantization) still find it.
-    """
-
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None):
-        if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(f"weight must be [out, in] and mask the same shape; got "
-                             f"{tuple(weight.shape)} and {tuple(mask.shape)}")
-        nn.Module.__init__(self)  # nn.Linear.__init__ would allocate and initialize a weight
-        self.out_features, self.in_features = (int(s) for s in weight.shape)
-        mask = mask.to(device=weight.device, dtype=torch.bool)
-        self.weight = nn.Parameter(weight.detach().clone().masked_fill_(~mask, 0))
-        self.register_buffer("mask", mask.clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
-    @classmethod
-    def from_module(cls, module: nn.Module, mask: torch.Tensor) -> "MaskedLinear":
-        """Prune ``nn.Linear`` or GPT-2 ``Conv1D`` ``module`` with ``mask`` (``[out, in]``)."""
-        weight, bias = linear_weight(module)
-        return cls(weight.contiguous(), mask, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight * self.mask if torch.is_grad_enabled() else self.weight
-        return F.linear(x, weight, self.bias)
-
-    @torch.no_grad()
-    def apply_mask_(self) -> "MaskedLinear":
-        """Zero the pruned entries of ``weight`` again (after editing it in place)."""
-        self.weight.masked_fill_(~self.mask, 0)
-        return self
-
-    @classmethod
-    def tied_to(cls, owner: "MaskedEmbedding", bias: torch.Tensor | None = None) -> "MaskedLinear":
-        """An LM head sharing ``owner``'s ``weight`` parameter and ``mask`` (a tied embedding)."""
-        head = cls(torch.zeros(0, 0, device=owner.weight.device), torch.zeros(0, 0, dtype=torch.bool), bias)
-        head.out_features, head.in_features = (int(s) for s in owner.weight.shape)
-        head.weight = owner.weight
-        head.mask = owner.mask  # the same tensor: one mask for both
-        return head
-
-    @property
-    def kept(self) -> int:
-        return int(self.mask.sum())
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, kept={self.kept:,}/{self.mask.numel():,}")
-
-
-class MaskedEmbedding(nn.Embedding):
-    """An embedding whose pruned entries are held at zero by a fixed mask (see ``MaskedLinear``).
-
-    ``weight`` is ``[num_embeddings, dim]``, zero where the bool buffer ``mask`` is False;
-    ``forward(ids) = F.embedding(ids, weight * mask, padding_idx)`` (the product skipped without
-    gradients, as in ``MaskedLinear``).
-    """
-
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, padding_idx: int | None = None):
-        if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(f"weight must be [num, dim] and mask the same shape; got "
-                             f"{tuple(weight.shape)} and {tuple(mask.shape)}")
-        nn.Module.__init__(self)  # nn.Embedding.__init__ would allocate and initialize a weight
-        self.num_embeddings, self.embedding_dim = (int(s) for s in weight.shape)
-        self.padding_idx, self.max_norm, self.norm_type = padding_idx, None, 2.0
-        self.scale_grad_by_freq, self.sparse = False, False
-        mask = mask.to(device=weight.device, dtype=torch.bool)
-        self.weight = nn.Parameter(weight.detach().clone().masked_fill_(~mask, 0))
-        self.register_buffer("mask", mask.clone())
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.weight * self.mask if torch.is_grad_enabled() else self.weight
-        return F.embedding(ids, weight, self.padding_idx)
-
-    @torch.no_grad()
-    def apply_mask_(self) -> "MaskedEmbedding":
-        """Zero the pruned entries of ``weight`` again (after editing it in place)."""
-        self.weight.masked_fill_(~self.mask, 0)
-        return self
-
-    @property
-    def kept(self) -> int:
-        return int(self.mask.sum())
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, kept={self.kept:,}/{self.mask.numel():,}"
 
 
 # --------------------------------------------------------------------------- pure selection functions
@@ -311,67 +207,6 @@ def _check_k(score: torch.Tensor, k: int) -> int:
     return int(k)
 
 
-# --------------------------------------------------------------------------- sparse storage
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """The narrowest unsigned integer dtype holding flat indices ``0..numel-1``."""
-    for dtype, bound in ((torch.uint8, 2**8), (torch.uint16, 2**16), (torch.uint32, 2**32)):
-        if numel <= bound:
-            return dtype
-    return torch.int64
-
-
-def sparse_storage(numel: int, kept: int, value_dtype: str = "float32") -> tuple[str, int]:
-    """The smaller layout for ``kept`` of ``numel`` weights, and its exact stored bits.
-
-    ``bitmap``: one bit per weight, ``ceil(numel / 8)`` bytes; ``indices``: one flat index per
-    kept weight in the narrowest unsigned dtype (``index_dtype``). Plus the kept values in
-    ``value_dtype`` either way.
-    """
-    value_bits = kept * torch.finfo(VALUE_DTYPES[value_dtype]).bits
-    bitmap = packed_nbytes(numel, 1) * 8
-    indices = kept * torch.iinfo(index_dtype(numel)).bits
-    return ("indices", value_bits + indices) if indices < bitmap else ("bitmap", value_bits + bitmap)
-
-
-def sparse_encode(weight: torch.Tensor, mask: torch.Tensor,
-                  value_dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """The stored tensors of a pruned ``weight``: ``values`` and ``bitmap`` or ``indices``.
-
-    Values are the kept entries in row-major order, cast to ``value_dtype``. Inverse:
-    ``sparse_decode``.
-    """
-    flat = mask.reshape(-1).to(torch.bool)
-    idx = flat.nonzero().squeeze(1)
-    out = {"values": weight.detach().reshape(-1)[idx].to(VALUE_DTYPES[value_dtype]).contiguous()}
-    layout, _ = sparse_storage(flat.numel(), idx.numel(), value_dtype)
-    if layout == "bitmap":
-        out["bitmap"] = pack(flat.to(torch.uint8), 1)
-    else:
-        out["indices"] = idx.to(index_dtype(flat.numel())).contiguous()
-    return out
-
-
-def sparse_decode(tensors: dict[str, torch.Tensor], shape: tuple[int, int],
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rebuild ``(weight, mask)`` ``[out, in]`` from ``sparse_encode``'s tensors."""
-    numel = math.prod(shape)
-    if "bitmap" in tensors:
-        flat = unpack(tensors["bitmap"], 1, numel).to(torch.bool)
-    elif "indices" in tensors:
-        flat = torch.zeros(numel, dtype=torch.bool)
-        flat[tensors["indices"].to(torch.int64)] = True
-    else:
-        raise ValueError(f"sparse tensors need 'bitmap' or 'indices', got {sorted(tensors)}")
-    values = tensors["values"]
-    if values.numel() != int(flat.sum()):
-        raise ValueError(f"{values.numel()} stored values for {int(flat.sum())} kept positions")
-    weight = torch.zeros(numel, dtype=dtype)
-    weight[flat] = values.to(dtype)
-    return weight.view(shape), flat.view(shape)
-
-
 # --------------------------------------------------------------------------- the result
 
 
@@ -429,8 +264,6 @@ class PruneResult(Result):
     seconds: float
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    plan = None  # packages record a bit plan for quantized models; pruning has none
-
     @property
     def method_name(self) -> str:
         return self.config.method_name
@@ -484,6 +317,15 @@ class PruneResult(Result):
                             "claim_n_over_ln_n": _claim(total),
                             "stored_over_claim": (k + dense) / _claim(total)},
         }
+
+    def export_record(self) -> ExportRecord:
+        """What ``uqcit.package.export_package`` writes: sparse layers, their figures and the accounting."""
+        modules = module_records(self.modules)
+        return ExportRecord(model=self.model, method=self.method_name, bpw=self.bpw,
+                            stored_bits=self.stored_bits, weight_count=self.weight_count, modules=modules,
+                            noise_profile=weight_noise_profile(modules),
+                            pruning={"config": self.config.to_dict(), "accounting": self.accounting()},
+                            sparse_value_dtype=self.config.value_dtype)
 
     def summary(self) -> str:
         acc = self.accounting()
@@ -561,7 +403,7 @@ def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfi
     """Prune a copy of ``model`` per ``config``; the caller's model is not modified.
 
     ``levels`` is the ``LevelsResult`` of ``model``. ``method="wanda"`` needs calibration text:
-    ``calibration`` (``LongTensor [n, seq]``) or a ``tokenizer`` to draw ``data.calibration_batch``
+    ``calibration`` (``LongTensor [n, seq]``) or a ``tokenizer`` to draw ``uqcit.inputs.corpus.calibration_batch``
     (which never overlaps the evaluation windows); ``stats`` reuses input statistics already
     collected (``calibration.collect_input_stats`` of the pruned modules). Every pruned layer of the result's model is a
     ``MaskedLinear``; its kept values are already rounded to ``config.value_dtype``, so the model
@@ -585,7 +427,8 @@ def prune_model(model: torch.nn.Module, levels, config: PruneConfig = PruneConfi
         from uqcit.inputs.calibration import collect_input_stats
 
         t0 = time.perf_counter()
-        batch = calibration if calibration is not None else _calibration(tokenizer, config)
+        batch = stage_calibration(config, tokenizer, calibration,
+                                  what="prune with method='wanda' (for its input norms)")
         stats.update(collect_input_stats(out, batch, missing, hessian=False, progress=progress))
         seconds["calibration"] = time.perf_counter() - t0
 
@@ -653,11 +496,9 @@ def _select(weight: torch.Tensor, config: PruneConfig, stats) -> tuple[torch.Ten
     return row_topk_mask(channel_importance(stats, weight), k), None
 
 
-def _calibration(tokenizer, config: PruneConfig) -> torch.Tensor:
-    if tokenizer is None:
-        raise ValueError("prune with method='wanda' needs calibration text for its input norms: pass "
-                         "tokenizer=... (or calibration=LongTensor[n, seq])")
-    from uqcit.inputs.corpus import calibration_batch
+# --------------------------------------------------------------------------- pipeline stage
 
-    return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                             seed=config.seed)
+@stage_handler(PruneConfig)
+def _prune_stage(session: StageSession, cfg: PruneConfig) -> PruneResult:
+    levels = session.require("levels")
+    return prune_model(session.working, levels, cfg, tokenizer=session.tokenizer, progress=session.progress)

@@ -18,22 +18,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import time
 from typing import Any, Literal
 
 import torch
 
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import StageConfig, StageSession, register_config, stage_handler
+from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, InputStats, channel_importance, collect_input_stats
+from uqcit.inputs.corpus import stage_calibration
 from uqcit.stages.clusters import apply_clusters_to_importance
 from uqcit.tensor.formats import FLOAT_BITS
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
 from uqcit.stages.importance import activation_source
 from uqcit.stages.plan import LEVEL_COLORS, BitPlan
 from uqcit.tensor.quant import QuantizedTensor, dequantize, quant_error, quantize
+from uqcit.core.record import ExportRecord, module_records, weight_noise_profile
 from uqcit.core.results import Result
-from uqcit.runtime.modules import QuantEmbedding, QuantLinear, linear_weight, replace_module, weight_matrix
+from uqcit.runtime.modules import (
+    QuantEmbedding, QuantLinear, block_stack, linear_weight, replace_module, weight_matrix,
+)
 
 
 @register_config
@@ -57,13 +61,11 @@ class QuantizeConfig(StageConfig):
     seed: int = 0  # calibration offsets: same seed, same model
 
     def __post_init__(self) -> None:
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, got {self.damp}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.calib_samples < 1 or self.calib_seq_len < 1:
-            raise ValueError(f"calib_samples and calib_seq_len must be >= 1, got "
-                             f"{self.calib_samples}, {self.calib_seq_len}")
+        super().__post_init__()
+        self.check(self.damp >= 0, "damp", "must be >= 0")
+        self.check(self.block_size >= 1, "block_size", "must be >= 1")
+        self.check(self.calib_samples >= 1, "calib_samples", "must be >= 1")
+        self.check(self.calib_seq_len >= 1, "calib_seq_len", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +110,7 @@ class QuantizeResult(Result):
     def method_name(self) -> str:
         """The plan's name with the rounding method in it, e.g. ``gptq-w3-g128`` for ``rtn-w3-g128``."""
         name = self.plan.name
-        if name.startswith("alloc-"):  # DESIGN.md's alloc-rtn-3.25 / alloc-gptq-3.25
+        if name.startswith("alloc-"):  # method names of docs/evaluation.md: alloc-rtn-3.25 / alloc-gptq-3.25
             name = f"alloc-{self.method}-{name[len('alloc-'):]}"
         elif self.method != "rtn":
             name = self.method + name[3:] if name.startswith("rtn-") else f"{name}-{self.method}"
@@ -130,8 +132,15 @@ class QuantizeResult(Result):
 
     @property
     def bpw(self) -> float:
-        """Stored bits per weight: codes, scales, masks... plus the online rotations (DESIGN.md)."""
+        """Stored bits per weight: codes, scales, masks... plus the online rotations (docs/evaluation.md)."""
         return (self.stored_bits + self.rotation_bits) / max(self.weight_count, 1)
+
+    def export_record(self) -> ExportRecord:
+        """What ``uqcit.package.export_package`` writes for this model: figures, plan, weight noise."""
+        modules = module_records(self.modules)
+        return ExportRecord(model=self.model, method=self.method_name, bpw=self.bpw,
+                            stored_bits=self.stored_bits, weight_count=self.weight_count, modules=modules,
+                            plan=self.plan.to_dict(), noise_profile=weight_noise_profile(modules))
 
     def summary(self) -> str:
         return (f"{self.method_name}: {len(self.stored)} modules quantized ({self.method}), {self.bpw:.3f} "
@@ -181,7 +190,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     ``levels`` is the ``LevelsResult`` of ``model`` (it names the weight-bearing modules).
     ``method="gptq"`` and ``importance="activation"`` (with mixed formats in the plan) need
     calibration text: ``calibration`` (``LongTensor [n, seq]``) or a ``tokenizer`` to draw
-    ``data.calibration_batch`` with the config's samples, length and seed.
+    ``uqcit.inputs.corpus.calibration_batch`` with the config's samples, length and seed.
 
     ``clusters`` (a ``ClustersResult``) makes the rows of each GHZ cluster share their
     precision in mixed formats: the high-precision selection takes a cluster's column for all
@@ -207,7 +216,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                   and plan.format_for(e.name).bits != FLOAT_BITS}
     act_sources = {e.name: activation_source(levels, e.name) for e in entries
                    if config.importance == "activation" and plan.format_for(e.name).mixed}
-    stack_name, block_of = _block_stack(out, levels, gptq_names) if config.sequential else (None, {})
+    stack_name, block_index = _block_stack(out, levels, gptq_names) if config.sequential else (None, {})
     cluster_rows = {} if clusters is None else {
         m.name: m.clusters for m in clusters.modules
         if m.clusters and m.name in plan_names and plan.format_for(m.name).mixed}
@@ -244,9 +253,10 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     replay = None
     if gptq_names or act_sources:
         t0 = time.perf_counter()
-        batch = calibration if calibration is not None else _calibration(tokenizer, config)
+        batch = stage_calibration(config, tokenizer, calibration,
+                                  what=f"quantize with method={config.method!r}, importance={config.importance!r}")
         want = {n: False for n in act_sources.values()}
-        want.update({n: True for n in gptq_names if n not in block_of})
+        want.update({n: True for n in gptq_names if n not in block_index})
         if stack_name is None:
             stats = collect_input_stats(out, batch, sorted(want), hessian=bool(gptq_names), progress=progress)
         else:
@@ -258,9 +268,9 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     if replay is not None:
         # Sequential GPTQ: each block's Hessians come from the outputs of the blocks before it,
         # already quantized, so every layer compensates the error that reaches it.
-        last = max(block_of.values())
+        last = max(block_index.values())
         for b in tqdm(range(last + 1), desc="gptq blocks", unit="block", disable=not progress):
-            names = [e.name for e in entries if block_of.get(e.name) == b]
+            names = [e.name for e in entries if block_index.get(e.name) == b]
             if names:
                 t0 = time.perf_counter()
                 block_stats = replay.collect(b, names)
@@ -312,33 +322,10 @@ def _block_stack(model: torch.nn.Module, levels, names: set[str]) -> tuple[str |
     and each such module's block index. ``(None, {})`` when they span several stacks (e.g. an
     encoder and a decoder): those models get one-shot GPTQ."""
     pattern = levels.ruleset.block_pattern
-    stacks: set[str] = set()
-    block_of: dict[str, int] = {}
-    for name in names:
-        m = re.search(pattern, name)
-        if m:
-            stacks.add(name[: m.start(1)].rstrip("."))
-            block_of[name] = int(m.group(1))
-    if len(stacks) != 1:
+    found = block_stack(model, names, pattern)
+    if found is None:
         return None, {}
-    (stack,) = stacks
-    try:
-        container = model.get_submodule(stack)
-    except AttributeError:
-        return None, {}
-    if not isinstance(container, torch.nn.ModuleList):
-        return None, {}
-    return stack, block_of
-
-
-def _calibration(tokenizer, config: QuantizeConfig) -> torch.Tensor:
-    if tokenizer is None:
-        raise ValueError(f"quantize with method={config.method!r}, importance={config.importance!r} needs "
-                         "calibration text: pass tokenizer=... (or calibration=LongTensor[n, seq])")
-    from uqcit.inputs.corpus import calibration_batch
-
-    return calibration_batch(tokenizer, n_samples=config.calib_samples, seq_len=config.calib_seq_len,
-                             seed=config.seed)
+    return found[0], {n: block_of(n, pattern) for n in names if block_of(n, pattern) is not None}
 
 
 def _runtime_module(module: torch.nn.Module, q: QuantizedTensor) -> torch.nn.Module:
@@ -347,3 +334,17 @@ def _runtime_module(module: torch.nn.Module, q: QuantizedTensor) -> torch.nn.Mod
         return QuantEmbedding(q, padding_idx=module.padding_idx)
     bias = linear_weight(module)[1]
     return QuantLinear(q, None if bias is None else bias.clone())
+
+
+# --------------------------------------------------------------------------- pipeline stage
+
+@stage_handler(QuantizeConfig)
+def _quantize_stage(session: StageSession, cfg: QuantizeConfig) -> QuantizeResult:
+    levels = session.require("levels")
+    if session.plan is None:
+        raise RuntimeError("stage 'quantize' needs a bit plan; run a 'plan' stage first")
+    rotation = session.results.get("rotation")
+    return quantize_model(session.working, levels, session.plan, cfg, tokenizer=session.tokenizer,
+                          clusters=session.results.get("clusters"),
+                          rotation=rotation.config.method_name if rotation is not None else "",
+                          progress=session.progress)

@@ -55,32 +55,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
-import os
-import re
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import StageConfig, StageSession, register_config, stage_handler
 from uqcit.stages.quantize import QuantizeResult
-from uqcit.tensor.formats import FLOAT_BITS, parse_format
-from uqcit.tensor.quant import quantize
+from uqcit.core.record import ExportRecord
 from uqcit.core.results import Result
-from uqcit.runtime.modules import Compensation, QuantEmbedding, QuantLinear, replace_module
+from uqcit.runtime.modules import model_logits
+from uqcit.runtime.trainable import (  # noqa: F401 (public here too)
+    LoRALinear, Mode, ScaleTrainableLinear, Trainable, finish_trainable, fold_lora, has_mask, make_trainable,
+)
 from uqcit.inputs.selftext import DEFAULT_PROMPTS, SelfText, banned_tokens, self_generate  # noqa: F401 (public here too)
+from uqcit.stages.retrain_checkpoint import load_checkpoint, restore, save_checkpoint
 
-FILE_KIND = "uqcit-retrain-checkpoint"
-FILE_VERSION = 1
-
-Mode = Literal["scales", "masked", "lora"]
 _MODE_LR = {"scales": 1e-3, "masked": 2e-5, "lora": 5e-4}  # common starting points, see RetrainConfig.lr
 
 
@@ -118,24 +111,16 @@ class RetrainConfig(StageConfig):
     seed: int = 0  # sampling, held-out split, data order and adapter initialization
 
     def __post_init__(self) -> None:
-        positive = {"n_sequences": self.n_sequences, "heldout_sequences": self.heldout_sequences,
-                    "gen_batch": self.gen_batch, "batch_size": self.batch_size, "epochs": self.epochs,
-                    "steps_per_window": self.steps_per_window, "lora_rank": self.lora_rank}
-        bad = {k: v for k, v in positive.items() if v < 1}
-        if bad:
-            raise ValueError(f"retrain settings must be >= 1: {bad}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (a prompt token and one to predict), got {self.seq_len}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.gate_epsilon < 0:
-            raise ValueError(f"gate_epsilon must be >= 0, got {self.gate_epsilon}")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0: off), got {self.max_grad_norm}")
+        super().__post_init__()
+        for name in ("n_sequences", "heldout_sequences", "gen_batch", "batch_size", "epochs", "steps_per_window",
+                     "lora_rank"):
+            self.check(getattr(self, name) >= 1, name, "must be >= 1")
+        self.check(self.seq_len >= 2, "seq_len", "must be >= 2 (a prompt token and one to predict)")
+        self.check(self.temperature > 0, "temperature", "must be > 0")
+        self.check(self.top_k >= 0, "top_k", "must be >= 0 (0: no limit)")
+        self.check(self.lr is None or self.lr > 0, "lr", "must be > 0 (None: the mode's default)")
+        self.check(self.gate_epsilon >= 0, "gate_epsilon", "must be >= 0")
+        self.check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: off)")
 
     @property
     def learning_rate(self) -> float:
@@ -149,225 +134,14 @@ class RetrainConfig(StageConfig):
 # --------------------------------------------------------------------------- trainable modules
 
 
-class ScaleTrainableLinear(nn.Module):
-    """A ``QuantLinear`` during scale training: fixed codes and zeros, trainable group scales.
-
-    The weight is ``unit · fp16(s0 · exp(g))`` per group, where ``unit = code − zero`` (held as a
-    float copy ``[groups, group_size]`` for speed) and ``g`` (``log_scale``, init 0) is trained;
-    the fp16 rounding is in the forward pass (gradients pass straight through it), so the forward
-    equals the stored module's. ``finish()`` writes the rounded scales back and returns the
-    ``QuantLinear``.
-    """
-
-    def __init__(self, qlin: QuantLinear):
-        super().__init__()
-        fmt = qlin.fmt
-        if fmt.bits == FLOAT_BITS or fmt.mixed:
-            raise ValueError(f"scale training needs a plain integer format, got {fmt.name}")
-        self.base = qlin
-        numel, gs = math.prod(qlin.shape), fmt.group_size
-        groups = math.ceil(numel / gs)
-        s0 = qlin.scales.detach().float()
-        with torch.no_grad():
-            flat = qlin.dequantized(torch.float32).reshape(-1)
-            padded = torch.zeros(groups * gs, device=flat.device)
-            padded[:numel] = flat
-            # code − zero is an integer: dividing out the fp16 scale recovers it exactly.
-            self.register_buffer("unit", (padded.view(groups, gs) / s0.unsqueeze(1)).round(), persistent=False)
-        self.register_buffer("s0", s0, persistent=False)
-        self.log_scale = nn.Parameter(torch.zeros(groups, device=s0.device))
-        self.numel = numel
-
-    def scale(self) -> torch.Tensor:
-        s = self.s0 * self.log_scale.exp()
-        return s + (s.to(torch.float16).float() - s).detach()  # forward: fp16 value; backward: identity
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.unit * self.scale().unsqueeze(1)).reshape(-1)[: self.numel].view(self.base.shape)
-        bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
-        return F.linear(x, w.to(x.dtype), bias)
-
-    @torch.no_grad()
-    def finish(self) -> QuantLinear:
-        self.base.scales.copy_(self.scale().to(torch.float16))
-        self.base.clear_cache()
-        return self.base
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + (alpha / r) · x Aᵀ Bᵀ``: a low-rank adapter on a frozen linear module.
-
-    ``A`` [r, in] starts random (seeded), ``B`` [out, r] at zero, so the adapter starts as the
-    identity change. The forward uses fp16-rounded factors (gradients pass straight through), so
-    the adapter stored in fp16 by ``finish()`` computes exactly what was trained.
-    """
-
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, rank: int, alpha: float,
-                 generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.scaling = alpha / rank
-        a = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-
-    @property
-    def stored_bits(self) -> int:
-        return 16 * self.rank * (self.in_features + self.out_features)
-
-    def _factor(self, p: torch.Tensor) -> torch.Tensor:
-        if p.dtype == torch.float16:
-            return p
-        return p + (p.to(torch.float16).float() - p).detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self._factor(self.lora_A).to(x.dtype), self._factor(self.lora_B).to(x.dtype)
-        return self.base(x) + F.linear(F.linear(x, a), b) * self.scaling
-
-    @torch.no_grad()
-    def finish(self) -> "LoRALinear":
-        """Store the factors in fp16 (frozen)."""
-        self.lora_A = nn.Parameter(self.lora_A.to(torch.float16), requires_grad=False)
-        self.lora_B = nn.Parameter(self.lora_B.to(torch.float16), requires_grad=False)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}, stored_bits={self.stored_bits:,}"
-
-
-def _has_mask(module: nn.Module) -> bool:
-    w, m = getattr(module, "weight", None), module._buffers.get("mask") if hasattr(module, "_buffers") else None
-    return (isinstance(w, nn.Parameter) and isinstance(m, torch.Tensor) and m.dtype == torch.bool
-            and m.shape == w.shape)
-
-
-def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a linear-like module, or None."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.nf
-    if isinstance(module, (nn.Linear, QuantLinear)) or _has_mask(module):
-        i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
-        if i is None and _has_mask(module) and module.weight.dim() == 2:
-            o, i = module.weight.shape
-        return (int(i), int(o)) if i is not None else None
-    return None
-
-
-def _output_names(model: nn.Module) -> set[str]:
-    """Names of the LM head module(s): adapters are not put there by default."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
-
-
-@dataclasses.dataclass(frozen=True)
-class Trainable:
-    """What one module trains: its name, how many trainable values, and stored bits it adds."""
-
-    name: str
-    kind: str  # "scales", "masked" or "lora"
-    values: int  # trainable numbers
-    extra_bits: int  # bits added to what is stored (lora adapters)
-
-
 def prepare_trainable(model: nn.Module, config: RetrainConfig) -> tuple[list[Trainable], list[tuple[str, str]]]:
     """Freeze ``model`` and make trainable what ``config.mode`` allows (wrapping modules in place).
 
     Returns the trainable modules and the skipped candidates with the reason. Raises when nothing
-    is trainable, naming what the mode looks for.
+    is trainable, naming what the mode looks for (``uqcit.runtime.trainable.make_trainable``).
     """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    pattern = re.compile(config.modules) if config.modules else None
-    chosen: list[Trainable] = []
-    skipped: list[tuple[str, str]] = []
-    named = list(model.named_modules())
-    if config.mode == "scales":
-        owners: dict[int, list[str]] = {}
-        for name, m in named:
-            if isinstance(m, (QuantLinear, QuantEmbedding)) and "scales" in m._buffers:
-                owners.setdefault(m.scales.data_ptr(), []).append(name)
-        for name, m in named:
-            if not isinstance(m, QuantLinear) or (pattern and not pattern.search(name)):
-                continue
-            if m.fmt.bits == FLOAT_BITS or m.fmt.mixed:
-                skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
-            elif len(owners.get(m.scales.data_ptr(), [])) > 1:
-                skipped.append((name, f"scales shared with {[o for o in owners[m.scales.data_ptr()] if o != name]}"))
-            else:
-                wrapper = ScaleTrainableLinear(m)
-                replace_module(model, name, wrapper)
-                chosen.append(Trainable(name, "scales", wrapper.log_scale.numel(), 0))
-        what = "QuantLinear modules with plain integer formats (quantize the model first)"
-    elif config.mode == "masked":
-        for name, m in named:
-            if _has_mask(m) and not (pattern and not pattern.search(name)):
-                with torch.no_grad():
-                    m.weight.mul_(m.mask)
-                m.weight.requires_grad_(True)
-                chosen.append(Trainable(name, "masked", int(m.mask.sum()), 0))
-        what = "modules with a weight parameter and a bool 'mask' buffer of its shape (prune the model first)"
-    else:
-        heads = _output_names(model)
-        generator = torch.Generator().manual_seed(config.seed)
-        for name, m in named:
-            dims = _linear_dims(m)
-            if dims is None or (pattern and not pattern.search(name)):
-                continue
-            if pattern is None and name in heads:
-                skipped.append((name, "LM head (name it in 'modules' to adapt it)"))
-                continue
-            wrapper = LoRALinear(m, dims[0], dims[1], config.lora_rank, config.lora_alpha, generator)
-            replace_module(model, name, wrapper)
-            chosen.append(Trainable(name, "lora", config.lora_rank * (dims[0] + dims[1]), wrapper.stored_bits))
-        what = "linear modules (nn.Linear, QuantLinear, Conv1D or masked)"
-    if not chosen:
-        scope = f" matching {config.modules!r}" if config.modules else ""
-        raise ValueError(f"mode {config.mode!r} found nothing to train{scope}: it trains {what}")
-    return chosen, skipped
-
-
-def finish_trainable(model: nn.Module) -> None:
-    """Put the stored form back: scales into their ``QuantLinear``, adapters into fp16."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, ScaleTrainableLinear):
-            replace_module(model, name, m.finish())
-        elif isinstance(m, LoRALinear):
-            m.finish()
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
-def fold_lora(model: nn.Module) -> dict[str, int]:
-    """Replace every ``LoRALinear`` on a ``QuantLinear`` by that layer with the adapter as its
-    low-rank ``Compensation`` (stored in packages). Returns the bits added per module name.
-
-    Raises, naming the module, for an adapter on anything but a quantized layer, or on a layer that
-    already has a compensation (the two corrections would have to be merged, which loses the
-    exactness of each).
-    """
-    fp16 = parse_format("fp16")
-    added: dict[str, int] = {}
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, LoRALinear):
-            continue
-        base = m.base
-        if not isinstance(base, QuantLinear):
-            raise ValueError(f"{name}: a LoRA adapter on {type(base).__name__} cannot be stored in a package; "
-                             "only adapters on quantized layers (QuantLinear) can")
-        if getattr(base, "compensation", None) is not None:
-            raise ValueError(f"{name}: the layer already has a compensation and an adapter is stored as one; "
-                             "the two cannot be merged exactly: use mode 'scales' for this model")
-        with torch.no_grad():
-            a = m.lora_B.to(torch.float16).float() * m.scaling  # exact for a power-of-two alpha / r
-            b = m.lora_A.to(torch.float16).float()
-        comp = Compensation(a=quantize(a, fp16), b=quantize(b, fp16))
-        base.set_compensation(comp)
-        replace_module(model, name, base)
-        added[name] = comp.stored_bits
-    return added
+    return make_trainable(model, config.mode, modules=config.modules, lora_rank=config.lora_rank,
+                          lora_alpha=config.lora_alpha, seed=config.seed)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -431,7 +205,7 @@ class RetrainResult(Result):
 
     def apply_to(self, compressed):
         """``compressed`` (the ``QuantizeResult``/``PruneResult`` retrained) with the retrained model in
-        it, ready for ``package.export_package``.
+        it, ready for ``uqcit.package.export_package``.
 
         LoRA adapters on quantized layers are stored as those layers' low-rank ``Compensation``
         (fp16 factors ``a = (α/r)·B``, ``b = A``: the same computation), and their bits are added to
@@ -450,6 +224,11 @@ class RetrainResult(Result):
         modules = [dataclasses.replace(m, stored_bits=m.stored_bits + extra[m.name]) if m.name in extra else m
                    for m in compressed.modules]
         return dataclasses.replace(compressed, model=model, modules=modules)
+
+    def export_record(self, compressed) -> ExportRecord:
+        """The package record of ``compressed`` (the result retrained) with the retrained model in it
+        (``apply_to``, then that result's ``export_record``)."""
+        return self.apply_to(compressed).export_record()
 
     def summary(self) -> str:
         gate = "gate on" if self.config.gate else "gate OFF"
@@ -503,7 +282,7 @@ def retrain(compressed: nn.Module, original: nn.Module, tokenizer, config: Retra
     from tqdm.auto import tqdm
 
     times = {"generate": 0.0, "gate": 0.0, "train": 0.0}
-    state = _load_checkpoint(config, original) if config.checkpoint else None
+    state = load_checkpoint(config, original) if config.checkpoint else None
     total = config.n_sequences + config.heldout_sequences
     if state is not None:
         data = state["data"]
@@ -535,8 +314,9 @@ def retrain(compressed: nn.Module, original: nn.Module, tokenizer, config: Retra
     log: list[WindowRecord] = []
     best = s0
     if state is not None:
-        _restore(params, optimizer, state)
-        log, best, s0 = state["log"], state["best"], state["s0"]
+        restore(params, optimizer, state)
+        log = [WindowRecord(**r) for r in state["log"]]
+        best, s0 = state["best"], state["s0"]
         times = {k: times[k] + state["seconds"].get(k, 0.0) for k in times}
 
     bar = tqdm(total=n_windows, initial=len(log), desc=f"retrain ({config.mode})", unit="window",
@@ -569,7 +349,7 @@ def retrain(compressed: nn.Module, original: nn.Module, tokenizer, config: Retra
             bar.update(1)
             bar.set_postfix(S=f"{s:.4f}", kept=sum(r.kept for r in log))
             if config.checkpoint:
-                _save_checkpoint(config, original, data, params, optimizer, log, best, s0, times)
+                save_checkpoint(config, original, data, params, optimizer, log, best, s0, times)
     finally:
         bar.close()
     finish_trainable(student)
@@ -588,12 +368,12 @@ def _batch_order(config: RetrainConfig, n: int) -> list[torch.Tensor]:
 
 
 def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.weight": m.mask for name, m in model.named_modules() if _has_mask(m)
+    return {f"{name}.weight": m.mask for name, m in model.named_modules() if has_mask(m)
             and m.weight.requires_grad}
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [b, seq-1, vocab]
+    return model_logits(model, ids)[:, :-1]  # [b, seq-1, vocab]: the logits that predict a next token
 
 
 @torch.no_grad()
@@ -639,77 +419,11 @@ def _gate_value(student: nn.Module, held: torch.Tensor, held_ref: torch.Tensor |
     return total / len(held)
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- pipeline stage
 
-
-def _fingerprint(config: RetrainConfig, original: nn.Module) -> str:
-    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint"}
-    name = getattr(getattr(original, "config", None), "name_or_path", "") or type(original).__name__
-    ident = [name, sum(p.numel() for p in original.parameters())]
-    return hashlib.sha256(json.dumps([settings, ident], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save_checkpoint(config, original, data: SelfText, params, optimizer, log, best, s0, times) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(config.checkpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"data.ids": data.ids.contiguous(), "data.prompt_lengths": data.prompt_lengths,
-               "data.prompt_index": data.prompt_index}
-    tensors.update({f"param.{n}": p.detach().contiguous() for n, p in params.items()})
-    opt = optimizer.state_dict()
-    for idx, st in opt["state"].items():
-        for key, value in st.items():
-            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(value).contiguous()
-    header = {"fingerprint": _fingerprint(config, original), "config": config.to_dict(),
-              "param_groups": opt["param_groups"], "log": [dataclasses.asdict(r) for r in log],
-              "best": best, "s0": s0, "seconds": times, "prompts": list(data.prompts),
-              "generate_seconds": data.seconds}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"kind": FILE_KIND, "version": str(FILE_VERSION),
-                                          "header": json.dumps(header)})
-        os.replace(tmp, path)  # readers see the old checkpoint or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _load_checkpoint(config: RetrainConfig, original: nn.Module) -> dict[str, Any] | None:
-    from safetensors import safe_open
-
-    path = Path(config.checkpoint)
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("kind") != FILE_KIND or meta.get("version") != str(FILE_VERSION):
-            raise ValueError(f"{path} is not a retrain checkpoint of version {FILE_VERSION} "
-                             f"(kind {meta.get('kind')!r}, version {meta.get('version')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    head = json.loads(meta["header"])
-    if head["fingerprint"] != _fingerprint(config, original):
-        raise ValueError(f"checkpoint {path} was written with other settings or another model; delete it "
-                         "or give another checkpoint path to start afresh")
-    data = SelfText(tensors["data.ids"], tensors["data.prompt_lengths"], tensors["data.prompt_index"],
-                    tuple(head["prompts"]), head["generate_seconds"])
-    return {"data": data, "tensors": tensors, "param_groups": head["param_groups"], "best": head["best"],
-            "s0": head["s0"], "seconds": head["seconds"], "log": [WindowRecord(**r) for r in head["log"]]}
-
-
-def _restore(params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    tensors = state["tensors"]
-    missing = [n for n in params if f"param.{n}" not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint lacks trainable tensors {missing[:3]}...; delete it to start afresh")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+@stage_handler(RetrainConfig)
+def _retrain_stage(session: StageSession, cfg: RetrainConfig) -> RetrainResult:
+    model = session.compressed
+    if model is None:
+        raise RuntimeError("stage 'retrain' needs a compressed model; run a 'quantize' or 'prune' stage first")
+    return retrain(model, session.reference, session.tokenizer, cfg, progress=session.progress)  # the original teaches

@@ -2,7 +2,7 @@
 
 For every quantizable module (an entry of ``LevelsResult.quantizable()``) and every candidate
 format, the module's weight is replaced by its quantized-then-dequantized copy, the model runs
-on calibration text (``data.calibration_batch``), and the mean per-token
+on calibration text (``uqcit.inputs.corpus.calibration_batch``), and the mean per-token
 ``KL(P_ref ‖ P_quantized)`` over every calibration position is recorded; then the weight is
 put back bit for bit. This is the measurement pass of mixed-precision quantizers; the
 allocator (``uqcit.stages.allocate``) optimizes over it.
@@ -58,35 +58,29 @@ True
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from uqcit.core.config import StageConfig, register_config
+from uqcit.core.config import ConfigError, StageConfig, StageSession, register_config, stage_handler
+from uqcit.core.io import atomic_write_with
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat, parse_format
 from uqcit.stages.levels import select_modules
+from uqcit.stages.sensitivity_probe import Probe, measure_joint, measure_module
 from uqcit.core.results import Result
 
 FILE_KIND = "uqcit-sensitivity"
 FILE_VERSION = 1
 DEFAULT_FORMATS = ("w2", "w3", "w4", "w8", "fp16")
-# Reference probabilities are stored as fp16(p * 2**15): p = 1 stays below fp16's max (65504) and
-# p down to ~1.9e-9 keeps full fp16 precision (2**-14 / 2**15), instead of underflowing near 6e-8.
-_PROB_SCALE = 2.0**15
-# Replaying every block must reproduce the reference output; a larger KL means the model does
-# something between blocks that recorded outputs cannot stand in for (in-place edits, state).
-_FLOOR_LIMIT = 1e-4
 _BARE_RE = re.compile(r"^w(\d+)$")
 
 
@@ -108,6 +102,17 @@ class SensitivityConfig(StageConfig):
     flush_every: int = 4  # rewrite the file after this many modules (a restart loses at most these)
     replay: bool = True  # replay recorded block outputs instead of recomputing unperturbed blocks
     fp16_joint: bool = True  # fp16: one pass with every selected module in fp16 (see the module doc)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.group_size >= 1, "group_size", "must be >= 1")
+        for name in ("calib_samples", "batch_size", "flush_every"):
+            self.check(getattr(self, name) >= 1, name, "must be >= 1")
+        self.check(self.calib_seq_len >= 2, "calib_seq_len", "must be >= 2")
+        try:
+            resolve_formats(self.formats, self.group_size)  # empty, repeated or misspelt formats fail here
+        except ValueError as exc:
+            raise ConfigError(f"SensitivityConfig.formats: {exc}") from None
 
 
 def resolve_formats(names: Sequence[str], group_size: int = 128) -> list[QuantFormat]:
@@ -219,16 +224,9 @@ class SensitivityResult(Result):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"kind": FILE_KIND, "version": str(FILE_VERSION), "header": json.dumps(self.header())}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"kl": self.table.contiguous(), "kl_sem": self.sem.contiguous(),
-                       "seconds": self.seconds.contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        tensors = {"kl": self.table.contiguous(), "kl_sem": self.sem.contiguous(),
+                   "seconds": self.seconds.contiguous()}
+        return atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SensitivityResult":
@@ -340,10 +338,6 @@ def measure_sensitivity(model: nn.Module, tokenizer, levels, config: Sensitivity
 
     from uqcit.inputs.corpus import calibration_batch
 
-    if config.calib_samples < 1 or config.calib_seq_len < 2 or config.batch_size < 1 or config.flush_every < 1:
-        raise ValueError(f"calib_samples, batch_size and flush_every must be >= 1 and calib_seq_len >= 2; "
-                         f"got {config.calib_samples}, {config.batch_size}, {config.flush_every}, "
-                         f"{config.calib_seq_len}")
     fmts = resolve_formats(config.formats, config.group_size)
     entries = select_modules(levels, config.modules)
     named = dict(model.named_modules())
@@ -369,14 +363,14 @@ def measure_sensitivity(model: nn.Module, tokenizer, levels, config: Sensitivity
     unsaved = 0
     try:
         with torch.no_grad():
-            probe = _Probe(model, levels, ids, config.batch_size, config.replay)
+            probe = Probe(model, levels, ids, config.batch_size, config.replay)
             result.meta["seconds_reference"] = time.perf_counter() - t_start  # reference pass + floor check
             result.meta.setdefault("floor_kl", probe.floor_kl)
             result.meta["replay"] = probe.replay_blocks is not None
             fp16 = [j for j, f in enumerate(fmts) if f.bits == FLOAT_BITS]
             if config.fp16_joint and fp16 and bool(torch.isnan(result.table[:, fp16[0]]).any()):
                 t0 = time.perf_counter()
-                kl, sem = _measure_joint(probe, [named[e.name] for e in entries], entries, fmts[fp16[0]])
+                kl, sem = measure_joint(probe, [named[e.name] for e in entries], entries, fmts[fp16[0]])
                 result.table[:, fp16[0]], result.sem[:, fp16[0]] = kl, sem
                 result.meta["fp16_joint"] = {"kl": kl, "sem": sem, "seconds": time.perf_counter() - t0,
                                              "note": "one pass with every selected module in fp16"}
@@ -389,7 +383,7 @@ def measure_sensitivity(model: nn.Module, tokenizer, levels, config: Sensitivity
                     entry = entries[i]
                     bar.set_postfix_str(f"module {k + 1}/{len(todo)} {entry.name}")
                     t0 = time.perf_counter()
-                    kls, sems = _measure_module(probe, named[entry.name], entry, fmts, result.table[i],
+                    kls, sems = measure_module(probe, named[entry.name], entry, fmts, result.table[i],
                                                 result.sem[i])
                     result.table[i] = torch.tensor(kls, dtype=torch.float64)
                     result.sem[i] = torch.tensor(sems, dtype=torch.float64)
@@ -462,216 +456,9 @@ def _settings(model, named, entries, fmts, config, ids, text) -> dict[str, Any]:
     }
 
 
-def _measure_module(probe: "_Probe", module: nn.Module, entry, fmts: list[QuantFormat],
-                    done: torch.Tensor, done_sem: torch.Tensor) -> tuple[list[float], list[float]]:
-    """KL and its standard error for each format not yet measured (NaN in ``done``).
+# --------------------------------------------------------------------------- pipeline stage
 
-    The weight is restored bit for bit afterwards, whatever happens.
-    """
-    kls = [float(v) for v in done.tolist()]
-    sems = [float(v) for v in done_sem.tolist()]
-    with _swapped([module], [entry]) as (saved, put):
-        for j, fmt in enumerate(fmts):
-            if not math.isnan(kls[j]):
-                continue
-            w_hat = _dequantized(saved[0], entry, fmt)
-            if torch.equal(w_hat, saved[0]):
-                kls[j], sems[j] = 0.0, 0.0  # the model is unchanged: its output, and the KL, exactly 0
-                continue
-            put(0, w_hat)
-            kls[j], sems[j] = probe.kl(entry.name)
-    return kls, sems
-
-
-def _measure_joint(probe: "_Probe", modules: list[nn.Module], entries: list, fmt: QuantFormat) -> tuple[float, float]:
-    """KL with every module in ``fmt`` at once (one pass from the first of them)."""
-    with _swapped(modules, entries) as (saved, put):
-        for k, entry in enumerate(entries):
-            put(k, _dequantized(saved[k], entry, fmt))
-        return probe.kl_from(min(probe.start.get(e.name, 0) for e in entries))
-
-
-def _dequantized(weight: torch.Tensor, entry, fmt: QuantFormat) -> torch.Tensor:
-    """``weight`` through ``fmt`` and back, in the weight's own layout and dtype."""
-    from uqcit.tensor.quant import dequantize, quantize
-
-    transposed = entry.kind == "conv1d"  # GPT-2 Conv1D stores [in, out]; formats see [out, in]
-    matrix = weight.t() if transposed else weight
-    w_hat = dequantize(quantize(matrix, fmt), dtype=weight.dtype)
-    return w_hat.t() if transposed else w_hat
-
-
-@contextlib.contextmanager
-def _swapped(modules: list[nn.Module], entries: list) -> Iterator[tuple[list[torch.Tensor], Callable]]:
-    """Yield saved copies of the modules' weights and ``put(k, w)``; restore every weight on exit."""
-    saved = [m.weight.detach().clone() for m in modules]
-    try:
-        def put(k: int, w: torch.Tensor) -> None:
-            with torch.no_grad():
-                modules[k].weight.copy_(w)
-        yield saved, put
-    finally:
-        with torch.no_grad():
-            for m, w in zip(modules, saved):
-                m.weight.copy_(w)
-
-
-class _Replay(nn.Module):
-    """Stands in for a block: returns its recorded output for the current micro-batch."""
-
-    def __init__(self, block: nn.Module, outputs: list[Any], cursor: list[int]):
-        super().__init__()
-        object.__setattr__(self, "_block", block)  # plain attribute: not a registered child
-        self._outputs = outputs
-        self._cursor = cursor
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._outputs[self._cursor[0]]
-
-    def __getattr__(self, name: str) -> Any:
-        # The model may read attributes of its blocks (an attention type, say): forward them.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
-
-
-class _Probe:
-    """The reference pass and its records; ``kl(name)`` measures the model as it is now."""
-
-    def __init__(self, model: nn.Module, levels, ids: torch.Tensor, batch_size: int, replay: bool):
-        self.model = model
-        self.batches = list(ids.split(batch_size))
-        self.cursor = [0]
-        found = _block_container(model, levels) if replay else None
-        self.replay_blocks: nn.ModuleList | None = found[1] if found else None
-        self.container_name = found[0] if found else None
-        n_blocks = len(self.replay_blocks) if self.replay_blocks is not None else 0
-        self.block_outputs: list[list[Any]] = [[] for _ in range(n_blocks)]
-        self.ref: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (h fp16, s, A) per micro-batch
-        self.start: dict[str, int] = {}  # module -> blocks finished before its first call
-        self._reference_pass(levels)
-        self.floor_kl = self.kl_from(n_blocks)[0]  # everything replayed: must reproduce the reference
-        if self.replay_blocks is not None and not self.floor_kl < _FLOOR_LIMIT:
-            raise RuntimeError(
-                f"replaying the recorded outputs of {self.container_name} does not reproduce the model "
-                f"(KL {self.floor_kl:.2e}); measure with SensitivityConfig(replay=False)")
-        # Work estimate for the progress bar: weights run when measuring from each start block.
-        self._pos = {m.name: (m.block if m.block is not None else (-1 if self.start.get(m.name, 0) == 0
-                                                                  else n_blocks)) for m in levels.modules}
-        self._numel = {m.name: m.numel for m in levels.modules if m.kind != "embedding"}
-
-    def work(self, name: str) -> float:
-        start = self.start.get(name, 0)
-        return sum(n for m, n in self._numel.items() if self._pos[m] >= start) / 1e6 or 1.0
-
-    def _reference_pass(self, levels) -> None:
-        named = dict(self.model.named_modules())
-        events: list[tuple[str, Any]] = []
-        handles = []
-        try:
-            for m in levels.modules:
-                handles.append(named[m.name].register_forward_pre_hook(
-                    lambda mod, args, name=m.name: events.append(("call", name))))
-            for i, block in enumerate(self.replay_blocks or []):
-                handles.append(block.register_forward_hook(self._recorder(i, events)))
-            for mb, x in enumerate(self.batches):
-                self.cursor[0] = mb
-                events.clear()
-                z = self._logits(x)
-                if mb == 0:
-                    finished = 0
-                    for kind, what in events:
-                        if kind == "done":
-                            finished += 1
-                        elif what not in self.start:
-                            self.start[what] = finished
-                self.ref.append(_reference_stats(z))
-                del z
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _recorder(self, i: int, events: list) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.block_outputs[i].append(output)
-            events.append(("done", i))
-        return hook
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=x, use_cache=False)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits.float()
-
-    def kl(self, name: str) -> tuple[float, float]:
-        """Mean KL of the model as it is now against the reference (and its standard error
-        over sequences), recomputing only from the first block ``name`` can affect."""
-        return self.kl_from(self.start.get(name, 0))
-
-    def kl_from(self, start: int) -> tuple[float, float]:
-        """Mean KL and standard error, replaying the first ``start`` blocks from the records."""
-        per_seq = []
-        with self._replaying(start):
-            for mb, x in enumerate(self.batches):
-                self.cursor[0] = mb
-                per_seq.append(_kl_per_sequence(self._logits(x), *self.ref[mb]))
-        kl = torch.cat(per_seq) / self.batches[0].shape[1]  # [sequences] mean KL of each
-        sem = float(kl.std() / math.sqrt(kl.numel())) if kl.numel() > 1 else math.nan
-        return float(kl.mean()), sem
-
-    @contextlib.contextmanager
-    def _replaying(self, start: int) -> Iterator[None]:
-        blocks = self.replay_blocks
-        if blocks is None or start == 0:
-            yield
-            return
-        originals = [blocks[i] for i in range(start)]
-        try:
-            for i, block in enumerate(originals):
-                blocks[i] = _Replay(block, self.block_outputs[i], self.cursor)
-            yield
-        finally:
-            for i, block in enumerate(originals):
-                blocks[i] = block
-
-
-def _block_container(model: nn.Module, levels) -> tuple[str, nn.ModuleList] | None:
-    """The one ``ModuleList`` of blocks (None when blocks sit in several stacks, or none)."""
-    stacks: set[str] = set()
-    for m in levels.modules:
-        match = re.search(levels.ruleset.block_pattern, m.name)
-        if match:
-            stacks.add(m.name[: match.start(1)].rstrip("."))
-    if len(stacks) != 1:
-        return None
-    name = stacks.pop()
-    try:
-        container = model.get_submodule(name)
-    except AttributeError:
-        return None
-    return (name, container) if isinstance(container, nn.ModuleList) else None
-
-
-def _reference_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From reference logits [b, T, V]: stored probabilities h (fp16), their sums s and Σ p̃ log p̃.
-
-    The reference distribution is p̃ = h / s with h = fp16(softmax(z) · 2**15).
-    """
-    h = torch.softmax(z, dim=-1).mul_(_PROB_SCALE).to(torch.float16)
-    hf = h.to(torch.float32)
-    s = hf.sum(dim=-1, dtype=torch.float64)  # [b, T]
-    pt = hf.div_(s.unsqueeze(-1).to(torch.float32))
-    neg_entropy = torch.xlogy(pt, pt).sum(dim=-1, dtype=torch.float64)
-    return h, s, neg_entropy
-
-
-def _kl_per_sequence(z: torch.Tensor, h: torch.Tensor, s: torch.Tensor, neg_entropy: torch.Tensor) -> torch.Tensor:
-    """Per sequence, Σ over its positions of KL(p̃ ‖ softmax(z)) = Σ p̃ log p̃ − Σ p̃ z + logsumexp(z).
-
-    z is shifted by its per-position max first, so the terms summed are small where p̃ is
-    large and the cancellation in the difference stays near float32 resolution.
-    """
-    z = z - z.amax(dim=-1, keepdim=True)
-    lse = torch.logsumexp(z, dim=-1).to(torch.float64)
-    dot = torch.linalg.vecdot(z, h.to(torch.float32)).to(torch.float64) / s
-    return (neg_entropy - dot + lse).sum(dim=-1)
+@stage_handler(SensitivityConfig)
+def _sensitivity_stage(session: StageSession, cfg: SensitivityConfig) -> SensitivityResult:
+    levels = session.require("levels")
+    return measure_sensitivity(session.working, session.tokenizer, levels, cfg, progress=session.progress)

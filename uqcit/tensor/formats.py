@@ -14,6 +14,8 @@ import math
 import re
 from typing import Any
 
+from uqcit.core.keys import check_keys
+
 INT_BITS = (2, 3, 4, 8)
 FLOAT_BITS = 16
 HIGH_BITS = (8, 16)
@@ -95,10 +97,7 @@ class QuantFormat:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantFormat":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown QuantFormat key(s) {unknown}; allowed: {sorted(known)}")
+        check_keys(data, {f.name for f in dataclasses.fields(cls)}, "QuantFormat", required=())
         return cls(**data)
 
 

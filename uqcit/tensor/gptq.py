@@ -43,7 +43,8 @@ import warnings
 import torch
 
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
-from uqcit.tensor.quant import IntGrid, QuantizedTensor, quant_params, quantize, quantize_with
+from uqcit.tensor.grid import IntGrid
+from uqcit.tensor.quant import QuantizedTensor, quant_params, quantize, quantize_with
 
 _DAMP_RETRIES = 3  # a Hessian that is still singular after damp × 10³ is a bug upstream, not noise
 
@@ -116,7 +117,7 @@ class _ElementGrid:
     """Each weight's own grid, laid out like ``Wᵀ`` ``[in, out]`` (rows are columns of W).
 
     ``code = clamp(round(w / scale) + offset, qmin, qmax)``, ``ŵ = (code − offset) · scale``:
-    the operations of ``quant._encode_int``, so the codes chosen here are the codes stored.
+    the operations of ``grid.encode_int``, so the codes chosen here are the codes stored.
     """
 
     scale: torch.Tensor  # float32; 1 where fp16

@@ -1,6 +1,6 @@
 """Bit packing of small unsigned integer codes into bytes: the stored layout of quantized weights.
 
-Layout (a little-endian bit stream, fixed; ``tests/test_packing.py`` pins it with golden bytes):
+Layout (a little-endian bit stream, fixed; ``tests/tensor/test_packing.py`` pins it with golden bytes):
 code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``, its least significant bit first, and
 stream bit ``t`` is bit ``t % 8`` (least significant first) of byte ``t // 8``. So for 1/2/4/8
 bits one byte holds ``8 // bits`` whole codes, the first in the low bits; for 3 bits eight codes
