@@ -1,26 +1,115 @@
-"""The ``uqcit`` command line: the library's recipes, run in batch."""
+"""The ``uqcit`` command line: the library's recipes, run in batch.
+
+Every bad input ends the same way: one line ``uqcit: error: ...`` on stderr and exit status 2,
+before any work starts where it can be checked up front (``uqcit.pipeline.preflight``). The
+known failures are the workbench's own error types (``ConfigError``, ``PackageError`` and its
+``SecurityError``, ``UsageError``, every ``OSError``: a missing file, a full disk, an unknown
+model); anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from uqcit.core.io import atomic_write
+
+EXIT_USAGE = 2  # argparse's status for a bad command line; every known error exits with it too
+
+
+class UsageError(ValueError):
+    """Command-line options that do not fit together; the message says which."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``uqcit: error: ...``, no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"uqcit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of windows >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 window (omit it for the full protocol), got {value}")
+    return value
 
 
 def _eval_config(args, recipe=None):
     from uqcit.stages.evaluate import EvalConfig
 
     base = (recipe.stage("eval") if recipe is not None else None) or EvalConfig()
-    if getattr(args, "quick", None):
+    if getattr(args, "quick", None) is not None:
         base = base.replace(max_windows=args.quick)
     return base
 
 
-class UsageError(ValueError):
-    """Command-line options that do not fit together; the message says which."""
+def _load_recipe(name_or_path: str):
+    """``load_recipe``, with a file that is not a recipe (binary, not UTF-8, JSON of another shape)
+    reported as a ``ConfigError`` naming the file."""
+    from uqcit.core.keys import ConfigError
+    from uqcit.recipe import load_recipe
+
+    try:
+        return load_recipe(name_or_path)
+    except ConfigError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe file {name_or_path!r} is not UTF-8 text (byte {exc.start}); a recipe is "
+                          "a JSON file, e.g. `uqcit recipes uqcit-default > my.json`") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # JSON of another shape
+        raise ConfigError(f"recipe file {name_or_path!r} is not a recipe ({type(exc).__name__}: {exc}); "
+                          "see `uqcit recipes uqcit-default` for the form") from None
+
+
+def _check_output_file(path: str | None, option: str) -> None:
+    """A file the command writes at its end (``--json``): refuse up front what would fail there."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option} {path!r} is a folder; give a file name")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path!r}: folder {str(parent)!r} is not writable")
+
+
+def _target_state(out: Path) -> str:
+    """What ``--out`` is before a run: ``missing``, ``empty`` (folder), ``package`` or ``other``."""
+    from uqcit.package import METADATA_FILE
+
+    if not os.path.lexists(out):
+        return "missing"
+    if out.is_dir() and not out.is_symlink():
+        if (out / METADATA_FILE).is_file():
+            return "package"
+        return "other" if any(out.iterdir()) else "empty"
+    return "package" if (out / METADATA_FILE).is_file() else "other"
+
+
+def _remove_created(out: Path, before: str) -> None:
+    """After a failed run: remove the package it wrote at ``out`` where there was none before.
+
+    A package that was there before the run, or anything that is not a package, is left alone.
+    """
+    if before not in ("missing", "empty") or _target_state(out) != "package":
+        return
+    if out.is_symlink():
+        out.unlink()
+    else:
+        shutil.rmtree(out)
+    if before == "empty":
+        out.mkdir()
 
 
 def _secret(args):
@@ -46,23 +135,35 @@ def _env(name: str | None) -> str | None:
 
 
 def cmd_compress(args) -> int:
-    from uqcit.pipeline import run_job
-    from uqcit.recipe import load_recipe
+    from uqcit.pipeline import preflight, run_job
     from uqcit.package.secure import ProtectConfig, load_signing_key
 
-    recipe = load_recipe(args.recipe)
-    signing_key = (load_signing_key(args.sign, passphrase=_env(args.key_passphrase_env))
-                   if args.sign else None)
+    recipe = _load_recipe(args.recipe)
+    eval_config = _eval_config(args, recipe)
+    _check_output_file(args.json, "--json")
     protect = ProtectConfig(encrypt=args.encrypt, encode=args.encode)
     secret = _secret(args)
     if protect.active and secret is None:
         raise UsageError("--encrypt/--encode need --secret-file or --passphrase-env")
-    report = run_job(args.model, recipe, args.out, eval_config=_eval_config(args, recipe),
+    preflight(recipe, args.out, model_name=args.model)  # before the keys' KDF; run_job checks again
+    signing_key = (load_signing_key(args.sign, passphrase=_env(args.key_passphrase_env))
+                   if args.sign else None)
+    out = Path(args.out)
+    before = _target_state(out)
+    # A run_job that fails leaves ``out`` as it was (it swaps the package in as its last step), so
+    # only a failure after it returns can leave a package behind; and that package is this run's.
+    # (Removing one on a failure inside run_job could remove a concurrent run's package.)
+    report = run_job(args.model, recipe, out, eval_config=eval_config,
                      progress=not args.no_progress, signing_key=signing_key,
                      protect=protect if protect.active else None, secret=secret)
-    print(report.format_table())
-    if args.json:
-        atomic_write(args.json, (report.to_json() + "\n").encode())
+    try:
+        table = report.format_table()
+        if args.json:
+            atomic_write(args.json, (report.to_json() + "\n").encode())
+    except BaseException:
+        _remove_created(out, before)  # a failed run leaves no package where there was none
+        raise
+    print(table)
     return 0
 
 
@@ -71,15 +172,23 @@ def cmd_eval(args) -> int:
     from uqcit.inputs.models import load_model
     from uqcit.package import load_package
 
+    from uqcit.inputs.models import ModelNotFoundError, check_model_name
+    from uqcit.package import PackageMetadata
     from uqcit.package.secure import load_public_key
 
-    pkg = load_package(args.package, progress=not args.no_progress, secret=_secret(args),
-                       public_key=load_public_key(args.public_key) if args.public_key else None)
-    reference = None
-    if args.reference != "none":
-        ref_name = args.reference or pkg.metadata.get("source_model")
-        reference = load_model(ref_name, progress=not args.no_progress).model
-    res = evaluate_many({"package": pkg.model}, pkg.tokenizer, _eval_config(args),
+    config = _eval_config(args)
+    meta = PackageMetadata.read(args.package)  # a folder that is no package fails before any load
+    ref_name = None if args.reference == "none" else (args.reference or meta.source_model)
+    if ref_name is not None:
+        try:
+            check_model_name(ref_name)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"reference {exc} (--reference none evaluates without one)") from None
+    secret = _secret(args)
+    public_key = load_public_key(args.public_key) if args.public_key else None
+    pkg = load_package(args.package, progress=not args.no_progress, secret=secret, public_key=public_key)
+    reference = load_model(ref_name, progress=not args.no_progress).model if ref_name else None
+    res = evaluate_many({"package": pkg.model}, pkg.tokenizer, config,
                         reference=reference, progress=not args.no_progress)
     out = {"package": res["package"].to_dict()}
     if reference is not None:
@@ -109,22 +218,41 @@ def cmd_inspect(args) -> int:
     print("levels:")
     for lvl, percent, avg_bits in meta.levels():
         print(f"  {lvl}: {percent:.1f}% of weights, {avg_bits:.3f} bits/weight")
-    vdir = path / "validation"
-    for name in ("perplexity", "benchmarks"):
-        f = vdir / f"{name}.json"
-        if f.is_file():
-            data = json.loads(f.read_text())
-            if name == "perplexity" and data.get("reference_ppl") is not None:
-                scope = "full protocol" if data.get("full_protocol") else f"quick, {data.get('windows')} window(s)"
-                print(f"perplexity    reference {data['reference_ppl']:.3f} → package {data['package_ppl']:.3f} ({scope})")
-            if name == "benchmarks" and data.get("kl") is not None:
-                print(f"KL / top-1    {data['kl']:.4f} / {data['top1']:.2f}%")
+    ppl = _validation(path, "perplexity", ("reference_ppl", "package_ppl"))
+    if ppl is not None:
+        scope = "full protocol" if ppl.get("full_protocol") else f"quick, {ppl.get('windows')} window(s)"
+        print(f"perplexity    reference {ppl['reference_ppl']:.3f} → package {ppl['package_ppl']:.3f} ({scope})")
+    bench = _validation(path, "benchmarks", ("kl", "top1"))
+    if bench is not None:
+        print(f"KL / top-1    {bench['kl']:.4f} / {bench['top1']:.2f}%")
     if args.layers:
         print("modules:")
         for name, layer, level, fmt, tied_to in meta.module_rows():
             tied = f" (tied to {tied_to})" if tied_to else ""
             print(f"  {layer:>9}  L{level}  {fmt:<20} {name}{tied}")
     return 0
+
+
+def _validation(package: Path, name: str, numbers: tuple[str, ...]) -> dict | None:
+    """``validation/<name>.json`` when it holds every one of ``numbers`` (as numbers), else None
+    (a package exported without evaluation); ``PackageError`` naming the file when it is not JSON."""
+    from uqcit.package import PackageError
+    from uqcit.package.format import read_json
+
+    path = package / "validation" / f"{name}.json"
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise PackageError(f"{path}: expected a JSON object, got {type(data).__name__}; the package is corrupt")
+    values = [data.get(key) for key in numbers]
+    if all(v is None for v in values):
+        return None
+    for key, value in zip(numbers, values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PackageError(f"{path}: key {key!r} must be a finite number, got {value!r}; "
+                               "the package is corrupt (re-evaluate it with `uqcit eval`)")
+    return data
 
 
 def cmd_keygen(args) -> int:
@@ -176,7 +304,7 @@ def cmd_recipes(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uqcit", description="UQCIT Workbench: compress, evaluate and "
+    p = _Parser(prog="uqcit", description="UQCIT Workbench: compress, evaluate and "
                                 "inspect transformer language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -185,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "back and evaluate it against the uncompressed model; prints a table.")
     c.add_argument("--model", default="smollm2-135m", help="model name, Hugging Face id or local folder")
     c.add_argument("--recipe", default="uqcit-default", help="built-in recipe name or recipe JSON file")
-    c.add_argument("--out", required=True, help="package folder to write (replaced atomically)")
-    c.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
+    c.add_argument("--out", required=True, help="package folder to write: a new path, an empty folder or "
+                   "a package (replaced atomically); never a file or another folder")
+    c.add_argument("--quick", type=_positive_int, metavar="N",
+                   help="evaluate on only N >= 1 windows (not the full protocol)")
     c.add_argument("--json", help="also write the report as JSON to this file")
     c.add_argument("--no-progress", action="store_true", help="hide progress bars")
     c.add_argument("--sign", metavar="KEY", help="sign the package with this Ed25519 private key (PEM)")
@@ -202,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "protocol of docs/evaluation.md, against its source model unless --reference none.")
     e.add_argument("package")
     e.add_argument("--reference", help="reference model (default: the package's source model); 'none' to skip")
-    e.add_argument("--quick", type=int, metavar="N", help="evaluate on only N windows (not the full protocol)")
+    e.add_argument("--quick", type=_positive_int, metavar="N",
+                   help="evaluate on only N >= 1 windows (not the full protocol)")
     e.add_argument("--json", help="write the results as JSON to this file")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--public-key", help="verify the package with this Ed25519 public key (PEM) first")
@@ -243,17 +374,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subject(args) -> str | None:
+    """The path a command reads or writes, for an error that names no file."""
+    return getattr(args, "out", None) or getattr(args, "package", None)
+
+
+def error_line(exc: BaseException, subject: str | None = None) -> str:
+    """One line for a known error: the message with its line breaks folded, the file named.
+
+    >>> error_line(OSError(errno.ENOSPC, "No space left on device", "/pkg/layers/x.safetensors"))
+    "No space left on device: '/pkg/layers/x.safetensors'"
+    >>> error_line(OSError(errno.ENOSPC, "No space left on device"), "/pkg")
+    "No space left on device (while writing or reading '/pkg')"
+    """
+    if isinstance(exc, OSError) and exc.strerror and exc.args[1:2] == (exc.strerror,):
+        text = exc.strerror  # built as OSError(errno, strerror[, filename]): name the file plainly
+        if exc.filename is not None:
+            text += f": {str(exc.filename)!r}" + (f" -> {str(exc.filename2)!r}" if exc.filename2 else "")
+        elif subject:
+            text += f" (while writing or reading {subject!r})"
+    else:
+        text = str(exc) or type(exc).__name__
+        if _is_safetensors_error(exc) and subject:
+            text = f"{subject!r}: safetensors: {text}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _is_safetensors_error(exc: BaseException) -> bool:
+    from safetensors import SafetensorError  # raised by the Rust core (a full disk names no file)
+
+    return isinstance(exc, SafetensorError)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    from uqcit.core.keys import ConfigError
+    from uqcit.inputs.corpus import NotEnoughTextError
+    from uqcit.package import PackageError  # SecurityError is one
+
+    return (ConfigError, PackageError, UsageError, NotEnoughTextError, OSError, SafetensorError)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede torch's first parallel region
     args = build_parser().parse_args(argv)
-    from uqcit.core.config import ConfigError
-    from uqcit.package import PackageError
-
     try:
         return args.fn(args)
-    except (ConfigError, PackageError, UsageError, FileNotFoundError, FileExistsError) as exc:
-        print(f"uqcit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except _known_errors() as exc:
+        print(f"uqcit: error: {error_line(exc, _subject(args))}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -187,20 +187,131 @@ def export_session(session: Session, out: str | os.PathLike, *, recipe: Recipe |
     The export step of ``run_job`` and of the widgets: one way to write a package. Returns the
     result the package stores. ``signing_key``/``protect``/``secret``: see ``run_job``.
     """
+    quantized, options = _export_options(session, recipe, model_name)
+    t0 = time.perf_counter()
+    pkg.export_package(quantized, session.tokenizer, Path(out), signing_key=signing_key, protect=protect,
+                       secret=secret, **options)
+    session.seconds["export"] = time.perf_counter() - t0
+    return quantized
+
+
+def _export_options(session: Session, recipe: Recipe | None, model_name: str) -> tuple[Result, dict[str, Any]]:
+    """What ``export_package`` stores of a session: its compressed result and the export keywords."""
     quantized = compressed_result(session.results, stored=True)  # what the package stores
     if quantized is None:
         what = f"recipe {recipe.name!r}" if recipe is not None else f"session {session.name!r}"
         raise RuntimeError(f"{what} has no 'quantize' or 'prune' stage: nothing to export")
-    out = Path(out)
+    return quantized, dict(recipe=recipe, source_model=model_name, levels=session.results.get("levels"),
+                           clusters=session.results.get("clusters"),
+                           sensitivity=session.results.get("sensitivity"),
+                           extra_metadata=_rotation_metadata(session.results.get("rotation")))
 
-    t0 = time.perf_counter()
-    pkg.export_package(quantized, session.tokenizer, out, recipe=recipe, source_model=model_name,
-                       levels=session.results.get("levels"), clusters=session.results.get("clusters"),
-                       sensitivity=session.results.get("sensitivity"),
-                       extra_metadata=_rotation_metadata(session.results.get("rotation")),
-                       signing_key=signing_key, protect=protect, secret=secret)
-    session.seconds["export"] = time.perf_counter() - t0
-    return quantized
+
+# --------------------------------------------------------------------------- preflight
+
+_BOUND_NUMEL = 1 << 20  # weights of the tensor the budget bounds are computed at (group overhead amortized)
+
+
+def preflight(recipe: Recipe, out: str | os.PathLike, *, model_name: str | None = None,
+              tokenizer=None, eval_config: EvalConfig | None = None) -> None:
+    """Check a job's inputs before any work: raise on the first one that would fail it later.
+
+    ``model_name`` (when given): a name ``load_model`` can load (``check_model_name``: no download,
+    no retry). ``recipe``: it has a compressing stage, and an ``allocate`` budget within what its
+    candidates can store. ``out``: a new path, an empty folder or a UQCIT package (which the export
+    replaces); never a file or a folder of other files. ``tokenizer`` (when given): the evaluation
+    text of ``eval_config`` (else the recipe's, else the default) holds the windows it asks for.
+    Raises ``ConfigError`` (recipe, evaluation text), ``FileExistsError``/``NotADirectoryError``/
+    ``PermissionError`` (``out``) or ``ModelNotFoundError``; each message names what to change.
+
+    >>> import tempfile
+    >>> from uqcit.recipe import builtin_recipe
+    >>> preflight(builtin_recipe("rtn-w4-g128"), Path(tempfile.mkdtemp()) / "pkg", model_name="tiny-llama")
+    >>> preflight(builtin_recipe("rtn-w4-g128"), "/etc/passwd")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileExistsError: --out '/etc/passwd' is a file, not a package folder; ...
+    """
+    if model_name is not None:
+        from uqcit.inputs.models import check_model_name
+
+        check_model_name(model_name)
+    _check_recipe(recipe)
+    _check_target(Path(out))
+    if tokenizer is not None:
+        _check_eval_text(tokenizer, eval_config or recipe.stage("eval") or EvalConfig())
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    from uqcit.core.keys import ConfigError
+    from uqcit.stages.allocate import FLOAT
+    from uqcit.stages.sensitivity import resolve_formats
+    from uqcit.tensor.formats import FLOAT_BITS, parse_format
+
+    tags = [s.type_tag for s in recipe.stages]
+    if not any(tag in tags for tag in COMPRESSING_STAGES):
+        raise ConfigError(f"recipe {recipe.name!r} has no {' / '.join(COMPRESSING_STAGES)} stage, so "
+                          "there is nothing to export; add one (see `uqcit recipes uqcit-default`)")
+    alloc, sens = recipe.stage("allocate"), recipe.stage("sensitivity")
+    if alloc is None:
+        return
+    where = f"recipe {recipe.name!r}: AllocateConfig"
+    if alloc.target_bpw > FLOAT_BITS:
+        raise ConfigError(f"{where}.target_bpw {alloc.target_bpw:g} is above {FLOAT_BITS} bits/weight "
+                          "(fp16, the most a weight is stored with); give a budget in (0, 16]")
+    if sens is None:
+        raise ConfigError(f"{where} needs a 'sensitivity' stage before it (the measured candidates); "
+                          "add one (see `uqcit recipes alloc-gptq-3.25`)")
+    measured = {f.name: f for f in resolve_formats(sens.formats, sens.group_size)}
+    unknown = sorted(set(alloc.formats or ()) - set(measured))
+    if unknown:
+        raise ConfigError(f"{where}.formats {unknown} are not measured by the sensitivity stage "
+                          f"(measured: {sorted(measured)}); name measured formats")
+    allowed = [measured[f] for f in (alloc.formats or measured)]
+    pinned = [None if v == FLOAT else parse_format(v) for v in alloc.pins.values()]
+    bpw = [f.bits_per_weight(_BOUND_NUMEL) for f in allowed]
+    top = max(bpw + [FLOAT_BITS if f is None else f.bits_per_weight(_BOUND_NUMEL) for f in pinned])
+    if alloc.target_bpw > top:
+        raise ConfigError(f"{where}.target_bpw {alloc.target_bpw:g} is above {top:.3f} bits/weight, the "
+                          "most its candidate formats store; lower it or add a wider format")
+    if not alloc.pins and alloc.target_bpw < min(bpw):
+        raise ConfigError(f"{where}.target_bpw {alloc.target_bpw:g} is below {min(bpw):.3f} bits/weight, "
+                          "what its cheapest candidate format stores; raise it or add a narrower format")
+
+
+def _check_target(out: Path) -> None:
+    from uqcit.package import METADATA_FILE
+
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"--out {str(out)!r} is a dangling symbolic link; remove it or choose another path")
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"--out {str(out)!r} is a file, not a package folder; choose another "
+                                  "path (an existing file is never replaced)")
+        if not (out / METADATA_FILE).is_file() and any(out.iterdir()):
+            raise FileExistsError(f"--out {str(out)!r} is a folder of other files, not a UQCIT package "
+                                  f"(no {METADATA_FILE}); choose a new or empty folder (a folder the "
+                                  "workbench did not write is never replaced)")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {str(out)!r}: folder {str(parent)!r} is not writable")
+
+
+def _check_eval_text(tokenizer, cfg: EvalConfig) -> None:
+    """Tokenize the evaluation text now (the encoding is cached for the evaluation itself)."""
+    from uqcit.core.keys import ConfigError
+    from uqcit.inputs import corpus as data
+
+    try:
+        text = data.corpus_text(cfg.corpus) if cfg.corpus in data.CORPORA else data.read_text(cfg.corpus)
+        data.eval_windows(tokenizer, text, total_tokens=cfg.total_tokens, window=cfg.window,
+                          max_windows=cfg.max_windows)
+    except (ValueError, FileNotFoundError) as exc:  # missing, empty, undecodable or too short
+        raise ConfigError(f"EvalConfig.corpus {cfg.corpus!r}: {exc}") from exc
 
 
 def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
@@ -210,35 +321,43 @@ def run_job(model_name: str, recipe: Recipe, out: str | os.PathLike, *,
     """The main job: load, analyse, plan, quantize, export, load the package back, evaluate it.
 
     The evaluation runs on the model loaded from disk, and its numbers are written
-    into the package's ``validation/`` files. ``signing_key``/``protect``/``secret`` go to
-    ``export_package`` (see ``uqcit.package.secure``); a signed package is verified when loaded
-    back and re-signed after its validation files are written.
+    into the package's ``validation/`` files before the package is sealed and swapped in at
+    ``out`` (``stage_package``): a failed or killed run leaves ``out`` as it was.
+    ``signing_key``/``protect``/``secret`` go to ``export_package`` (see ``uqcit.package.secure``);
+    the signature covers the validation files.
     """
+    preflight(recipe, out, model_name=None if session else model_name)  # before anything is loaded
     session = session or Session.from_model(model_name, progress=progress)
+    preflight(recipe, out, tokenizer=session.tokenizer, eval_config=eval_config)  # the evaluation text
     session.run(recipe, skip=("eval",))
     out = Path(out)
-    quantized = export_session(session, out, recipe=recipe, model_name=model_name, signing_key=signing_key,
-                               protect=protect, secret=secret)
-
-    t0 = time.perf_counter()
-    loaded = pkg.load_package(out, progress=progress, secret=secret,
-                              public_key=signing_key.public_key() if signing_key is not None else None)
-    session.seconds["load_package"] = time.perf_counter() - t0
-
+    quantized, options = _export_options(session, recipe, model_name)
     cfg = eval_config or recipe.stage("eval") or EvalConfig()
     t0 = time.perf_counter()
-    res = evaluate_many({"package": loaded.model}, session.tokenizer, cfg,
-                        reference=session.reference, progress=progress)  # the original, unrotated model
-    session.seconds["evaluate"] = time.perf_counter() - t0
+    # Staged: the package is loaded back and evaluated from its temporary folder, its figures
+    # written there, and only then sealed (manifest, signature) and swapped in, in one step.
+    with pkg.stage_package(quantized, session.tokenizer, out, signing_key=signing_key, protect=protect,
+                           secret=secret, **options) as staged:
+        session.seconds["export"] = time.perf_counter() - t0
 
-    ref, comp = res["reference"], res["package"]
-    protocol = cfg.to_dict()
-    pkg.write_validation(out, "perplexity", {
-        "protocol": protocol, "full_protocol": comp.full_protocol, "windows": comp.windows,
-        "tokens": comp.tokens, "reference_ppl": ref.ppl, "package_ppl": comp.ppl}, signing_key=signing_key)
-    pkg.write_validation(out, "benchmarks", {
-        "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
-        "package": comp.to_dict()}, signing_key=signing_key)
+        t0 = time.perf_counter()
+        loaded = pkg.load_package(staged.path, progress=progress, secret=secret, verify=False)  # just written
+        session.seconds["load_package"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        res = evaluate_many({"package": loaded.model}, session.tokenizer, cfg,
+                            reference=session.reference, progress=progress)  # the original, unrotated model
+        session.seconds["evaluate"] = time.perf_counter() - t0
+
+        ref, comp = res["reference"], res["package"]
+        protocol = cfg.to_dict()
+        staged.write_validation("perplexity", {
+            "protocol": protocol, "full_protocol": comp.full_protocol, "windows": comp.windows,
+            "tokens": comp.tokens, "reference_ppl": ref.ppl, "package_ppl": comp.ppl})
+        staged.write_validation("benchmarks", {
+            "protocol": protocol, "kl": comp.kl, "top1": comp.top1, "reference": ref.to_dict(),
+            "package": comp.to_dict()})
+        staged.commit()  # manifest and signature cover the figures; verified, then swapped in
     ref_bytes = sum(p.numel() * p.element_size() for p in session.reference.parameters())
     return JobReport(model=model_name, method=quantized.method_name, package=str(out), bpw=quantized.bpw,
                      package_bytes=pkg.package_bytes(out), reference_bytes=ref_bytes, reference=ref,

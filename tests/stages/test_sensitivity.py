@@ -144,3 +144,15 @@ def test_views_config_and_errors(measured):
     with pytest.raises(ValueError, match="cannot read format"):
         resolve_formats(["w4-huge"], 128)
     assert not math.isnan(res.sem[0, 0])
+
+
+def test_without_timings_keeps_every_measurement_and_drops_only_wall_clock(measured, tmp_path):
+    res, _ = measured
+    assert not torch.isnan(res.seconds).all() and any(k.startswith("seconds") for k in res.meta)
+    bare = res.without_timings()
+    assert torch.equal(bare.table, res.table) and torch.equal(bare.sem, res.sem)
+    assert bare.modules == res.modules and bare.formats == res.formats
+    assert torch.isnan(bare.seconds).all() and not any(k.startswith("seconds") for k in bare.meta)
+    assert bare.meta["settings"] == res.meta["settings"]
+    a, b = bare.save(tmp_path / "a.safetensors"), res.without_timings().save(tmp_path / "b.safetensors")
+    assert SensitivityResult.load(a).meta == SensitivityResult.load(b).meta

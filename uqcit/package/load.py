@@ -2,7 +2,10 @@
 
 ``load_package`` rebuilds a transformers model from ``config.json`` whose quantized modules
 run from the packed codes, pruned ones from their sparse values, after verifying the
-signature (given a public key) and decrypting/decoding the weights (given the secret).
+signature (given a public key) or the SHA-256 manifest, and decrypting/decoding the weights
+(given the secret). Everything the package declares is checked before the model is built
+(``uqcit.package.validate``): only the files its metadata names are read, at the folders the
+naming rule gives, and every failure is a ``PackageError`` naming the file and the field.
 """
 from __future__ import annotations
 
@@ -15,9 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from uqcit.package.format import METADATA_FILE, LoadedPackage, PackageError, read_json, read_metadata
+from uqcit.package.format import METADATA_FILE, LoadedPackage, PackageError, PackageMetadata, read_json, read_metadata
 from uqcit.package.secure.encryption import Unlocker
-from uqcit.package.secure.signing import verify_package
+from uqcit.package.secure.signing import verify_manifest, verify_package
+from uqcit.package.validate import (
+    ROTATION, WEIGHTS, LoadPlan, build_model, check_config, check_config_types, check_data, check_tensors,
+    check_tree, config_errors, plan_load, read_header, specs_of)
 from uqcit.runtime.masked import MaskedEmbedding, MaskedLinear
 from uqcit.runtime.modules import Compensation, QuantEmbedding, QuantLinear, replace_module
 from uqcit.runtime.online import apply_online_rotations
@@ -25,16 +31,21 @@ from uqcit.tensor.formats import parse_format
 from uqcit.tensor.quant import QuantizedTensor
 from uqcit.tensor.sparse import sparse_decode
 
+# What rebuilding a checked module or rotation can still raise on contents no check foresaw.
+_REBUILD_ERRORS = (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError)
+
 
 def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=None,
-                 secret=None, decode: bool = True) -> LoadedPackage:
+                 secret=None, decode: bool = True, verify: bool = True) -> LoadedPackage:
     """Load a package into a runnable transformers model whose quantized layers run from packed codes.
 
     With ``public_key`` (Ed25519, ``uqcit.package.secure.load_public_key``) the package is verified
-    first and refused, naming the file, if anything was modified, added or removed.
+    first and refused, naming the file, if anything was modified, added or removed. Without a key,
+    every file is still checked against the package's SHA-256 manifest (``verify=False`` skips it).
     Encrypted or keyed-encoded weights need the ``secret`` they were exported with;
     ``decode=False`` keeps keyed-encoded weights as stored (a model that computes garbage,
-    to see what the encoding does).
+    to see what the encoding does). Names, types, shapes, dtypes and sizes are checked against
+    the architecture ``config.json`` describes before any weight memory is allocated.
 
     >>> import tempfile
     >>> from uqcit.inputs.tiny import tiny_model
@@ -55,30 +66,46 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
     torch.Size([1, 7])
     """
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.perf_counter()
     path = Path(path)
+    check_tree(path)  # no symlink or FIFO is followed or opened, not even to hash it
     if public_key is not None:
         verify_package(path, public_key)
+    elif verify:  # integrity by default: every file against uqcit_manifest.json (verify=False skips it)
+        verify_manifest(path)
     meta = read_metadata(path)
-    unlock = Unlocker(path, meta, secret, decode=decode)
+    PackageMetadata.read(path)  # every field's type, before any entry is used
+    try:
+        unlock = Unlocker(path, meta, secret, decode=decode)
+    except PackageError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:  # a protection record of the right types, wrong values
+        raise PackageError(f"{path / METADATA_FILE}: protection cannot be read ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}); the package is corrupt") from exc
     config_dict = read_json(path / "config.json")
+    check_config(path / "config.json", config_dict)
     try:
         config = AutoConfig.for_model(**config_dict)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PackageError(f"{path / 'config.json'}: not a transformers config ({exc})") from exc
+    except config_errors() as exc:
+        raise PackageError(f"{path / 'config.json'}: not a transformers config "
+                           f"({type(exc).__name__}: {str(exc)[:200]})") from exc
 
-    builder = AutoModelForCausalLM if meta.get("model_class", "").endswith("ForCausalLM") else AutoModel
-    model = _build_from_config(builder, config, meta.get("model_class"))
-
-    layers = sorted({e["layer"] for e in meta["modules"].values() if "layer" in e}
-                    | {e["layer"] for e in meta["float_tensors"].values() if "layer" in e})
+    check_config_types(path / "config.json", config_dict, config)
+    plan = plan_load(path, meta, config)  # on the meta device: nothing allocated yet
     state: dict[str, torch.Tensor] = {}
-    for layer in tqdm(layers, desc="load package", unit="layer", disable=not progress):
-        state.update(_load_layer(path, layer, unlock))
+    for layer in tqdm(sorted(plan.weights), desc="load package", unit="layer", disable=not progress):
+        state.update(_read_checked(path, f"layers/{layer}/{WEIGHTS}", unlock, plan.weights[layer], plan))
+    rot_state: dict[str, torch.Tensor] = {}
+    for layer, expect in sorted(plan.rotations.items()):
+        rot_state.update(_read_checked(path, f"layers/{layer}/{ROTATION}", unlock, expect, None))
+    if plan.check_unlisted_rotations:
+        _refuse_unlisted_rotations(path, plan, unlock)
+    check_data(path, plan, state, rot_state)
 
-    built: dict[str, QuantizedTensor] = {}
+    model = build_model(path, plan.model_cls, config)
+    built: dict[str, Any] = {}
     modules = meta["modules"]
     for name, entry in modules.items():
         if entry.get("tied_to"):
@@ -88,16 +115,11 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
             continue
         try:
             fmt = parse_format(entry["format"])
-            q = QuantizedTensor.from_state_dict(state, f"{name}.", tuple(entry["shape"]), fmt)
-        except (KeyError, ValueError) as exc:
-            raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: "
-                               f"module {name} cannot be rebuilt ({exc})") from exc
-        built[name] = q
+            built[name] = QuantizedTensor.from_state_dict(state, f"{name}.", tuple(entry["shape"]), fmt)
+        except _REBUILD_ERRORS as exc:
+            raise PackageError(f"{_weights(path, entry)}: module {name} cannot be rebuilt ({exc})") from exc
     named = dict(model.named_modules())
     for name, entry in modules.items():
-        if name not in named:
-            raise PackageError(f"{path / METADATA_FILE}: module {name} does not exist in a "
-                               f"{type(model).__name__} built from config.json")
         q = built[entry["tied_to"]] if entry.get("tied_to") else built[name]
         if entry["kind"] in ("masked_linear", "masked_embedding"):
             new = _tied_masked(q, entry, state.get(f"{name}.bias") if entry.get("has_bias") else None)
@@ -110,49 +132,40 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
                 try:
                     new.set_compensation(Compensation.from_state_dict(state, f"{name}.compensation.",
                                                                       entry["compensation"]))
-                except (KeyError, ValueError) as exc:
-                    raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: "
-                                       f"compensation of {name} cannot be rebuilt ({exc})") from exc
+                except _REBUILD_ERRORS as exc:
+                    raise PackageError(f"{_weights(path, entry)}: compensation of {name} cannot be "
+                                       f"rebuilt ({exc})") from exc
         replace_module(model, name, new)
 
-    float_state = {}
-    for key, entry in meta["float_tensors"].items():
-        src = entry.get("tied_to", key)
-        if src not in state:
-            raise PackageError(f"{path / 'layers'}: float tensor {src} is missing from the weight files")
-        float_state[key] = state[src]
-    own = model.state_dict()
-    missing = [k for k in own if k not in float_state and k.rsplit(".", 1)[0] not in modules]
-    if missing:
-        raise PackageError(f"{path}: the package does not hold {len(missing)} tensor(s) the model "
-                           f"needs, e.g. {missing[:5]}")
+    float_state = {key: state[entry.get("tied_to", key)] for key, entry in meta["float_tensors"].items()}
     model.load_state_dict(float_state, strict=False, assign=False)
-    rot_state: dict[str, torch.Tensor] = {}
-    for layer_dir in sorted(p for p in (path / "layers").iterdir() if p.is_dir()):
-        rot_state.update(unlock.read(f"layers/{layer_dir.name}/rotation.safetensors") or {})
     if rot_state:
-        apply_online_rotations(model, rot_state)
+        try:
+            apply_online_rotations(model, rot_state)
+        except _REBUILD_ERRORS as exc:
+            raise PackageError(f"{path / 'layers'}: online rotations cannot be installed "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); the package is corrupt") from exc
     model.eval()
-
-    tok_dir = path / "tokenizer"
-    if not tok_dir.is_dir():
-        raise PackageError(f"{tok_dir}: folder missing; the package has no tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except (OSError, ValueError) as exc:
-        raise PackageError(f"{tok_dir}: tokenizer cannot be loaded ({exc})") from exc
-    return LoadedPackage(model, tokenizer, meta, path, time.perf_counter() - t0)
+    return LoadedPackage(model, _tokenizer(path, AutoTokenizer), meta, path, time.perf_counter() - t0)
 
 
-def _load_layer(path: Path, layer: str, unlock: Unlocker | None = None) -> dict[str, torch.Tensor]:
-    f = path / "layers" / layer / "weights.safetensors"
-    if unlock is not None and (unlock.encrypted or unlock.encoded):
-        tensors = unlock.read(f"layers/{layer}/weights.safetensors")
+def _weights(path: Path, entry: Mapping[str, Any]) -> Path:
+    return path / "layers" / entry["layer"] / WEIGHTS
+
+
+def _read_checked(path: Path, rel: str, unlock: Unlocker, expect, plan: LoadPlan | None) -> dict[str, torch.Tensor]:
+    """The tensors of ``rel``, its header checked against ``expect`` before the data is read."""
+    f = path / rel
+    sparse = plan.sparse if plan is not None else None
+    if unlock.encrypted or unlock.encoded:  # the header is inside the ciphertext: check after decrypting
+        tensors = unlock.read(rel)
         if tensors is None:
             raise PackageError(f"{f}: file missing; the package is incomplete")
+        check_tensors(f, specs_of(tensors), expect, sparse)
         return tensors
     if not f.is_file():
         raise PackageError(f"{f}: file missing; the package is incomplete")
+    check_tensors(f, read_header(f), expect, sparse)
     try:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -160,14 +173,27 @@ def _load_layer(path: Path, layer: str, unlock: Unlocker | None = None) -> dict[
                            "or truncated") from exc
 
 
+def _refuse_unlisted_rotations(path: Path, plan: LoadPlan, unlock: Unlocker) -> None:
+    """Metadata without ``online_rotations`` (written before it was recorded): refuse rotations it
+    cannot vouch for, rather than drop them silently; nothing of them is applied."""
+    for layer in sorted(plan.weights):
+        rel = f"layers/{layer}/{ROTATION}"
+        if unlock.encrypted or unlock.encoded:
+            held = list(unlock.read(rel) or {})
+        else:
+            held = list(read_header(path / rel)) if (path / rel).is_file() else []
+        if held:
+            raise PackageError(f"{path / rel}: holds online rotations that uqcit_metadata.json does not list "
+                               "(online_rotations); re-export the package with this version")
+
+
 def _load_masked(path: Path, name: str, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
     """Rebuild one pruned layer from its sparse tensors."""
     parts = {k: state[f"{name}.{k}"] for k in ("values", "bitmap", "indices") if f"{name}.{k}" in state}
     try:
         weight, mask = sparse_decode(parts, tuple(entry["shape"]))
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise PackageError(f"{path / 'layers' / entry['layer'] / 'weights.safetensors'}: pruned module "
-                           f"{name} cannot be rebuilt ({exc})") from exc
+    except _REBUILD_ERRORS as exc:
+        raise PackageError(f"{_weights(path, entry)}: pruned module {name} cannot be rebuilt ({exc})") from exc
     if entry["kind"] == "masked_embedding":
         return MaskedEmbedding(weight, mask, entry.get("padding_idx"))
     return MaskedLinear(weight, mask, state.get(f"{name}.bias") if entry.get("has_bias") else None)
@@ -180,14 +206,12 @@ def _tied_masked(built, entry: Mapping[str, Any], bias):
     return built
 
 
-def _build_from_config(builder, config, model_class: str | None):
-    """An un-trained model of the package's class; its random init is overwritten right after."""
-    import transformers
-
-    cls = getattr(transformers, model_class, None) if model_class else None
-    gen_state = torch.random.get_rng_state()
+def _tokenizer(path: Path, auto_tokenizer):
+    tok_dir = path / "tokenizer"
+    if not tok_dir.is_dir():
+        raise PackageError(f"{tok_dir}: folder missing; the package has no tokenizer")
     try:
-        model = cls._from_config(config) if cls is not None else builder.from_config(config)
-    finally:
-        torch.random.set_rng_state(gen_state)  # building must not disturb the caller's RNG
-    return model
+        return auto_tokenizer.from_pretrained(str(tok_dir))
+    except Exception as exc:  # noqa: BLE001 -- tokenizers raises bare Exception on a damaged file
+        raise PackageError(f"{tok_dir}: tokenizer cannot be loaded ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}); the package is corrupt") from exc

@@ -217,6 +217,13 @@ class SensitivityResult(Result):
         return {"modules": self.modules, "formats": self.formats, "numel": self.numel,
                 "levels": self.levels, "meta": self.meta}
 
+    def without_timings(self) -> "SensitivityResult":
+        """A copy without wall-clock figures (``seconds`` all NaN = not recorded), for reproducible files."""
+        meta = {k: v for k, v in self.meta.items() if not k.startswith("seconds")}
+        if isinstance(meta.get("fp16_joint"), dict):
+            meta["fp16_joint"] = {k: v for k, v in meta["fp16_joint"].items() if k != "seconds"}
+        return dataclasses.replace(self, seconds=torch.full_like(self.seconds, math.nan), meta=meta)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file (tensors ``kl``, ``kl_sem``, ``seconds``; JSON header), atomically."""
         from safetensors.torch import save_file

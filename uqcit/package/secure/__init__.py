@@ -27,7 +27,7 @@ from uqcit.package.secure.keys import (
     fingerprint, generate_signing_key, keygen, load_public_key, load_signing_key, save_public_key, save_signing_key)
 from uqcit.package.secure.secret import DerivedKeys, Secret
 from uqcit.package.secure.signing import (
-    MANIFEST_FILE, SIGNATURE_FILE, VerifyResult, build_manifest, is_signed, sign_package, verify_package)
+    MANIFEST_FILE, SIGNATURE_FILE, VerifyResult, build_manifest, is_signed, sign_package, verify_manifest, verify_package, write_manifest)
 
 __all__ = [
     "CKKSResult", "DerivedKeys", "ENCODING_SCHEME", "ENCRYPTED_MAGIC", "ENCRYPTED_SUFFIX", "MANIFEST_FILE",
@@ -35,5 +35,5 @@ __all__ = [
     "SecurityError", "Unlocker", "VerifyResult", "build_manifest", "ckks_available", "ckks_linear",
     "decode_tensors", "encode_tensors", "fingerprint", "generate_signing_key", "is_signed", "keygen",
     "load_public_key", "load_signing_key", "protect_package", "save_public_key", "save_signing_key",
-    "sign_package", "verify_package",
+    "sign_package", "verify_manifest", "verify_package", "write_manifest",
 ]
