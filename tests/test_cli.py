@@ -322,3 +322,25 @@ def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "uqcit.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "compress" in out.stdout
     assert build_parser().prog == "uqcit"
+
+
+def test_verify_without_a_key_checks_every_file_against_the_manifest(tmp_path, capsys):
+    from uqcit.inputs.tiny import tiny_model
+    from uqcit.package import export_package
+    from uqcit.stages.levels import analyze_levels
+    from uqcit.stages.plan import PlanConfig, build_plan
+    from uqcit.stages.quantize import quantize_model
+
+    model, tok = tiny_model("llama")
+    levels = analyze_levels(model)
+    q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", bits=4)), progress=False)
+    pkg = export_package(q, tok, tmp_path / "pkg")
+    assert main(["verify", str(pkg)]) == 0
+    assert "match the SHA-256 manifest" in capsys.readouterr().out
+    weights = pkg / "layers" / "layer_001" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of weight data
+    weights.write_bytes(bytes(data))
+    assert main(["verify", str(pkg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layer_001/weights.safetensors" in err[0]

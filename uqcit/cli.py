@@ -272,8 +272,13 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from uqcit.package.secure import load_public_key, verify_package
+    from uqcit.package.secure import load_public_key, verify_manifest, verify_package
 
+    if args.public_key is None:  # integrity only: every file against the package's SHA-256 manifest
+        checked = verify_manifest(args.package)
+        print(f"{args.package}: {len(checked)} files match the SHA-256 manifest "
+              "(integrity, not origin: pass --public-key to check a signature)")
+        return 0
     print(verify_package(args.package, load_public_key(args.public_key)).summary())
     return 0
 
@@ -356,11 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--secret", action="store_true", help="also write a random secret file")
     k.set_defaults(fn=cmd_keygen)
 
-    v = sub.add_parser("verify", help="verify a signed package", description="Check the package's "
-                       "Ed25519 signature and every file against its signed manifest; names any "
-                       "modified, missing or added file.")
+    v = sub.add_parser("verify", help="check a package's files (and its signature)", description="Check "
+                       "every file against the package's SHA-256 manifest and, with --public-key, the "
+                       "manifest's Ed25519 signature; names any modified, missing or added file.")
     v.add_argument("package")
-    v.add_argument("--public-key", required=True, help="the signer's public key (PEM)")
+    v.add_argument("--public-key", help="the signer's public key (PEM); without it only integrity is checked")
     v.set_defaults(fn=cmd_verify)
 
     f = sub.add_parser("fetch-data", help="download the evaluation corpus (gensim wheel from PyPI)",

@@ -1,0 +1,204 @@
+"""The GGUF export read back by gguf's reader (names, types, shapes, values) and transformers' GGUF loader (logits)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from uqcit.export.gguf import blocks_of, export_gguf, gguf_type, permute_rows
+from uqcit.export.hf import ExportError, dequantized_state
+from uqcit.package import LoadedPackage, export_package, load_package
+from uqcit.tensor.formats import parse_format
+from uqcit.tensor.quant import quantize
+
+IDS = torch.tensor([[1, 2, 3, 40, 50, 60, 7]])
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _package(tmp_path_factory, bits: int, symmetric: bool) -> LoadedPackage:
+    from uqcit.inputs.tiny import tiny_model
+    from uqcit.stages.levels import analyze_levels
+    from uqcit.stages.plan import PlanConfig, build_plan
+    from uqcit.stages.quantize import quantize_model
+
+    model, tok = tiny_model("llama")
+    levels = analyze_levels(model)
+    plan = build_plan(levels, PlanConfig(preset="uniform", bits=bits, group_size=32, symmetric=symmetric))
+    q = quantize_model(model, levels, plan, progress=False)
+    path = export_package(q, tok, tmp_path_factory.mktemp("pkg") / "package", source_model="tiny-llama")
+    return load_package(path, progress=False)
+
+
+# (bits, symmetric) -> the llama.cpp type and whether the package's codes are carried bit for bit
+CASES = {(4, True): ("Q4_0", True), (4, False): ("Q4_1", True), (8, True): ("Q8_0", True), (8, False): ("Q8_0", False)}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES), ids=lambda c: f"w{c[0]}-g32{'-sym' if c[1] else ''}")
+def exported(request, tmp_path_factory):
+    pkg = _package(tmp_path_factory, *request.param)
+    out = export_gguf(pkg, tmp_path_factory.mktemp("gguf") / "model.gguf")
+    return request.param, pkg, out
+
+
+def _hf_key(name: str) -> str:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    _, n, part, _ = name.split(".")
+    return f"model.layers.{n}.{HF_NAMES[part]}.weight"
+
+
+def _tolerance(qname: str, exact: bool, ref: np.ndarray, pkg_q) -> float:
+    """How far a GGUF block type may sit from the package's dequantized weight."""
+    if qname in ("F32", "Q4_0") or (qname == "Q8_0" and exact):
+        return 0.0  # the same codes times the same fp16 scale, in float32
+    if qname == "Q4_1":  # m = fp16(-zero * scale): half an fp16 ulp of the largest offset
+        scale = pkg_q.tensors["scales"].float()
+        return float((pkg_q.tensors["zeros"].float() * scale).abs().max()) * 2.0 ** -11
+    if qname == "Q8_0":  # re-quantized: half a step of amax / 127 per block, plus the fp16 scale rounding
+        return float(np.abs(ref).max()) / 127
+    return float(np.abs(ref).max()) * 2.0 ** -11  # F16
+
+
+def test_reader_sees_llama_names_types_shapes_and_values(exported):
+    (bits, sym), pkg, out = exported
+    qname, exact = CASES[(bits, sym)]
+    reader = gguf.GGUFReader(out.path)
+    state = dequantized_state(pkg.model)
+    quantized = {f"{n}.weight": m.qtensor for n, m in pkg.model.named_modules() if hasattr(m, "qtensor")}
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reads token_embd
+    assert names == {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{n}.{p}.weight" for n in range(4) for p in HF_NAMES}
+    config = pkg.model.config
+    for t in reader.tensors:
+        key = _hf_key(t.name)
+        ref = state[key].numpy()
+        want = "F32" if ref.ndim == 1 else qname
+        assert t.tensor_type.name == want == out.types[t.name], t.name
+        assert out.exact[t.name] == (exact or want == "F32")
+        assert tuple(int(s) for s in reversed(t.shape)) == ref.shape  # GGUF lists dims innermost first
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape)
+        if "attn_q" in t.name or "attn_k" in t.name:  # stored in llama.cpp's rotary order
+            heads = config.num_attention_heads if "attn_q" in t.name else config.num_key_value_heads
+            ref = ref[permute_rows(ref.shape[0], heads).numpy()]
+        tol = _tolerance(want, out.exact[t.name], ref, quantized.get(key))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg=t.name)
+    fields = reader.fields
+    arch = {k: fields[f"llama.{k}"].contents() for k in (
+        "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+        "attention.head_count_kv", "vocab_size")}
+    assert arch == {"context_length": 512, "embedding_length": 64, "block_count": 4, "feed_forward_length": 128,
+                    "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": 256}
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{qname}"]
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == 256
+
+
+def test_transformers_gguf_loader_gives_the_package_logits(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (bits, sym), pkg, out = exported
+    model = AutoModelForCausalLM.from_pretrained(out.path.parent, gguf_file=out.path.name).eval()
+    with torch.no_grad():
+        got, ref = model(IDS).logits, pkg.model(IDS).logits
+    # Exact types: float32 rounding only. Q4_1's fp16 offset m moves each weight by <= 2**-11 of it;
+    # the re-quantized Q8_0 (w8 with zero points) by up to half a step of its block's amax / 127.
+    qname, exact = CASES[(bits, sym)]
+    atol = 1e-5 if qname != "Q4_1" and exact else 5e-3 if exact else 2e-2
+    torch.testing.assert_close(got, ref, rtol=0, atol=atol)
+    tok = AutoTokenizer.from_pretrained(out.path.parent, gguf_file=out.path.name)
+    assert tok("hello world").input_ids == pkg.tokenizer("hello world").input_ids
+
+
+def test_blocks_carry_the_codes_bit_for_bit():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    for name, qname in (("w4-g64-sym", "Q4_0"), ("w2-g32-sym", "Q4_0"), ("w3-g128", "Q4_1"), ("w8-g32-sym", "Q8_0")):
+        q = quantize(w, parse_format(name))
+        assert gguf_type(q.fmt, q.shape) == (qname, True)
+        qtype = gguf.GGMLQuantizationType[qname]
+        got = gguf.quants.dequantize(blocks_of(q, qname), qtype)
+        from uqcit.tensor.quant import dequantize
+
+        tol = 0.0 if qname != "Q4_1" else float(dequantize(q).abs().max()) * 2.0 ** -10
+        np.testing.assert_allclose(got, dequantize(q).numpy(), rtol=0, atol=tol, err_msg=name)
+
+
+def test_type_choice():
+    assert gguf_type(None, (64,)) == ("F32", True)
+    assert gguf_type(parse_format("w4-g128"), (64, 48)) == ("F32", True)  # rows not a multiple of 32
+    assert gguf_type(parse_format("w4-g16"), (64, 64)) == ("Q8_0", False)  # group splits a block
+    assert gguf_type(parse_format("w2-g128+w16@0.1"), (64, 64)) == ("F16", False)
+    assert gguf_type(parse_format("fp16"), (64, 64)) == ("F16", True)
+
+
+def test_permutation_matches_llama_cpp():
+    def permute(weights, n_head):  # convert_hf_to_gguf.py, LlamaModel.permute
+        return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2) \
+            .reshape(weights.shape)
+
+    w = torch.randn(96, 8)
+    assert torch.equal(w[permute_rows(96, 3)], permute(w, 3))
+
+
+def test_non_llama_is_refused(tmp_path):
+    from uqcit.inputs.tiny import tiny_model
+
+    model, tok = tiny_model("gpt2")
+    with pytest.raises(ExportError, match="Llama family.*gpt2.*export_dequantized"):
+        export_gguf(LoadedPackage(model, tok, {}, tmp_path, 0.0), tmp_path / "m.gguf")
+
+
+def test_a_tokenizer_that_is_not_byte_level_is_refused(tmp_path):
+    from tokenizers import decoders
+
+    from uqcit.inputs.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    tok.backend_tokenizer.decoder = decoders.ByteFallback()  # as sentencepiece-converted vocabularies decode
+    with pytest.raises(ExportError, match="byte-level BPE"):
+        export_gguf(LoadedPackage(model, tok, {}, tmp_path, 0.0), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_round_trips_through_transformers(smollm2, tmp_path):
+    """The real SmolLM2-135M (w4-g32-sym: every weight Q4_0, codes as stored), with its BPE merges
+    and chat template, read back by transformers' GGUF loader.
+
+    The loader takes ~40 of this test's seconds on one core (gguf's reader parses the 49k-token
+    vocabulary twice), so the tokenizer is rebuilt with the loader's own converter from one read
+    (``AutoTokenizer.from_pretrained(..., gguf_file=...)`` runs the same two steps, in ~12 s more).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    from uqcit.stages.levels import analyze_levels
+    from uqcit.stages.plan import PlanConfig, build_plan
+    from uqcit.stages.quantize import quantize_model
+
+    levels = analyze_levels(smollm2.model)
+    plan = build_plan(levels, PlanConfig(preset="uniform", bits=4, group_size=32, symmetric=True))
+    q = quantize_model(smollm2.model, levels, plan, progress=False)
+    pkg = LoadedPackage(q.model, smollm2.tokenizer, {"source_model": "smollm2-135m"}, tmp_path, 0.0)
+    out = export_gguf(pkg, tmp_path / "smollm2.gguf", tokenizer_pre="smollm")  # as its original GGUF says
+    assert set(out.types.values()) == {"Q4_0", "F32"} and all(out.exact.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.path.name).eval()
+    text = "The capital of France is <|im_start|> 12345 héllo"
+    ids = smollm2.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        got, ref = model(ids).logits, q.model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-3)  # same weights; float32 summation order only
+
+    arch, vocab, tok_config = get_gguf_tokenizer(str(out.path))
+    assert arch == "llama" and len(vocab["merges"]) > 40_000 and vocab["pre_tokenizer_type"] == "smollm"
+    assert tok_config["chat_template"] == smollm2.tokenizer.chat_template
+    backend, _ = convert_gguf_tokenizer(arch, vocab)
+    assert backend.encode(text).ids == ids[0].tolist()

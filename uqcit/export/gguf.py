@@ -1,0 +1,258 @@
+"""A Llama-family package as a GGUF file for llama.cpp, its quantized blocks kept where they fit.
+
+Each weight gets the llama.cpp type that its package format maps to (rows must be multiples of 32,
+the block of Q4_0/Q4_1/Q8_0; a format's group must be a multiple of 32 so every block lies in one group):
+
+=====================================  ========  =================================================
+package format                         GGUF      how
+=====================================  ========  =================================================
+``w2/w3/w4-g{32k}-sym``                Q4_0      bit-identical: ``d = scale``, ``q = code - 2**(b-1) + 8``
+``w2/w3/w4-g{32k}`` (zero points)      Q4_1      ``d = scale``, ``q = code``, ``m = fp16(-zero * scale)``:
+                                                 exact but for the fp16 rounding of ``m``
+``w8-g{32k}-sym``                      Q8_0      bit-identical: ``d = scale``, ``q = code - 128``
+``w8-g{32k}`` (zero points)            Q8_0      re-quantized (gguf's ``quants.quantize``) from the
+                                                 dequantized weight: Q8_0 has no zero point
+other groups, 32-multiple rows         Q8_0      re-quantized from the dequantized weight
+``fp16``, mixed formats, float         F16       the dequantized weight rounded to fp16
+norms, and rows not a multiple of 32   F32       exact
+=====================================  ========  =================================================
+
+So a plan of 2-4-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only the
+asymmetric ``w8`` and odd group sizes are re-quantized (the docstring of ``gguf_type`` says which).
+Q5_0/Q5_1 and the K-quants have no workbench format to take codes from and are not written.
+
+Q and K projections are permuted the way llama.cpp's ``convert_hf_to_gguf.py`` does
+(``LlamaModel.permute``: the rotary halves interleaved), which transformers' GGUF loader undoes.
+The tokenizer is written as a ``gpt2`` (byte-level BPE) vocabulary with its merges and chat
+template; sentencepiece (``tokenizer.model``) vocabularies are not supported yet.
+
+>>> import tempfile
+>>> from uqcit.inputs.tiny import tiny_model
+>>> from uqcit.package import export_package
+>>> from uqcit.stages.levels import analyze_levels
+>>> from uqcit.stages.plan import PlanConfig, build_plan
+>>> from uqcit.stages.quantize import quantize_model
+>>> model, tok = tiny_model("llama")
+>>> levels = analyze_levels(model)
+>>> plan = build_plan(levels, PlanConfig(preset="uniform", group_size=32, symmetric=True))
+>>> q = quantize_model(model, levels, plan, progress=False)
+>>> with tempfile.TemporaryDirectory() as d:
+...     result = export_gguf(export_package(q, tok, f"{d}/pkg", source_model="tiny-llama"), f"{d}/m.gguf")
+>>> result.types["blk.0.attn_q.weight"], result.exact["blk.0.attn_q.weight"]
+('Q4_0', True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uqcit.export.hf import ExportError, as_loaded, dequantized_state, refuse_rotations, tied_output_key
+from uqcit.package.format import LoadedPackage
+from uqcit.runtime.modules import QuantEmbedding, QuantLinear
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
+from uqcit.tensor.quant import QuantizedTensor, codes_of
+
+BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block
+LLAMA_FAMILY = ("llama", "mistral")  # transformers model types with llama.cpp's "llama" graph
+
+
+def _file_types() -> dict[str, int]:
+    import gguf
+
+    lft = gguf.LlamaFileType
+    return {"F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1, "Q8_0": lft.MOSTLY_Q8_0}
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufExport:
+    """What ``export_gguf`` wrote: the file, each tensor's GGUF type, and whether its values are
+    the package's own (``exact``: the stored codes and scales, or a float copy) or re-quantized."""
+
+    path: Path
+    types: dict[str, str]  # GGUF tensor name -> GGML type name, e.g. "Q4_0"
+    exact: dict[str, bool]  # GGUF tensor name -> codes carried over (True) or re-quantized (False)
+    nbytes: int  # file size
+
+
+def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, bool]:
+    """``(GGML type name, carried exactly)`` for a tensor of ``shape`` stored in ``fmt`` (None: float).
+
+    >>> from uqcit.tensor.formats import parse_format
+    >>> gguf_type(parse_format("w4-g128"), (64, 64)), gguf_type(parse_format("w8-g32"), (64, 64))
+    (('Q4_1', True), ('Q8_0', False))
+    """
+    if len(shape) != 2 or shape[-1] % BLOCK:
+        return "F32", True
+    if fmt is None or fmt.bits == FLOAT_BITS or fmt.mixed:
+        return "F16", fmt is not None and fmt.bits == FLOAT_BITS
+    if fmt.group_size % BLOCK:
+        return "Q8_0", False
+    if fmt.bits == 8:
+        return "Q8_0", fmt.symmetric
+    return ("Q4_0" if fmt.symmetric else "Q4_1"), True
+
+
+def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
+    """The llama.cpp blocks of ``q`` (a [rows, cols] tensor, ``cols % 32 == 0``) from its own codes:
+    uint8 ``[rows, cols // 32 * block_bytes]``. ``qtype`` is Q4_0, Q4_1 or Q8_0 as ``gguf_type`` chose."""
+    fmt, (rows, cols) = q.fmt, q.shape
+    codes = codes_of(q)["codes"].to(torch.int32).view(-1, BLOCK)  # [blocks, 32]
+    group = torch.arange(codes.shape[0]) * BLOCK // fmt.group_size
+    scale = q.tensors["scales"][group]  # fp16 [blocks]
+    d = scale.numpy().view(np.uint8).reshape(-1, 2)
+    if qtype == "Q8_0":
+        qs = (codes - 128).to(torch.int8).numpy().view(np.uint8)
+        out = np.concatenate([d, qs], axis=1)
+    else:
+        if qtype == "Q4_0":
+            nib = codes - (1 << (fmt.bits - 1)) + 8
+            head = d
+        else:  # Q4_1: x = d * q + m
+            nib = codes
+            m = (-(q.tensors["zeros"][group].to(torch.float32)) * scale.to(torch.float32)).to(torch.float16)
+            head = np.concatenate([d, m.numpy().view(np.uint8).reshape(-1, 2)], axis=1)
+        qs = (nib[:, :16] | (nib[:, 16:] << 4)).to(torch.uint8).numpy()
+        out = np.concatenate([head, qs], axis=1)
+    return np.ascontiguousarray(out.reshape(rows, -1))
+
+
+def permute_rows(rows: int, n_head: int) -> torch.Tensor:
+    """Row order of llama.cpp's Q/K permutation (``convert_hf_to_gguf.LlamaModel.permute``) for a
+    projection of ``rows`` outputs over ``n_head`` heads: new row i is old row ``order[i]``."""
+    idx = torch.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.PathLike, *,
+                tokenizer_pre: str = "gpt-2") -> GgufExport:
+    """Write a Llama-family ``package`` as the GGUF file ``out_file``; return what went where.
+
+    Types per tensor follow the module docstring's table: the package's codes where a llama.cpp
+    type holds them, else a re-quantization (Q8_0) or a float copy; a layer with compensation is
+    written as its folded float weight (F16). ``tokenizer_pre`` is llama.cpp's name for the text
+    split before BPE (``tokenizer.ggml.pre``): a transformers ``ByteLevel`` pre-tokenizer is GPT-2's
+    regex ("gpt-2"); SmolLM2's original GGUF says "smollm", Llama 3's "llama-bpe". Raises
+    ``ExportError`` for a non-Llama architecture, online rotations, or a tokenizer that is not
+    byte-level BPE.
+    """
+    import gguf
+
+    pkg = as_loaded(package)
+    refuse_rotations(pkg, "GGUF file")
+    model, config = pkg.model, pkg.model.config
+    if config.model_type not in LLAMA_FAMILY:
+        raise ExportError(f"{pkg.path}: GGUF export supports the Llama family {LLAMA_FAMILY}, not "
+                          f"{config.model_type!r}; use uqcit.export.hf.export_dequantized and llama.cpp's converter")
+    out_file = Path(out_file)
+    n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    quantized = {name: mod.qtensor for name, mod in model.named_modules()
+                 if isinstance(mod, (QuantLinear, QuantEmbedding))
+                 and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
+    state = dequantized_state(model)
+    tied = tied_output_key(model, state)
+
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    _write_metadata(writer, pkg, config, n_head, n_kv, head_dim, tokenizer_pre)
+    types: dict[str, str] = {}
+    exact: dict[str, bool] = {}
+    for key in sorted(state):
+        if key == tied:
+            continue  # llama.cpp falls back to token_embd when output.weight is absent
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ExportError(f"{pkg.path}: tensor {key} has no llama.cpp name; the model is not plain Llama")
+        module = key.rsplit(".", 1)[0]
+        q = quantized.get(module) if key.endswith(".weight") else None
+        weight = state[key]
+        qname, same = gguf_type(q.fmt if q is not None else None, tuple(weight.shape))
+        if q is None and qname == "F16" and weight.dim() == 2:
+            same = bool(torch.equal(weight.to(torch.float16).to(torch.float32), weight))
+        order = None
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            order = permute_rows(weight.shape[0], n_head if "q_proj" in key else n_kv)
+        qtype = gguf.GGMLQuantizationType[qname]
+        if qname in ("Q4_0", "Q4_1", "Q8_0") and same:
+            data = blocks_of(q, qname)
+            if order is not None:
+                data = data[order.numpy()]
+            writer.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=qtype)
+        else:
+            arr = (weight if order is None else weight[order]).numpy().astype(np.float32)
+            if qname == "F32":
+                writer.add_tensor(gname, arr)
+            elif qname == "F16":
+                writer.add_tensor(gname, arr.astype(np.float16))
+            else:
+                writer.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        types[gname], exact[gname] = qname, same
+    matrices = [t for t in types.values() if t != "F32"]
+    writer.add_file_type(_file_types()[max(set(matrices), key=matrices.count) if matrices else "F16"])
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
+    return GgufExport(out_file, types, exact, out_file.stat().st_size)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _write_metadata(writer, pkg: LoadedPackage, config, n_head: int, n_kv: int, head_dim: int,
+                    tokenizer_pre: str) -> None:
+    """llama.* architecture keys and the tokenizer (byte-level BPE: tokens, types, merges, specials, chat template)."""
+    import gguf
+
+    writer.add_name(str(pkg.metadata.get("source_model", pkg.path.name)))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tok = pkg.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE" or type(backend.decoder).__name__ != "ByteLevel":
+        raise ExportError(f"{pkg.path}: GGUF export writes byte-level BPE vocabularies; this tokenizer "
+                          f"({type(tok).__name__}) is not one. Use uqcit.export.hf.export_dequantized")
+    vocab = tok.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    special = set(tok.all_special_ids)
+    tokens, ttypes = [], []
+    for i in range(config.vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            ttypes.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+        else:  # the model's embedding is wider than the vocabulary
+            tokens.append(f"[PAD{i}]")
+            ttypes.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(ttypes)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        special_vocab = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        if not special_vocab.merges:  # a byte vocabulary without merges: readers then derive merges
+            writer.add_token_scores([0.0] * len(tokens))  # from scores, which must be present (none follow)
+        special_vocab.add_to_gguf(writer, quiet=True)
