@@ -14,8 +14,9 @@ The package is exported with ``reproducible=True`` (``created`` is the epoch; se
 and layer JSON. What is not hashed byte for byte, and why:
 
 - ``config.json``: hashed without ``transformers_version``, which transformers writes itself.
-- ``tokenizer/``: written by ``tokenizer.save_pretrained``, transformers' format, not ours;
-  checked only to be present and to load.
+- ``tokenizer/`` and its copies at the package root (so ``AutoTokenizer.from_pretrained(package)``
+  works): written by ``tokenizer.save_pretrained``, transformers' format, not ours; checked only
+  to be present, identical and to load.
 - ``uqcit_manifest.json``: it holds the SHA-256 of the tokenizer files and of the measured
   floats below; checked to list every file and to verify instead.
 - ``rel_error``/``sqnr_db`` in ``precision_map.json`` and ``noise_profile.json`` are float32
@@ -46,6 +47,7 @@ MEASURED = ("rel_error", "sqnr_db")  # float32 sums: compared to 6 significant d
 VOLATILE = {"config.json": ("transformers_version",)}
 
 GOLDEN = {
+    "README.md": "d6f4212728ab5308b1270a0a5b4d2fa5f9d0e6c11fd68f492ce8468f0aa7d79d",
     "config.json": "5ecf3b998b3d2b16da5380ae07f9f764aea95f13cf91a95f68c0692bafcc5ffe",
     "layers/layer_000/ghz_clusters.json": "6e8c24b665329c7c08b13e6ccc652c808884abf6b5991ed0162488735110c493",
     "layers/layer_000/precision_map.json": "4c3bf523fbb370863a954fd7a1d4966016b69df336c6dac84db395ae9115696c",
@@ -67,7 +69,7 @@ GOLDEN = {
     "layers/outer/precision_map.json": "d743ad6e68f9e3375224e6fbd4c34eca6bbe91bfbdfc076ea59128f031db4f47",
     "layers/outer/rotation.safetensors": "db1bf9579dbcc8bd60bc4a5ee7776428bb19e735a35d4a7ef0aa6c3eab3c8e6e",
     "layers/outer/weights.safetensors": "1ec9bea83342f018b22e5a6d2553c481611fbfed4183c9f3e694d9f46d50aa27",
-    "uqcit_metadata.json": "cd78b66ce6efc11a3118694a283ac77700db19f22c3e0cf31db2dd8ab2bfef3c",
+    "uqcit_metadata.json": "a9ab9a24f278d46f03b551a9317727576b774d2b97b6f5fa805cd128ca62beb3",
     "validation/benchmarks.json": "a175c432f9e0c9d759315c0e0b025c7bbcf86d960c1f8c5aec81b013ad02c702",
     "validation/noise_profile.json": "3f7552563458be9f8fdb5d1d571d733af559c01be4206ae07ccd3e4e01d830cb",
     "validation/perplexity.json": "a175c432f9e0c9d759315c0e0b025c7bbcf86d960c1f8c5aec81b013ad02c702",
@@ -93,11 +95,12 @@ def _round_measured(data):
 
 
 def digests(root: Path) -> dict[str, str]:
-    """SHA-256 of every file but the tokenizer's and the manifest, raw but for the module docstring's list."""
+    """SHA-256 of every file but the tokenizer's (and its root copies) and the manifest, raw but for the
+    module docstring's list."""
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel.startswith("tokenizer/") or rel == MANIFEST_FILE:
+        if rel.startswith("tokenizer/") or (root / "tokenizer" / rel).is_file() or rel == MANIFEST_FILE:
             continue
         data = path.read_bytes()
         if rel in VOLATILE or rel.endswith(("precision_map.json", "noise_profile.json")):
@@ -134,6 +137,13 @@ def test_golden_package_is_complete_and_its_volatile_parts_are_what_the_docstrin
                            if p.is_file()} - {MANIFEST_FILE}
     loaded = load_package(golden_package, progress=False)
     assert loaded.record.method == meta["method"] and loaded.tokenizer("ab")["input_ids"]
+    copies = [p.name for p in (golden_package / "tokenizer").iterdir()]
+    assert copies and all((golden_package / n).read_bytes() == (golden_package / "tokenizer" / n).read_bytes()
+                          for n in copies)
+    from transformers import AutoTokenizer  # the package folder itself is a tokenizer folder
+
+    assert AutoTokenizer.from_pretrained(str(golden_package))("ab")["input_ids"] == loaded.tokenizer("ab")["input_ids"]
+    assert f"compressed: {meta['method']}" in (golden_package / "README.md").read_text()
 
 
 if __name__ == "__main__":  # print the digests to paste into GOLDEN

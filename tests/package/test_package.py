@@ -40,6 +40,21 @@ def test_package_round_trip_reproduces_compressed_logits(family, tmp_path):
     assert not torch.allclose(_logits(model, ids), _logits(q.model, ids))
 
 
+def test_save_pretrained_of_a_loaded_package_names_the_exports(tmp_path):
+    # transformers' save fails on the tied embedding/head buffers, and packed codes would not load
+    # back in transformers anyway: the refusal names the exports that do.
+    _, tok, levels, q = _compress("llama")
+    path = export_package(q, tok, tmp_path / "pkg", source_model="tiny-llama", levels=levels)
+    model = load_package(path, progress=False).model
+    with pytest.raises(NotImplementedError, match="save_pretrained cannot save") as info:
+        model.save_pretrained(tmp_path / "saved")
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert "uqcit export PACKAGE --to hf" in message and "export_dequantized" in message
+    assert "compressed-tensors" in message and "GGUF" in message
+    assert not (tmp_path / "saved").exists()
+
+
 def test_package_layout_and_bits_reported_are_bits_stored(tmp_path):
     model, tok, levels, q = _compress("llama")
     path = export_package(q, tok, tmp_path / "pkg", source_model="tiny-llama", levels=levels)

@@ -35,6 +35,7 @@ CASES = [
     (QuantFormat(bits=4, group_size=30), (17, 45)),  # odd row length: rows start mid-byte
     (QuantFormat(bits=3, group_size=12), (11, 37)),
     (QuantFormat(bits=2, group_size=128), (9, 130)),
+    (QuantFormat(bits=3, group_size=64, int_zeros=True), (40, 192)),  # packed integer zero points
 ]
 
 

@@ -1,6 +1,7 @@
 """quantize/dequantize: exact bit accounting, exact re-quantization, error bounds, storage."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from uqcit.tensor.formats import QuantFormat
+from uqcit.tensor.formats import QuantFormat, parse_format
 from uqcit.tensor.packing import unpack
 from uqcit.tensor.quant import (
     QuantizedTensor,
@@ -21,6 +22,7 @@ from uqcit.tensor.quant import (
     quantize,
     tensor_layout,
     top_mask,
+    zero_points,
 )
 
 FP16_TINY = 2.0**-24
@@ -36,6 +38,8 @@ FORMATS = [
     QuantFormat(bits=3, group_size=64, high_bits=8, high_fraction=0.3),
     QuantFormat(bits=4, group_size=128, high_bits=8, high_fraction=0.46, symmetric=True),
     QuantFormat(bits=2, group_size=5, high_bits=8, high_fraction=0.5),
+    QuantFormat(bits=3, group_size=64, int_zeros=True),
+    QuantFormat(bits=2, group_size=5, high_bits=8, high_fraction=0.5, int_zeros=True),
 ]
 SHAPES = [(1,), (3,), (7, 5), (64, 96), (33, 129), (10, 3, 13), (1000,)]
 
@@ -429,3 +433,48 @@ def test_cuda_storage_is_bit_identical_to_cpu(fmt):
     for name, t in cpu.tensors.items():
         assert torch.equal(gpu.tensors[name].cpu(), t), name
     assert torch.equal(dequantize(gpu).cpu(), dequantize(cpu))
+
+
+@pytest.mark.parametrize("fmt", ["w3-g64", "w2-g5+w8@0.5", "w4-g30"])
+def test_integer_zero_points_store_the_same_weights_in_fewer_bits(fmt):
+    w = gaussian(33, 129) * torch.linspace(0.1, 3, 129) + 0.3  # skewed groups: zeros differ
+    fp16_zeros = parse_format(fmt)
+    int_zeros = dataclasses.replace(fp16_zeros, int_zeros=True)
+    a, b = quantize(w, fp16_zeros), quantize(w, int_zeros)
+    assert torch.equal(dequantize(a), dequantize(b))
+    assert torch.equal(a.tensors["codes"], b.tensors["codes"])
+    saved = 0
+    for prefix in ("", "high_") if fp16_zeros.mixed else ("",):
+        assert b.tensors[prefix + "zeros"].dtype == torch.uint8
+        saved += 16 * a.tensors[prefix + "scales"].numel() - 8 * b.tensors[prefix + "zeros"].numel()
+    assert a.stored_bits - b.stored_bits == saved > 0
+    assert int_zeros.name == fp16_zeros.name.replace(f"g{fp16_zeros.group_size}", f"g{fp16_zeros.group_size}-iz")
+    assert parse_format(int_zeros.name) == int_zeros
+    assert torch.equal(zero_points(a), zero_points(b))
+    index = torch.tensor([0, 5, 128, 4000, w.numel() - 1])
+    assert torch.equal(dequantize_at(b, index), dequantize(a).view(-1)[index])
+
+
+def test_integer_zero_points_need_an_asymmetric_integer_format():
+    with pytest.raises(ValueError, match="int_zeros"):
+        QuantFormat(bits=4, group_size=64, symmetric=True, int_zeros=True)
+    assert "int_zeros" not in QuantFormat(bits=4).to_dict()  # old metadata stays byte-identical
+    assert QuantFormat.from_dict(QuantFormat(bits=3, int_zeros=True).to_dict()).int_zeros
+
+
+@pytest.mark.parametrize("fmt", ["w3-g64", "w4-g32-sym", "w2-g30-iz", "w3-g64+w8@0.1"])
+def test_clipping_search_never_loses_and_wins_on_outliers(fmt):
+    from uqcit.tensor.quant import quant_params, quantize_with
+
+    fmt = parse_format(fmt)
+    w = gaussian(24, 120)
+    w[::5, ::7] *= 6  # outliers stretch their groups' ranges
+    weight = torch.rand(120, generator=torch.Generator().manual_seed(2)).expand_as(w)
+    plain = quantize(w, fmt)
+    searched = quantize_with(w, quant_params(w, fmt, search=True, search_weight=weight))
+    assert searched.stored_bits == plain.stored_bits
+    err = lambda q: float(((dequantize(q) - w).square() * weight).sum())  # noqa: E731
+    assert err(searched) < 0.95 * err(plain)
+    calm = gaussian(24, 120, seed=5)  # plain MSE search: never worse than min/max on its own metric
+    mse = lambda q: float((dequantize(q) - calm).square().sum())  # noqa: E731
+    assert mse(quantize_with(calm, quant_params(calm, fmt, search=True))) <= mse(quantize(calm, fmt))

@@ -55,7 +55,7 @@ from uqcit.export.hf import ExportError, as_loaded, dequantized_state, refuse_ro
 from uqcit.package.format import LoadedPackage
 from uqcit.runtime.modules import QuantEmbedding, QuantLinear
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
-from uqcit.tensor.quant import QuantizedTensor, codes_of
+from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
 BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block
 LLAMA_FAMILY = ("llama", "mistral")  # transformers model types with llama.cpp's "llama" graph
@@ -114,7 +114,7 @@ def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
             head = d
         else:  # Q4_1: x = d * q + m
             nib = codes
-            m = (-(q.tensors["zeros"][group].to(torch.float32)) * scale.to(torch.float32)).to(torch.float16)
+            m = (-zero_points(q)[group] * scale.to(torch.float32)).to(torch.float16)
             head = np.concatenate([d, m.numpy().view(np.uint8).reshape(-1, 2)], axis=1)
         qs = (nib[:, :16] | (nib[:, 16:] << 4)).to(torch.uint8).numpy()
         out = np.concatenate([head, qs], axis=1)

@@ -123,15 +123,24 @@ def export_dequantized(package: str | os.PathLike | LoadedPackage, out: str | os
     ``generation_config.json``; it is written beside ``out`` and renamed into place when complete.
     Raises ``ExportError`` for online rotations or an unfoldable compensation shift.
     """
-    from safetensors.torch import save_file
-
     pkg = as_loaded(package)
     refuse_rotations(pkg, "plain transformers checkpoint")
+    return write_checkpoint(pkg, out, dequantized_state(pkg.model), pkg.model.config)
+
+
+def write_checkpoint(pkg: LoadedPackage, out: str | os.PathLike, state: dict[str, torch.Tensor], config) -> Path:
+    """Write ``state`` as ``out/model.safetensors`` with ``config``, ``pkg``'s tokenizer and generation
+    config, beside ``out`` and renamed into place when complete; return ``out`` (which must not exist).
+
+    A tied output layer is left out (transformers re-ties it); an untied one unties the written
+    config. Neither ``state`` nor ``config`` is changed.
+    """
+    from safetensors.torch import save_file
+
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new folder")
-    state = dequantized_state(pkg.model)
-    config = copy.deepcopy(pkg.model.config)
+    state, config = dict(state), copy.deepcopy(config)
     tied = tied_output_key(pkg.model, state)
     if tied is not None:
         state.pop(tied)  # transformers re-ties it from the input embedding

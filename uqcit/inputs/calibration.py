@@ -228,15 +228,28 @@ class BlockReplay:
                 col.end_batch()
         return col.stats()
 
+    def run(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block ``index`` as it is now on other inputs ``hidden`` (one per micro-batch, shaped
+        like its own), with the block's recorded arguments; no gradients. Learned rounding uses
+        it to get the float block's outputs on the float model's stream."""
+        self._check(index)
+        with torch.no_grad():
+            return [block_output(self.stack[index](h, *args, **kwargs))
+                    for h, (args, kwargs) in zip(hidden, self.calls[index])]
+
     def advance(self, index: int) -> None:
         """Run block ``index`` as it is now; its outputs become the next block's inputs."""
         self._check(index)
         with torch.no_grad():
             for mb, (args, kwargs) in enumerate(self.calls[index]):
-                out = self.stack[index](self.hidden[mb], *args, **kwargs)
-                self.hidden[mb] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                self.hidden[mb] = block_output(self.stack[index](self.hidden[mb], *args, **kwargs)).detach()
         self.calls[index] = []  # its arguments are not needed any more
         self._next += 1
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden state a block returns (HF blocks return it alone or first in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def accumulate_fisher(model: nn.Module, batch: torch.Tensor, *, modules: Iterable[str] | None = None,

@@ -32,6 +32,7 @@ from uqcit.core.io import write_json
 from uqcit.core.names import block_of, layer_dir
 from uqcit.core.record import ExportRecord, Exportable, ModuleRecord, weight_noise_profile
 from uqcit.package.canonical import canonicalize_file, created_stamp, normalize_modes, save_safetensors
+from uqcit.package.card import CARD_FILE, write_card
 from uqcit.package.format import (
     FORMAT_VERSION, METADATA_FILE, VALIDATION_FILES, PackageError, PackageMetadata, read_metadata)
 from uqcit.package.secure.encryption import ProtectConfig, protect_package
@@ -170,7 +171,9 @@ def _fill(record: ExportRecord, tokenizer, tmp: Path, *, recipe=None, source_mod
 
 
 def _seal(root: Path, signing_key) -> None:
-    """Modes, manifest (and signature), then verify: what the swap puts in place is checked whole."""
+    """Model card, modes, manifest (and signature), then verify: what the swap puts in place is checked whole."""
+    with _writing(root / CARD_FILE, root):
+        write_card(root)  # here, after the validation figures: the card quotes them
     normalize_modes(root)
     with _writing(root / MANIFEST_FILE, root):
         write_manifest(root, signing_key)
@@ -239,6 +242,9 @@ def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, sourc
     tok_dir.mkdir()
     with _writing(tok_dir, root):
         tokenizer.save_pretrained(str(tok_dir))
+        for f in sorted(tok_dir.iterdir()):  # also at the root: AutoTokenizer.from_pretrained(package)
+            if not (root / f.name).exists():
+                shutil.copyfile(f, root / f.name)
 
     vdir = root / "validation"
     vdir.mkdir()

@@ -12,7 +12,9 @@ Layout::
         ghz_clusters.json      correlation clusters of the block's modules
       layers/outer/            the same files for modules outside the blocks (embeddings, head, final norm)
       tokenizer/
+      tokenizer.json ...       copies of tokenizer/'s files: AutoTokenizer.from_pretrained(package) works
       validation/{perplexity,benchmarks,noise_profile}.json
+      README.md                model card from the metadata and validation figures (uqcit.package.card)
 
 Every JSON file is written with sorted keys (``uqcit.core.io.write_json``). A signed or
 protected package adds the files of ``uqcit.package.secure``.

@@ -47,7 +47,7 @@ import torch
 from uqcit.core.io import atomic_write_with
 from uqcit.core.paths import home
 from uqcit.tensor.formats import FLOAT_BITS
-from uqcit.tensor.quant import QuantizedTensor
+from uqcit.tensor.quant import QuantizedTensor, zero_points
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -296,7 +296,11 @@ class PackedKernel:
         per = 8 if fmt.bits == 3 else 8 // fmt.bits  # codes per packed chunk
         # The phase layout (kernel source) needs every row and group to start on a chunk boundary.
         phased = self.in_features % per == 0 and fmt.group_size % per == 0
-        zeros = None if fmt.symmetric else t["zeros"].data_ptr()
+        zeros = None
+        if not fmt.symmetric:
+            # The kernel reads fp16 zero points; packed integer ones are widened once here.
+            self._zeros = t["zeros"] if not fmt.int_zeros else zero_points(q).to(torch.float16)
+            zeros = self._zeros.data_ptr()
         self._fn = lib.uq_matmul
         self._head = (t["codes"].data_ptr(), fmt.bits, t["scales"].data_ptr(), zeros,
                       float(1 << (fmt.bits - 1)), self.out_features, self.in_features, fmt.group_size)

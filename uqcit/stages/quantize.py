@@ -30,9 +30,11 @@ from uqcit.inputs.corpus import stage_calibration
 from uqcit.stages.clusters import apply_clusters_to_importance
 from uqcit.tensor.formats import FLOAT_BITS
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
+from uqcit.tensor.learned import supports as supports_learned
+from uqcit.stages.signround import signround_blocks
 from uqcit.stages.importance import activation_source
 from uqcit.stages.plan import LEVEL_COLORS, BitPlan
-from uqcit.tensor.quant import QuantizedTensor, dequantize, quant_error, quantize
+from uqcit.tensor.quant import QuantizedTensor, dequantize, quant_error, quant_params, quantize, quantize_with
 from uqcit.core.record import ExportRecord, module_records, weight_noise_profile
 from uqcit.core.results import Result
 from uqcit.runtime.modules import (
@@ -47,7 +49,9 @@ class QuantizeConfig(StageConfig):
 
     type_tag = "quantize"
 
-    method: Literal["rtn", "gptq"] = "rtn"  # gptq: error-feedback rounding on calibration inputs
+    # gptq: error-feedback rounding on calibration inputs; signround: rounding and clipping
+    # learned block by block against the float block's outputs (uqcit.stages.signround)
+    method: Literal["rtn", "gptq", "signround"] = "rtn"
     importance: Literal["magnitude", "activation"] = "magnitude"  # mixed formats keep the top |W| or |W|·‖x‖ high
     damp: float = 0.01  # gptq: λ = damp · mean diag(H), the paper's value
     act_order: bool = True  # gptq: columns with the largest inputs first; clearly better at 2-3 bits
@@ -58,7 +62,14 @@ class QuantizeConfig(StageConfig):
     sequential: bool = False
     calib_samples: int = 16  # calibration sequences (gptq, activation importance); 16x256 keeps GPTQ ~2 min on 2 cores
     calib_seq_len: int = 256  # tokens per calibration sequence (32x512 measured only ~4% lower KL)
-    seed: int = 0  # calibration offsets: same seed, same model
+    seed: int = 0  # calibration offsets and signround's micro-batch draws: same seed, same model
+    # rtn and gptq: each group's range shrunk by the factor minimizing its squared error (gptq:
+    # weighted by the input Hessian diagonal) instead of min/max. Same bits.
+    clip_search: bool = False
+    iters: int = 100  # signround: signed-gradient steps per block
+    lr: float = 0.0  # signround: first step size (decays linearly to 0); 0 means 1/iters
+    clip_min: float = 0.5  # signround: smallest learned clipping factor of a group's range
+    micro_batch: int = 8  # signround: calibration sequences per step
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +77,10 @@ class QuantizeConfig(StageConfig):
         self.check(self.block_size >= 1, "block_size", "must be >= 1")
         self.check(self.calib_samples >= 1, "calib_samples", "must be >= 1")
         self.check(self.calib_seq_len >= 1, "calib_seq_len", "must be >= 1")
+        self.check(self.iters >= 0, "iters", "must be >= 0")
+        self.check(self.lr >= 0, "lr", "must be >= 0 (0: 1/iters)")
+        self.check(0 < self.clip_min <= 1, "clip_min", "must be in (0, 1]")
+        self.check(self.micro_batch >= 1, "micro_batch", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +120,7 @@ class QuantizeResult(Result):
     clustered: int = 0  # mixed-format modules whose high-precision selection followed GHZ clusters
     rotation: str = ""  # the rotation the model went through first, e.g. "rot-hadamard" ("" none)
     rotation_bits: int = 0  # bits of the online rotations the model runs (rotation.safetensors)
+    rounding: list = dataclasses.field(default_factory=list)  # signround: a BlockRounding per block
 
     @property
     def method_name(self) -> str:
@@ -159,6 +175,7 @@ class QuantizeResult(Result):
             "stage_seconds": self.stage_seconds,
             "sequential": self.sequential,
             "modules": [dataclasses.asdict(m) for m in self.modules],
+            "rounding": [dataclasses.asdict(r) for r in self.rounding],
         }
 
     def table_rows(self):
@@ -221,10 +238,13 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         m.name: m.clusters for m in clusters.modules
         if m.clusters and m.name in plan_names and plan.format_for(m.name).mixed}
 
-    def quantize_one(entry, hessian: torch.Tensor | None) -> None:
+    def quantize_one(entry, hessian: torch.Tensor | None, learned: QuantizedTensor | None = None) -> None:
         t0 = time.perf_counter()
         fmt, module = plan.format_for(entry.name), named[entry.name]
         weight = weight_matrix(module)
+        if learned is not None:  # rounding learned by signround_blocks
+            finish(entry, module, weight, learned, "signround", None, t0)
+            return
         importance = None
         if entry.name in act_sources:
             importance = channel_importance(stats[act_sources[entry.name]], weight)
@@ -234,17 +254,22 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         out_error = None
         if hessian is not None:
             q = gptq_quantize(weight, hessian, fmt, damp=config.damp, act_order=config.act_order,
-                              block_size=config.block_size, importance=importance)
+                              block_size=config.block_size, importance=importance,
+                              grid_search=config.clip_search)
             out_error = hessian_error(weight, dequantize(q), hessian)
+        elif config.clip_search and fmt.bits != FLOAT_BITS:
+            q = quantize_with(weight, quant_params(weight, fmt, importance, search=True))
         else:
             q = quantize(weight, fmt, importance)
+        finish(entry, module, weight, q, "rtn" if hessian is None else "gptq", out_error, t0)
+
+    def finish(entry, module, weight, q: QuantizedTensor, method: str, out_error, t0: float) -> None:
         replace_module(out, entry.name, _runtime_module(module, q))
         qtensors[entry.name] = q
         err = quant_error(weight, q)
         done[entry.name] = ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
-                                       fmt.name, q.stored_bits, err["rel_fro"], err["sqnr_db"],
-                                       time.perf_counter() - t0,
-                                       method="rtn" if hessian is None else "gptq", out_error=out_error)
+                                       q.fmt.name, q.stored_bits, err["rel_fro"], err["sqnr_db"],
+                                       time.perf_counter() - t0, method=method, out_error=out_error)
         seconds["quantize"] += time.perf_counter() - t0
 
     # Calibration statistics from the float copy: activation norms, and the Hessians of the GPTQ
@@ -282,6 +307,19 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                 replay.advance(b)
                 seconds["calibration"] += time.perf_counter() - t0
         del replay  # the stored block inputs
+    rounding = []
+    learned_blocks = _learned_blocks(out, levels, entries, plan, named) if config.method == "signround" else None
+    if learned_blocks:
+        # Learned rounding: the block stack's planned linears, block by block (uqcit.stages.signround).
+        t0 = time.perf_counter()
+        batch = stage_calibration(config, tokenizer, calibration, what="quantize with method='signround'")
+        stack, blocks = learned_blocks
+        learned, rounding = signround_blocks(out, stack, blocks, batch, iters=config.iters, lr=config.lr,
+                                             clip_min=config.clip_min, micro_batch=config.micro_batch,
+                                             seed=config.seed, progress=progress)
+        seconds["signround"] = time.perf_counter() - t0
+        for n, q in learned.items():
+            quantize_one(by_name[n], None, q)
     rest = [e for e in entries if e.name not in done]
     for entry in tqdm(rest, desc="quantize", unit="module", disable=not progress or not rest):
         hessian = None
@@ -306,7 +344,21 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     return QuantizeResult(out, records, plan, time.perf_counter() - t_start, method=config.method,
                           stage_seconds=seconds, sequential=stack_name is not None,
                           clustered=len(cluster_rows), rotation=rotation,
-                          rotation_bits=_online_rotation_bits(out))
+                          rotation_bits=_online_rotation_bits(out), rounding=rounding)
+
+
+def _learned_blocks(model, levels, entries, plan, named) -> tuple[str, dict[int, dict]] | None:
+    """The block stack and, per block, the planned linears whose rounding can be learned
+    (plain integer formats); ``None`` when there are none or they span several stacks."""
+    names = {e.name for e in entries if e.kind != "embedding"
+             and supports_learned(plan.format_for(e.name), tuple(weight_matrix(named[e.name]).shape))}
+    stack, index = _block_stack(model, levels, names)
+    if stack is None or not index:
+        return None
+    blocks: dict[int, dict] = {}
+    for n, b in index.items():
+        blocks.setdefault(b, {})[n] = plan.format_for(n)
+    return stack, blocks
 
 
 def _online_rotation_bits(model: torch.nn.Module) -> int:

@@ -1,8 +1,9 @@
 """Storage formats for one weight tensor, and what each costs in bits.
 
 A ``QuantFormat`` says how a tensor is stored: group-wise integer codes at 2/3/4/8
-bits with fp16 scales (and fp16 zero points when asymmetric), or fp16
-pass-through; optionally a top fraction of weights (by importance) kept at a
+bits with fp16 scales (and zero points when asymmetric: fp16 by default, or packed
+``bits``-wide integers with ``int_zeros``, the convention of GPTQ/AutoRound checkpoints,
+which costs ``bits`` instead of 16 bits per group), or fp16 pass-through; optionally a top fraction of weights (by importance) kept at a
 higher precision, located by a 1-bit mask. ``bits_for`` is the exact storage
 cost that ``quant.quantize`` produces: the same arithmetic, so planned and stored
 bits agree.
@@ -30,6 +31,8 @@ class QuantFormat:
     'w4-g128'
     >>> QuantFormat(bits=2, group_size=128, high_bits=16, high_fraction=0.1).name
     'w2-g128+w16@0.1'
+    >>> QuantFormat(bits=3, group_size=64, int_zeros=True).bits_per_weight(576 * 576)
+    3.296875
     """
 
     bits: int = 4  # 2, 3, 4, 8 (integer codes) or 16 (fp16 pass-through)
@@ -37,6 +40,7 @@ class QuantFormat:
     symmetric: bool = False  # symmetric stores no zero point; asymmetric fits skewed groups better
     high_bits: int | None = None  # salient weights' precision: 8 (int8 groups) or 16 (fp16)
     high_fraction: float = 0.0  # fraction of weights, by importance, stored at high_bits
+    int_zeros: bool = False  # asymmetric: zero points packed as integers of the part's bits, not fp16
 
     def __post_init__(self) -> None:
         if self.bits not in INT_BITS + (FLOAT_BITS,):
@@ -54,6 +58,8 @@ class QuantFormat:
                 raise ValueError("a mixed format needs integer low bits, not fp16")
         elif self.high_fraction:
             raise ValueError("high_fraction is set but high_bits is None")
+        if self.int_zeros and (self.symmetric or self.bits == FLOAT_BITS):
+            raise ValueError("int_zeros needs an asymmetric integer format (symmetric ones store no zero point)")
 
     @property
     def mixed(self) -> bool:
@@ -64,6 +70,7 @@ class QuantFormat:
         if self.bits == FLOAT_BITS:
             return "fp16"
         base = f"w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
+        base += "-iz" if self.int_zeros else ""
         if self.mixed:
             base += f"+w{self.high_bits}@{self.high_fraction:g}"
         return base
@@ -80,20 +87,23 @@ class QuantFormat:
             return FLOAT_BITS * numel
         n_high = self.high_count(numel)
         n_low = numel - n_high
-        total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric)
+        total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric, self.int_zeros)
         if self.mixed:
             total += _packed_bits(numel, 1)  # the mask
             if self.high_bits == FLOAT_BITS:
                 total += FLOAT_BITS * n_high
             else:
-                total += _int_part_bits(n_high, self.high_bits, self.group_size, self.symmetric)
+                total += _int_part_bits(n_high, self.high_bits, self.group_size, self.symmetric, self.int_zeros)
         return total
 
     def bits_per_weight(self, numel: int) -> float:
         return self.bits_for(numel) / numel
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.int_zeros:  # absent unless used: formats written before it stay byte-identical
+            del out["int_zeros"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantFormat":
@@ -106,22 +116,24 @@ def _packed_bits(count: int, bits: int) -> int:
     return 8 * math.ceil(count * bits / 8)
 
 
-def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool) -> int:
+def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_zeros: bool = False) -> int:
     if count == 0:
         return 0
     groups = math.ceil(count / group_size)
-    per_group = SCALE_BITS if symmetric else 2 * SCALE_BITS
+    total = _packed_bits(count, bits) + groups * SCALE_BITS
     # Codes of the padded last group are not stored: packing covers exactly `count` codes.
-    return _packed_bits(count, bits) + groups * per_group
+    if not symmetric:
+        total += _packed_bits(groups, bits) if int_zeros else groups * SCALE_BITS
+    return total
 
 
 _NAME_RE = re.compile(
-    r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
+    r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?P<iz>-iz)?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
 )
 
 
 def parse_format(name: str) -> QuantFormat:
-    """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w2-g64-sym+w16@0.1"``, ``"fp16"``."""
+    """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w3-g64-iz"``, ``"w2-g64-sym+w16@0.1"``, ``"fp16"``."""
     if name == "fp16":
         return QuantFormat(bits=FLOAT_BITS)
     m = _NAME_RE.match(name.strip())
@@ -135,6 +147,7 @@ def parse_format(name: str) -> QuantFormat:
         bits=int(m.group("bits")),
         group_size=int(m.group("group")),
         symmetric=bool(m.group("sym")),
+        int_zeros=bool(m.group("iz")),
         high_bits=int(high) if high else None,
         high_fraction=float(m.group("frac")) if high else 0.0,
     )

@@ -51,13 +51,15 @@ _DAMP_RETRIES = 3  # a Hessian that is still singular after damp × 10³ is a bu
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, damp: float = 0.01,
                   act_order: bool = True, block_size: int = 128,
-                  importance: torch.Tensor | None = None) -> QuantizedTensor:
+                  importance: torch.Tensor | None = None, grid_search: bool = False) -> QuantizedTensor:
     """Quantize ``w`` ``[out, in]`` into ``fmt`` by error-feedback rounding against ``hessian``.
 
     ``hessian`` is ``[in, in]``, proportional to ``XᵀX`` of the layer's calibration inputs
     (``uqcit.inputs.calibration.collect_input_stats`` gives its token mean; the scale does not
     matter). ``importance`` picks the high-precision weights of a mixed format, as in
-    ``quantize``. ``w`` and ``hessian`` are never modified. fp16 formats are stored directly.
+    ``quantize``. ``grid_search`` chooses the static grid by clipping search weighted by the
+    Hessian diagonal (``quant.quant_params(search=True)``) instead of each group's min/max.
+    ``w`` and ``hessian`` are never modified. fp16 formats are stored directly.
     """
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
         raise ValueError(f"w must be a 2-D floating-point [out, in] matrix, got "
@@ -76,7 +78,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
         return quantize(w, fmt)
 
     weight = w.detach().to(torch.float32)
-    params = quant_params(weight, fmt, importance)  # the static grid, from the original weights
+    # The static grid, from the original weights.
+    column_weight = hessian.diagonal().to(weight).clamp(min=0).expand_as(weight) if grid_search else None
+    params = quant_params(weight, fmt, importance, search=grid_search, search_weight=column_weight)
     grid = _ElementGrid.of(params)
 
     h = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()

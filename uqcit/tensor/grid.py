@@ -34,14 +34,16 @@ class TensorSpec(NamedTuple):
     numel: int
 
 
-def int_layout(prefix: str, count: int, bits: int, group_size: int, symmetric: bool) -> dict[str, TensorSpec]:
+def int_layout(prefix: str, count: int, bits: int, group_size: int, symmetric: bool, *,
+               int_zeros: bool = False) -> dict[str, TensorSpec]:
     groups = math.ceil(count / group_size)
     layout = {
         prefix + "codes": TensorSpec(torch.uint8, packed_nbytes(count, bits)),
         prefix + "scales": TensorSpec(torch.float16, groups),
     }
     if not symmetric:
-        layout[prefix + "zeros"] = TensorSpec(torch.float16, groups)
+        layout[prefix + "zeros"] = (TensorSpec(torch.uint8, packed_nbytes(groups, bits)) if int_zeros
+                                    else TensorSpec(torch.float16, groups))
     return layout
 
 
@@ -68,16 +70,64 @@ def int_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> In
     return IntGrid(*_asymmetric_params(lo, hi, bits))
 
 
+def searched_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
+                  weight: torch.Tensor | None = None, steps: int = 20, min_ratio: float = 0.5) -> IntGrid:
+    """The grid of ``int_grid`` with each group's range shrunk by the factor in
+    ``linspace(1, min_ratio, steps)`` that minimizes its squared rounding error (clipping search).
+
+    ``weight`` (same shape as ``x``, non-negative) weights each value's squared error, e.g. the
+    input Hessian diagonal of its column; ``None`` is plain MSE. Clipping trades a few large
+    errors at the group's extremes for a finer step everywhere else; the factor 1 (no clipping)
+    is always among the candidates, so the result is never worse than ``int_grid`` on ``x``.
+
+    >>> import torch
+    >>> x = torch.cat([torch.randn(63), torch.tensor([8.0])])  # one outlier stretches the grid
+    >>> err = lambda g: float((dequantize_int(encode_int(x, 3, 64, False, g, ""), "", 64, 3, 64, False) - x).square().sum())
+    >>> err(searched_grid(x, 3, 64, False)) <= err(int_grid(x, 3, 64, False))
+    True
+    """
+    base = int_grid(x, bits, group_size, symmetric)
+    if x.numel() == 0 or steps < 2:
+        return base
+    w = torch.ones_like(x) if weight is None else weight.reshape(-1).to(x)
+    lo, hi = _group_minmax(x, group_size)
+    best = base
+    best_err = _grid_error(x, w, bits, group_size, symmetric, base)
+    const = lo == hi  # constant groups keep their exact grid
+    for ratio in torch.linspace(1.0, min_ratio, steps)[1:].tolist():
+        if symmetric:
+            cand = IntGrid(torch.where(const, base.scales, _symmetric_params(lo * ratio, hi * ratio, bits)), None)
+        else:
+            sc, ze = _asymmetric_params(lo * ratio, hi * ratio, bits)
+            cand = IntGrid(torch.where(const, base.scales, sc), torch.where(const, base.zeros, ze))
+        err = _grid_error(x, w, bits, group_size, symmetric, cand)
+        better = err < best_err
+        if bool(better.any()):
+            best_err = torch.where(better, err, best_err)
+            best = IntGrid(torch.where(better, cand.scales, best.scales),
+                           None if symmetric else torch.where(better, cand.zeros, best.zeros))
+    return best
+
+
+def _grid_error(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                grid: IntGrid) -> torch.Tensor:
+    """Per-group weighted squared error of ``x`` encoded on ``grid`` (float32 [groups])."""
+    stored = encode_int(x, bits, group_size, symmetric, grid, "")
+    err = (dequantize_int(stored, "", x.numel(), bits, group_size, symmetric) - x).square_().mul_(w)
+    return torch.cat([part.sum(dim=1) for part in group_parts(err, group_size)])
+
+
 def encode_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, grid: IntGrid,
-                prefix: str) -> dict[str, torch.Tensor]:
-    """Packed codes of 1-D float32 ``x`` on ``grid``, with the grid's scales and zeros."""
+                prefix: str, *, int_zeros: bool = False) -> dict[str, torch.Tensor]:
+    """Packed codes of 1-D float32 ``x`` on ``grid``, with the grid's scales and zeros
+    (``int_zeros``: the zero points packed ``bits`` wide; they are integers in ``[0, 2**bits - 1]``)."""
     groups = math.ceil(x.numel() / group_size)
     if grid.scales.numel() != groups or (grid.zeros is None) != symmetric or (
             grid.zeros is not None and grid.zeros.numel() != groups):
         raise ValueError(f"a grid of {grid.scales.numel()} groups does not fit {x.numel()} values "
                          f"in groups of {group_size} ({'symmetric' if symmetric else 'asymmetric'})")
     if x.numel() == 0:
-        layout = int_layout(prefix, 0, bits, group_size, symmetric)
+        layout = int_layout(prefix, 0, bits, group_size, symmetric, int_zeros=int_zeros)
         return {k: torch.empty(0, dtype=spec.dtype, device=x.device) for k, spec in layout.items()}
     scale, zero = grid.scales, grid.zeros
     if symmetric:
@@ -97,7 +147,7 @@ def encode_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, gri
     codes = per_group(x, group_size, encode, s32, offset)
     out = {prefix + "codes": pack(codes, bits), prefix + "scales": scale}
     if zero is not None:
-        out[prefix + "zeros"] = zero
+        out[prefix + "zeros"] = pack(zero.to(torch.uint8), bits) if int_zeros else zero
     return out
 
 
@@ -217,10 +267,11 @@ def per_group(x: torch.Tensor, group_size: int, fn: Callable[..., torch.Tensor],
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def dequantize_int(t: dict[str, torch.Tensor], prefix: str, count: int, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+def dequantize_int(t: dict[str, torch.Tensor], prefix: str, count: int, bits: int, group_size: int, symmetric: bool,
+                   *, int_zeros: bool = False) -> torch.Tensor:
     codes = unpack(t[prefix + "codes"], bits, count).to(torch.float32)
     scale = t[prefix + "scales"].to(torch.float32)
-    offset = _offsets(t, prefix, bits, symmetric, scale)
+    offset = group_offsets(t, prefix, bits, symmetric, int_zeros)
     # In place on the fresh float copy of the codes: (code - offset) * scale, group by group.
     start = 0
     for part in group_parts(codes, group_size):
@@ -230,17 +281,22 @@ def dequantize_int(t: dict[str, torch.Tensor], prefix: str, count: int, bits: in
     return codes
 
 
-def _offsets(t: dict[str, torch.Tensor], prefix: str, bits: int, symmetric: bool, scale: torch.Tensor) -> torch.Tensor:
-    """Per-group code offset: the zero point, or 2**(bits-1) for symmetric groups."""
+def group_offsets(t: dict[str, torch.Tensor], prefix: str, bits: int, symmetric: bool,
+                  int_zeros: bool = False) -> torch.Tensor:
+    """Per-group float32 code offset of a stored part: its zero points (fp16 or packed integers),
+    or ``2**(bits-1)`` for symmetric groups. ``w_hat = (code - offset) * scale``."""
+    scales = t[prefix + "scales"]
     if symmetric:
-        return torch.full_like(scale, float(1 << (bits - 1)))
+        return torch.full(scales.shape, float(1 << (bits - 1)), dtype=torch.float32, device=scales.device)
+    if int_zeros:
+        return unpack(t[prefix + "zeros"], bits, scales.numel()).to(torch.float32)
     return t[prefix + "zeros"].to(torch.float32)
 
 
 def dequantize_int_at(t: dict[str, torch.Tensor], prefix: str, count: int, bits: int, group_size: int,
-                       symmetric: bool, index: torch.Tensor) -> torch.Tensor:
+                       symmetric: bool, index: torch.Tensor, *, int_zeros: bool = False) -> torch.Tensor:
     codes = unpack_at(t[prefix + "codes"], bits, count, index).to(torch.float32)
     group = index // group_size
     scale = t[prefix + "scales"].to(torch.float32)
-    offset = _offsets(t, prefix, bits, symmetric, scale)
+    offset = group_offsets(t, prefix, bits, symmetric, int_zeros)
     return codes.sub_(offset[group]).mul_(scale[group])  # the ops of dequantize_int, element-wise

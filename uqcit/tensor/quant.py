@@ -70,8 +70,10 @@ from uqcit.tensor.grid import (  # noqa: F401 (IntGrid, TensorSpec: public here 
     dequantize_int,
     dequantize_int_at,
     encode_int,
+    group_offsets,
     int_grid,
     int_layout,
+    searched_grid,
 )
 from uqcit.tensor.packing import pack, packed_nbytes, unpack
 
@@ -85,13 +87,14 @@ def tensor_layout(numel: int, fmt: QuantFormat) -> dict[str, TensorSpec]:
     if fmt.bits == FLOAT_BITS:
         return {"values": TensorSpec(torch.float16, numel)}
     n_high = fmt.high_count(numel)
-    layout = int_layout("", numel - n_high, fmt.bits, fmt.group_size, fmt.symmetric)
+    layout = int_layout("", numel - n_high, fmt.bits, fmt.group_size, fmt.symmetric, int_zeros=fmt.int_zeros)
     if fmt.mixed:
         layout["mask"] = TensorSpec(torch.uint8, packed_nbytes(numel, 1))
         if fmt.high_bits == FLOAT_BITS:
             layout["high_values"] = TensorSpec(torch.float16, n_high)
         else:
-            layout.update(int_layout("high_", n_high, fmt.high_bits, fmt.group_size, fmt.symmetric))
+            layout.update(int_layout("high_", n_high, fmt.high_bits, fmt.group_size, fmt.symmetric,
+                                     int_zeros=fmt.int_zeros))
     return layout
 
 
@@ -207,18 +210,31 @@ class QuantParams:
     high: IntGrid | None  # the int8 high part of a mixed format; None otherwise (fp16 high values have no grid)
 
 
-def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None) -> QuantParams:
-    """The mask and grids ``quantize(w, fmt, importance)`` uses (same rules, same bits)."""
+def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None, *,
+                 search: bool = False, search_weight: torch.Tensor | None = None) -> QuantParams:
+    """The mask and grids ``quantize(w, fmt, importance)`` uses (same rules, same bits).
+
+    ``search=True`` chooses each group's range by clipping search instead (``grid.searched_grid``;
+    ``search_weight``, shaped like ``w``, weights the squared errors, e.g. by the input Hessian
+    diagonal of each weight's column). Same format, same bits; only the scales and zeros differ.
+    """
     flat, shape = _flat(w)
     if fmt.bits == FLOAT_BITS:
         return QuantParams(shape, fmt, None, None, None)
     gs, sym = fmt.group_size, fmt.symmetric
+    sw = None if search_weight is None else search_weight.detach().reshape(-1).to(flat)
+
+    def grid_of(x: torch.Tensor, bits: int, part: torch.Tensor | None) -> IntGrid:
+        if not search:
+            return int_grid(x, bits, gs, sym)
+        return searched_grid(x, bits, gs, sym, weight=None if sw is None else (sw if part is None else sw[part]))
+
     if not fmt.mixed:
-        return QuantParams(shape, fmt, int_grid(flat, fmt.bits, gs, sym), None, None)
+        return QuantParams(shape, fmt, grid_of(flat, fmt.bits, None), None, None)
     check_fp16_range(flat, "w")
     mask = _high_mask(flat, shape, fmt, importance)
-    low = int_grid(_select(flat, ~mask), fmt.bits, gs, sym)
-    high = None if fmt.high_bits == FLOAT_BITS else int_grid(_select(flat, mask), fmt.high_bits, gs, sym)
+    low = grid_of(_select(flat, ~mask), fmt.bits, ~mask)
+    high = None if fmt.high_bits == FLOAT_BITS else grid_of(_select(flat, mask), fmt.high_bits, mask)
     return QuantParams(shape, fmt, low, mask, high)
 
 
@@ -256,7 +272,7 @@ def _quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None
     def encode(x: torch.Tensor, bits: int, grid: IntGrid | None, prefix: str) -> dict[str, torch.Tensor]:
         if grid is None:
             grid = int_grid(x, bits, gs, sym)
-        return encode_int(x, bits, gs, sym, grid, prefix)
+        return encode_int(x, bits, gs, sym, grid, prefix, int_zeros=fmt.int_zeros)
 
     if fmt.bits == FLOAT_BITS:
         check_fp16_range(flat, "w")
@@ -352,17 +368,19 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
         return t["values"].view(q.shape).to(dtype)
     numel = q.numel
     if not fmt.mixed:
-        out = dequantize_int(t, "", numel, fmt.bits, fmt.group_size, fmt.symmetric)
+        out = dequantize_int(t, "", numel, fmt.bits, fmt.group_size, fmt.symmetric, int_zeros=fmt.int_zeros)
     else:
         mask = unpack(t["mask"], 1, numel).view(torch.bool)
         n_high = fmt.high_count(numel)
         if fmt.high_bits == FLOAT_BITS:
             high = t["high_values"].to(torch.float32)
         else:
-            high = dequantize_int(t, "high_", n_high, fmt.high_bits, fmt.group_size, fmt.symmetric)
+            high = dequantize_int(t, "high_", n_high, fmt.high_bits, fmt.group_size, fmt.symmetric,
+                                  int_zeros=fmt.int_zeros)
         out = torch.empty(numel, dtype=torch.float32, device=q.device)
         out.masked_scatter_(mask, high)
-        out.masked_scatter_(~mask, dequantize_int(t, "", numel - n_high, fmt.bits, fmt.group_size, fmt.symmetric))
+        out.masked_scatter_(~mask, dequantize_int(t, "", numel - n_high, fmt.bits, fmt.group_size, fmt.symmetric,
+                                                  int_zeros=fmt.int_zeros))
     return out.view(q.shape).to(dtype)
 
 
@@ -378,9 +396,9 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
         raise IndexError(f"element index out of range [0, {q.numel})")
     if fmt.bits == FLOAT_BITS:
         return t["values"][index].to(dtype)
-    numel, gs, sym = q.numel, fmt.group_size, fmt.symmetric
+    numel, gs, sym, iz = q.numel, fmt.group_size, fmt.symmetric, fmt.int_zeros
     if not fmt.mixed:
-        return dequantize_int_at(t, "", numel, fmt.bits, gs, sym, index).to(dtype)
+        return dequantize_int_at(t, "", numel, fmt.bits, gs, sym, index, int_zeros=iz).to(dtype)
     # Locate each element in its compacted part: its rank among the mask's set bits before it.
     is_high, rank = _mask_rank(t["mask"], index)
     n_high = fmt.high_count(numel)
@@ -389,9 +407,9 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
     if fmt.high_bits == FLOAT_BITS:
         out[is_high] = t["high_values"][hi_rank].to(torch.float32)
     else:
-        out[is_high] = dequantize_int_at(t, "high_", n_high, fmt.high_bits, gs, sym, hi_rank)
+        out[is_high] = dequantize_int_at(t, "high_", n_high, fmt.high_bits, gs, sym, hi_rank, int_zeros=iz)
     low = ~is_high
-    out[low] = dequantize_int_at(t, "", numel - n_high, fmt.bits, gs, sym, index[low] - rank[low])
+    out[low] = dequantize_int_at(t, "", numel - n_high, fmt.bits, gs, sym, index[low] - rank[low], int_zeros=iz)
     return out.to(dtype)
 
 
@@ -425,6 +443,21 @@ def codes_of(q: QuantizedTensor) -> dict[str, torch.Tensor]:
         if fmt.high_bits != FLOAT_BITS:
             out["high_codes"] = unpack(q.tensors["high_codes"], fmt.high_bits, n_high)
     return out
+
+
+def zero_points(q: QuantizedTensor, prefix: str = "") -> torch.Tensor:
+    """Float32 per-group code offsets of ``q``'s integer part ``prefix`` (``""`` or ``"high_"``):
+    its zero points however they are stored, or ``2**(bits-1)`` when symmetric, so that
+    ``w_hat = (code - offset) * scale``. Exporters read zero points through this.
+
+    >>> import torch
+    >>> from uqcit.tensor.formats import parse_format
+    >>> zero_points(quantize(torch.arange(8.0) + 1, parse_format("w2-g4-iz"))).tolist()
+    [0.0, 0.0]
+    """
+    fmt = q.fmt
+    bits = fmt.high_bits if prefix == "high_" else fmt.bits
+    return group_offsets(q.tensors, prefix, bits, fmt.symmetric, fmt.int_zeros)
 
 
 def quant_error(w: torch.Tensor, q: QuantizedTensor) -> dict[str, float]:

@@ -1,0 +1,124 @@
+"""Quality per bit on SmolLM2-135M at the three budgets of docs/evaluation.md, full protocol,
+in both accountings: ``bpw_blocks`` (bits over the 210 block linears only, the peers' way,
+with the tied embedding/LM head kept at fp16) and ``bpw`` (every weight of the model, the
+tied 28.3 M embedding included, as stored).
+
+Each candidate is a recipe: an optional rotation, a plan (one format for the block linears;
+the embedding at fp16 for the peer accounting, or quantized for the whole-model one) and a
+rounding method. Every candidate is exported as a package, loaded back from disk and scored
+against the unrotated float model on the same windows. Results merge into the JSON after each
+candidate, so a restart measures only what is missing.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/quality_per_bit.py [--only a,b] [--windows N]
+
+Writes benchmarks/results/quality_per_bit.json and .md. The peers' figures quoted beside
+them in the README were measured with the same protocol on the same machine (docs/evaluation.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, package_candidate, score_and_merge  # noqa: E402
+
+from uqcit.inputs.corpus import calibration_batch  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.stages.plan import BitPlan  # noqa: E402
+from uqcit.stages.quantize import QuantizeConfig, quantize_model  # noqa: E402
+from uqcit.stages.rotation import RotationConfig, rotate_model  # noqa: E402
+from uqcit.tensor.formats import parse_format  # noqa: E402
+
+MODEL = "smollm2-135m"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    budget: float  # the bits/weight class it competes in (peer accounting: bpw_blocks)
+    blocks: str  # format of every block linear
+    embedding: str  # "fp16" (peer accounting) or a format (whole-model accounting)
+    method: str = "signround"
+    rotation: str = "hadamard"  # "none" or a RotationConfig construction
+    iters: int = 40
+    calib_samples: int = 32  # x 256 tokens
+    micro_batch: int = 4  # sequences per signed-gradient step
+
+    @property
+    def name(self) -> str:
+        rot = "" if self.rotation == "none" else f"rot-{self.rotation}-"
+        emb = "" if self.embedding == "fp16" else f"-emb-{self.embedding}"
+        iters = f"-i{self.iters}" if self.method == "signround" else ""
+        return f"{rot}{self.method}{iters}-{self.blocks}{emb}"
+
+
+CANDIDATES = [
+    Candidate(3.30, "w3-g64-iz", "fp16"),
+    Candidate(4.25, "w4-g64-sym", "fp16"),
+    Candidate(2.5, "w2-g48-iz", "fp16"),
+    Candidate(4.25, "w4-g64-sym", "fp16", method="signround", rotation="none"),
+    Candidate(4.25, "w4-g64-sym", "w4-g64-sym"),
+    Candidate(3.25, "w3-g64-iz", "w3-g128"),
+    Candidate(2.5, "w2-g64-iz", "w3-g128"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--windows", type=int, default=None, help="fewer windows (not the full protocol)")
+    ap.add_argument("--name", default="quality_per_bit")
+    ap.add_argument("--only", default=None, help="comma-separated candidate names to (re)run")
+    args = ap.parse_args()
+
+    loaded = load_model(MODEL)
+    ref, tok = loaded.model, loaded.tokenizer
+    out_json = RESULTS / f"{args.name}.json"
+    done = {r["method"] for r in json.loads(out_json.read_text())} if out_json.exists() else set()
+    only = set(args.only.split(",")) if args.only else None
+    todo = [c for c in CANDIDATES if (c.name in only if only else c.name not in done)]
+    print("to measure:", [c.name for c in todo], flush=True)
+    eval_cfg = EvalConfig(max_windows=args.windows)
+    check_ids = calibration_batch(tok, n_samples=2, seq_len=128, seed=0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in todo:
+            t0 = time.perf_counter()
+            model, prefix = ref, ""
+            if c.rotation != "none":
+                rot = rotate_model(ref, RotationConfig(construction=c.rotation), check_ids=check_ids)
+                model, prefix = rot.model, rot.config.method_name
+            rotate_s = time.perf_counter() - t0
+            levels = analyze_levels(model)
+            blocks = {m.name for m in levels.quantizable() if m.kind != "embedding"}
+            exact = {m.name: parse_format(c.blocks if m.name in blocks else c.embedding)
+                     for m in levels.quantizable()}
+            plan = BitPlan(default=None, exact=exact, name=c.name)
+            t0 = time.perf_counter()
+            q = quantize_model(model, levels, plan, QuantizeConfig(
+                method=c.method, iters=c.iters, calib_samples=c.calib_samples, micro_batch=c.micro_batch),
+                tokenizer=tok, rotation=prefix)
+            quant_s = time.perf_counter() - t0
+            block_mods = [m for m in q.stored if m.name in blocks]
+            bpw_blocks = (sum(m.stored_bits for m in block_mods) + q.rotation_bits) / sum(m.numel for m in block_mods)
+            print(f"{c.name}: quantized in {quant_s:.0f} s, bpw_blocks {bpw_blocks:.4f}, bpw {q.bpw:.4f}", flush=True)
+            cand = package_candidate(q, tok, levels, Path(tmp), model=MODEL,
+                                     seconds={"rotate": rotate_s, "quantize": quant_s},
+                                     budget=c.budget, bpw_blocks=bpw_blocks, recipe=dataclasses.asdict(c),
+                                     accounting="peer" if c.embedding == "fp16" else "whole-model",
+                                     rounding=[dataclasses.asdict(r) for r in q.rounding])
+            cand["method"] = c.name
+            del q
+            score_and_merge(args.name, [cand], tok, ref, eval_cfg, model=MODEL)
+            del cand
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Learned rounding for one weight tensor: a differentiable integer grid (SignRound).
+
+Round-to-nearest picks each code alone; error feedback (``gptq``) picks codes one column at a
+time against a linear model of the layer. SignRound (Cheng et al. 2023, "Optimize weight
+rounding via signed gradient descent") instead *learns* the rounding: every weight gets an
+offset ``v`` in ``[-0.5, 0.5]`` added before rounding, and every group two clipping factors
+(``alpha`` for its maximum, ``beta`` for its minimum, in ``[clip_min, 1]``), all trained
+against the float block's outputs with signed gradient steps. The rounding is passed through
+with a straight-through estimator.
+
+``LearnedWeight`` holds those parameters for one ``[out, in]`` weight in a plain integer
+format. Its ``forward()`` is the fake-quantized weight, computed with the very operations the
+packed format decodes (fp16 scales and zero points, ``(code - offset) * scale`` in float32),
+so ``quantized()`` stores exactly the weight the training saw.
+
+Symmetric formats here use the full code range ``[0, 2**b - 1]`` around ``2**(b-1)`` (levels
+``-2**(b-1) .. 2**(b-1) - 1``, as in the usual signed integer grids): learned clipping makes
+the extra negative level useful; ``quant.quantize`` never emits code 0 for symmetric formats
+(its clamp is symmetric so that re-quantization is exact), but every decoder reads it.
+
+>>> import torch
+>>> from uqcit.tensor.formats import QuantFormat
+>>> from uqcit.tensor.quant import dequantize
+>>> w = torch.randn(8, 64)
+>>> lw = LearnedWeight(w, QuantFormat(bits=4, group_size=32))
+>>> q = lw.quantized()
+>>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lw.forward().detach())
+(True, True)
+>>> q = LearnedWeight(w, QuantFormat(bits=3, group_size=32, int_zeros=True)).quantized()
+>>> q.stored_bits == q.fmt.bits_for(w.numel())
+True
+"""
+from __future__ import annotations
+
+import torch
+
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
+from uqcit.tensor.grid import FP16_TINY
+from uqcit.tensor.packing import pack
+from uqcit.tensor.quant import QuantizedTensor
+
+
+def supports(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
+    """Whether a weight of ``shape`` in ``fmt`` can learn its rounding: plain integer formats
+    whose groups tile the tensor exactly (mixed and fp16 formats keep their own rounding)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    return fmt.bits != FLOAT_BITS and not fmt.mixed and numel % fmt.group_size == 0
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to fp16 (never below the smallest fp16) forward, identity backward."""
+    return x + (x.detach().to(torch.float16).clamp_(min=FP16_TINY).to(torch.float32) - x).detach()
+
+
+class LearnedWeight(torch.nn.Module):
+    """Rounding offsets and clipping factors of one weight ``w`` ``[out, in]`` in ``fmt``.
+
+    ``w`` is kept frozen (a float32 copy); ``v``, ``alpha`` and ``beta`` are the trainable
+    parameters. At initialization (``v = 0``, ``alpha = beta = 1``) the weight is the
+    round-to-nearest weight on the min/max grid (full-range for symmetric formats).
+    """
+
+    def __init__(self, w: torch.Tensor, fmt: QuantFormat):
+        super().__init__()
+        if not supports(fmt, tuple(w.shape)):
+            raise ValueError(f"learned rounding needs a plain integer format whose groups tile the "
+                             f"tensor; {fmt.name} on shape {tuple(w.shape)} does not")
+        self.fmt = fmt
+        self.shape = tuple(w.shape)
+        self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, fmt.group_size).clone())
+        groups = self.w.shape[0]
+        self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+        self.alpha = torch.nn.Parameter(torch.ones(groups, 1))
+        self.beta = torch.nn.Parameter(torch.ones(groups, 1))
+        self.qmax = float((1 << fmt.bits) - 1)
+        lo = self.w.amin(dim=1, keepdim=True).clamp(max=0.0)
+        hi = self.w.amax(dim=1, keepdim=True).clamp(min=0.0)
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group float32 scale (an fp16 value) and code offset (an integer), differentiable."""
+        if self.fmt.symmetric:
+            absmax = torch.maximum(-self.lo * self.beta, self.hi * self.alpha)
+            scale = _fp16_ste((absmax / ((self.qmax - 1) / 2)).clamp(min=FP16_TINY))
+            offset = torch.full_like(scale, float(1 << (self.fmt.bits - 1)))
+            return scale, offset
+        lo, hi = self.lo * self.beta, self.hi * self.alpha
+        scale = _fp16_ste(((hi - lo) / self.qmax).clamp(min=FP16_TINY))
+        offset = _round_ste(-lo / scale).clamp(0.0, self.qmax)
+        return scale, offset
+
+    def codes(self, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return (_round_ste(self.w / scale + self.v) + offset).clamp(0.0, self.qmax)
+
+    def forward(self) -> torch.Tensor:
+        """The fake-quantized weight ``[out, in]``: exactly what ``quantized()`` decodes to."""
+        scale, offset = self.grid()
+        return ((self.codes(scale, offset) - offset) * scale).reshape(self.shape)
+
+    @torch.no_grad()
+    def clamp_(self, clip_min: float) -> None:
+        """Keep the parameters in their ranges after a step."""
+        self.v.clamp_(-0.5, 0.5)
+        self.alpha.clamp_(clip_min, 1.0)
+        self.beta.clamp_(clip_min, 1.0)
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedTensor:
+        """The packed tensor of the current parameters (``fmt.bits_for(numel)`` bits)."""
+        scale, offset = self.grid()
+        codes = self.codes(scale, offset).reshape(-1).to(torch.uint8)
+        tensors = {"codes": pack(codes, self.fmt.bits), "scales": scale.reshape(-1).to(torch.float16)}
+        if not self.fmt.symmetric:
+            zeros = offset.reshape(-1).to(torch.uint8)  # integers in [0, 2**bits - 1]
+            tensors["zeros"] = pack(zeros, self.fmt.bits) if self.fmt.int_zeros else zeros.to(torch.float16)
+        return QuantizedTensor(self.shape, self.fmt, tensors)
