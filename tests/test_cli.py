@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_and_exit_2(case_id, argv, word, tmp_path, no_work
     if case_id == "unknown-model-no-network":
         monkeypatch.delenv("HF_HUB_OFFLINE")
         monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-        monkeypatch.setattr("uqcit.inputs.models._hub_unreachable", lambda: "huggingface.co:443: no route")
+        monkeypatch.setattr("uqcit.inputs.models._hub_refusal", lambda name: "the hub cannot be reached (no route)")
     argv = argv(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     try:
@@ -187,13 +187,14 @@ def test_the_table_is_large_enough():
 
 
 def test_an_unknown_model_fails_fast_without_the_hub(monkeypatch):
-    """With the hub unreachable the check makes one connection attempt, not the client's retries."""
+    """With the hub unreachable the check makes one request, not the client's retries."""
     import time
 
     from uqcit.inputs.models import ModelNotFoundError, check_model_name
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # read once, at its import
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)

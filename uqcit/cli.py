@@ -134,10 +134,36 @@ def _env(name: str | None) -> str | None:
     return os.environ.get(name) if name else None
 
 
+def _compress_on_server(args) -> int:
+    """``compress --server``: the same job run by a server (``uqcit serve``), its package downloaded."""
+    from uqcit.client import run_remote
+    from uqcit.pipeline import preflight
+
+    if args.sign:
+        raise UsageError("--sign names a local key; a server signs with its own key: use --server-sign")
+    recipe = _load_recipe(args.recipe)
+    _check_output_file(args.json, "--json")
+    secret = _secret(args)
+    if (args.encrypt or args.encode) and secret is None:
+        raise UsageError("--encrypt/--encode need --secret-file or --passphrase-env")
+    preflight(recipe, args.out)  # the local --out, before the job is sent; the server checks the rest
+    report = run_remote(args.server, _env(args.api_key_env), args.model, recipe, args.out, quick=args.quick,
+                        sign=args.server_sign, encrypt=args.encrypt, encode=args.encode, secret=secret,
+                        progress=not args.no_progress)
+    if args.json:
+        atomic_write(args.json, (report.to_json() + "\n").encode())
+    print(report.format_table())
+    return 0
+
+
 def cmd_compress(args) -> int:
     from uqcit.pipeline import preflight, run_job
     from uqcit.package.secure import ProtectConfig, load_signing_key
 
+    if args.server:
+        return _compress_on_server(args)
+    if args.server_sign:
+        raise UsageError("--server-sign needs --server URL")
     recipe = _load_recipe(args.recipe)
     eval_config = _eval_config(args, recipe)
     _check_output_file(args.json, "--json")
@@ -283,6 +309,34 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from uqcit.export import export_compressed_tensors, export_dequantized, export_gguf
+    from uqcit.package import load_package
+    from uqcit.package.secure import load_public_key
+
+    out = Path(args.out)
+    if os.path.lexists(out):
+        raise UsageError(f"--out {args.out!r} already exists; give a new folder")
+    if args.widen and args.to != "compressed-tensors":
+        raise UsageError(f"--widen is for --to compressed-tensors, not --to {args.to}")
+    pkg = load_package(args.package, progress=not args.no_progress, secret=_secret(args),
+                       public_key=load_public_key(args.public_key) if args.public_key else None)
+    if args.to == "gguf":
+        out.mkdir(parents=True)  # llama.cpp takes one file: DIR/model.gguf
+        try:
+            res = export_gguf(pkg, out / "model.gguf")
+        except BaseException:
+            shutil.rmtree(out)  # the folder this command made: nothing half-written stays
+            raise
+        print(f"{res.path}: GGUF, {sum(res.exact.values())} of {len(res.exact)} tensors exactly the package's")
+    elif args.to == "compressed-tensors":
+        res = export_compressed_tensors(pkg, out, widen=args.widen)
+        print(f"{out}: compressed-tensors, {len(res.formats)} layers as integer codes, {len(res.dense)} as float")
+    else:
+        print(f"{export_dequantized(pkg, out)}: transformers checkpoint of float32 weights")
+    return 0
+
+
 def _secret_args(parser) -> None:
     parser.add_argument("--secret-file", help="file with the 32-byte secret (hex) of an encrypted/encoded package")
     parser.add_argument("--passphrase-env", metavar="VAR",
@@ -331,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--encode", action="store_true", help="keyed signed-permutation encoding of the weights "
                    "(obfuscation, not encryption)")
     _secret_args(c)
+    c.add_argument("--server", metavar="URL", help="run the job on a server (`uqcit serve`) instead of here; "
+                   "the package is downloaded to --out")
+    c.add_argument("--api-key-env", metavar="VAR", default="UQCIT_API_KEY", help="environment variable "
+                   "holding the server's API key (default UQCIT_API_KEY; kept off the command line)")
+    c.add_argument("--server-sign", action="store_true", help="with --server: sign with the server's key")
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="evaluate a package", description="Evaluate a package with the "
@@ -368,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--public-key", help="the signer's public key (PEM); without it only integrity is checked")
     v.set_defaults(fn=cmd_verify)
 
+    x = sub.add_parser("export", help="write a package for another runtime", description="Write a package "
+                       "as a compressed-tensors checkpoint (transformers and vLLM run its integer codes), a "
+                       "GGUF file for llama.cpp (DIR/model.gguf), or a float32 transformers checkpoint (hf).")
+    x.add_argument("package")
+    x.add_argument("--to", required=True, choices=("compressed-tensors", "gguf", "hf"), help="the target runtime's format")
+    x.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist)")
+    x.add_argument("--widen", action="store_true", help="compressed-tensors: store 2- and 3-bit codes in 4 bits (exact)")
+    x.add_argument("--public-key", help="verify the package with this Ed25519 public key (PEM) first")
+    x.add_argument("--no-progress", action="store_true")
+    _secret_args(x)
+    x.set_defaults(fn=cmd_export)
+
     f = sub.add_parser("fetch-data", help="download the evaluation corpus (gensim wheel from PyPI)",
                        description="Extract lee_background.cor and lee.cor from gensim's wheel.")
     f.set_defaults(fn=cmd_fetch_data)
@@ -376,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the built-in recipes, or print one as JSON.")
     r.add_argument("name", nargs="?")
     r.set_defaults(fn=cmd_recipes)
+
+    from uqcit.server.commands import add_parsers as add_server_parsers  # serve, serve-key
+
+    add_server_parsers(sub)
     return p
 
 
@@ -414,11 +489,12 @@ def _is_safetensors_error(exc: BaseException) -> bool:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
+    from uqcit.client import ServerError  # compress --server: the server's one-line refusal
     from uqcit.core.keys import ConfigError
     from uqcit.inputs.corpus import NotEnoughTextError
     from uqcit.package import PackageError  # SecurityError is one
 
-    return (ConfigError, PackageError, UsageError, NotEnoughTextError, OSError, SafetensorError)
+    return (ConfigError, PackageError, UsageError, NotEnoughTextError, OSError, SafetensorError, ServerError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,18 @@ def test_plan_overrides_and_uniform(tiny_llama_levels):
         build_plan(levels, PlanConfig(overrides={"re:nothing": "w4-g128"}))
     with pytest.raises(ValueError, match="names no weight-bearing module"):
         build_plan(levels, PlanConfig(overrides={"nope": "w4-g128"}))
+
+
+def test_plan_kind_overrides_and_integer_zero_points(tiny_llama_levels):
+    from uqcit.core.keys import ConfigError
+
+    levels = tiny_llama_levels
+    plan = build_plan(levels, PlanConfig(preset="uniform", bits=2, group_size=32, int_zeros=True,
+                                         overrides={"kind:embedding": "w3-g64-iz"}))
+    assert plan.name == "rtn-w2-g32-iz"
+    for m in levels.modules:
+        assert plan.format_for(m.name).name == ("w3-g64-iz" if m.kind == "embedding" else "w2-g32-iz")
+    with pytest.raises(ValueError, match=r"kind:conv.*kinds: \["):
+        build_plan(levels, PlanConfig(overrides={"kind:conv": "w4-g128"}))
+    with pytest.raises(ConfigError, match="int_zeros"):
+        PlanConfig(preset="uniform", symmetric=True, int_zeros=True)

@@ -212,14 +212,17 @@ class PlanConfig(StageConfig):
     bits: int = 4  # uniform preset only
     group_size: int = 128  # 128 is the common trade-off between scale overhead and error
     symmetric: bool = False  # asymmetric fits skewed groups better for 16 extra bits per group
+    int_zeros: bool = False  # uniform preset, asymmetric: zero points packed as integers (bits, not 16, per group)
     level_patterns: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {str(k): v for k, v in SEED_LEVEL_PATTERNS.items()})
-    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format or "float"
+    # module name, "re:<regex>" or "kind:<kind>" (e.g. "kind:embedding") -> format or "float"
+    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check(self.bits in INT_BITS + (FLOAT_BITS,), "bits", f"must be one of {INT_BITS + (FLOAT_BITS,)}")
         self.check(self.group_size >= 1, "group_size", "must be >= 1")
+        self.check(not (self.int_zeros and self.symmetric), "int_zeros", "needs symmetric=False (symmetric formats store no zero point)")
         for level, pattern in self.level_patterns.items():
             try:
                 pattern_format(pattern, self.group_size, self.symmetric)
@@ -235,7 +238,8 @@ class PlanConfig(StageConfig):
     @property
     def method_name(self) -> str:
         if self.preset == "uniform":
-            return f"rtn-w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
+            return f"rtn-w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "") + (
+                "-iz" if self.int_zeros else "")
         return "preset-binary-concentration"
 
 
@@ -243,7 +247,8 @@ def build_plan(levels, config: PlanConfig = PlanConfig()) -> BitPlan:
     """The bit plan a ``PlanConfig`` asks for, over the modules of a levels analysis."""
     exact: dict[str, QuantFormat | None] = {}
     if config.preset == "uniform":
-        fmt = QuantFormat(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+        fmt = QuantFormat(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+                          int_zeros=config.int_zeros and config.bits != FLOAT_BITS)
         for m in levels.modules:
             exact[m.name] = fmt
     else:
@@ -259,6 +264,11 @@ def build_plan(levels, config: PlanConfig = PlanConfig()) -> BitPlan:
             hits = [m.name for m in levels.modules if re.fullmatch(key[3:], m.name)]
             if not hits:
                 raise ValueError(f"plan override {key!r} matches no module of the model")
+        elif key.startswith("kind:"):  # e.g. "kind:embedding": whatever the model calls it
+            hits = [m.name for m in levels.modules if m.kind == key[5:]]
+            if not hits:
+                kinds = sorted({m.kind for m in levels.modules})
+                raise ValueError(f"plan override {key!r} matches no module of the model; kinds: {kinds}")
         elif key in exact:
             hits = [key]
         else:
