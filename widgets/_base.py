@@ -83,13 +83,39 @@ def figure_widget(fig) -> Any:
     """A plotly ``FigureWidget`` holding ``fig``; later updates go through ``sync_figure``.
 
     The widget gives its traces fresh uids (the frontend tracks traces by them), so the core
-    figure's uids are remembered here and ``sync_figure`` matches traces by them.
+    figure's uids are remembered here and ``sync_figure`` matches traces by them. Its state is
+    the figure as it is now (``_figure_widget_class``), not as it was built.
+    """
+    widget = _figure_widget_class()(fig)
+    widget._uqcit_uids = [t.uid for t in fig.data]
+    return widget
+
+
+@functools.cache
+def _figure_widget_class() -> type:
+    """``FigureWidget`` whose widget state (what a view opened later draws) is the current figure.
+
+    plotly sends an in-place update only to the views open at that moment, and its state keeps the
+    figure as built (refreshed only when the widget itself is displayed, not as a child of a box).
+    Voilà opens its page's views after the notebook has run, so its page showed every figure as
+    first built: the budget chart before the notebook's pins, an empty evaluation scatter. Serving
+    the current figure when the state is asked for costs nothing per update (no extra message).
     """
     import plotly.graph_objects as go
 
-    widget = go.FigureWidget(fig)
-    widget._uqcit_uids = [t.uid for t in fig.data]
-    return widget
+    class FigureWidget(go.FigureWidget):
+        def get_state(self, key=None, drop_defaults=False):
+            state = super().get_state(key, drop_defaults)
+            if not (hasattr(self, "_data") and hasattr(self, "_layout_obj")):
+                return state  # asked while plotly is still building the figure
+            wanted = self.keys if key is None else [key] if isinstance(key, str) else list(key)
+            # the two traits plotly itself refreshes on display (BaseFigureWidget._repr_mimebundle_)
+            for name, value in (("_widget_data", self._data), ("_widget_layout", self._layout_obj._props)):
+                if name in wanted:
+                    state[name] = self.trait_metadata(name, "to_json", self._trait_to_json)(value, self)
+            return state
+
+    return FigureWidget
 
 
 def sync_figure(widget, fig, layout_keys: tuple[str, ...] = ("title", "shapes", "annotations")) -> None:

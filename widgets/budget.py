@@ -273,6 +273,10 @@ class BudgetEditor(View):
 
     def _figure(self):
         fig = self.allocation.figure()
+        # One slot per module: in overlay mode plotly sizes each trace's bars by that trace's own
+        # spacing, so a level with one module per block (L3) drew bars a block wide over its neighbours.
+        gap = fig.layout.bargap if fig.layout.bargap is not None else 0.2  # plotly's default gap
+        fig.update_traces(width=1 - gap, selector=dict(type="bar"))
         fig.update_layout(height=380, width=1000, clickmode="event")
         return fig
 

@@ -95,11 +95,67 @@ def test_hub_is_tried_only_when_allowed(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_network)
-    monkeypatch.setattr("uqcit.inputs.models._hub_unreachable", lambda: None)  # the probe finds a hub
+    monkeypatch.setattr("uqcit.inputs.models._hub_refusal", lambda name: None)  # the hub serves it
     with pytest.raises(ModelNotFoundError, match="the hub failed .We couldn't connect") as info:
         load_model("some-org/some-model", progress=False)
     assert calls == [True, False]  # the local cache first, then the hub
     assert "not available offline" in str(info.value)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A local stand-in for the Hugging Face hub at ``HF_ENDPOINT``: it answers every request with
+    ``hub.status`` and ``hub.headers`` and records the paths asked for in ``hub.requests``."""
+    import http.server
+    import threading
+
+    import huggingface_hub.constants
+
+    class Hub:
+        status, headers, requests = 503, {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            Hub.requests.append(self.path)
+            self.send_response(Hub.status)
+            for key, value in {**Hub.headers, "Content-Length": "0"}.items():
+                self.send_header(key, value)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read once, at its import
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield Hub
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status, headers, says", [
+    (503, {}, "the hub failed (HTTP 503)"),  # a status its client retries for ~30 s when downloading
+    (401, {"X-Error-Code": "RepoNotFound"}, "the hub has no such model"),  # what the hub says for a bad id
+])
+def test_unknown_hub_id_fails_after_one_request(hub, monkeypatch, status, headers, says):
+    import transformers
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the model was loaded before its name was checked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", tripwire)
+    hub.status, hub.headers = status, headers
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("some-org/not-a-model", progress=False)
+    assert hub.requests == ["/some-org/not-a-model/resolve/main/config.json"]  # asked once, not retried
+    message = str(info.value)
+    assert says in message and "'some-org/not-a-model'" in message and "\n" not in message
+    assert "Models available offline: " in message and "'tiny-llama'" in message and "local folder" in message
 
 
 @pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder"])

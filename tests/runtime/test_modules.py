@@ -153,6 +153,23 @@ def test_quant_embedding_dtype_follows_module():
     assert torch.equal(fresh(torch.tensor([4])).to(torch.bfloat16), emb(torch.tensor([4])))
 
 
+def test_quantized_modules_trace_into_a_graph():
+    # torch.export is the first step of torch.onnx.export: the graph must hold neither the C kernel
+    # call (eager takes it for these 3 rows) nor a branch on the token ids' values.
+    from uqcit.runtime import kernel
+
+    model = nn.Sequential(QuantEmbedding(quantize(seeded(50, 32), W4)),
+                          QuantLinear(quantize(seeded(16, 32, seed=1), W4), seeded(16, seed=2)))
+    ids = torch.tensor([[3, 7, 49]])
+    if kernel.available():
+        assert model[1]._packed_kernel(model[0](ids)) is not None  # eager: from the packed codes
+    graph = torch.export.export(model, (ids,)).module()
+    for probe in (ids, torch.tensor([[0, 1, 2]])):  # the graph is not specialised to the traced ids
+        torch.testing.assert_close(graph(probe), model(probe), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match="ids must lie in"):  # eager still checks them
+        model(torch.tensor([[50]]))
+
+
 def test_replace_module_by_dotted_name():
     model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4), nn.ReLU()]))
     new = nn.Identity()

@@ -2,8 +2,9 @@
 
 Each test starts its own server on 127.0.0.1 with a free port, in temporary folders (a copy of
 ``notebooks/08_dashboard.ipynb``, Jupyter/IPython/XDG dirs), runs the dashboard notebook on the
-real SmolLM2-135M, checks in the DOM that widgets and plotly figures rendered, presses ArrowRight
-on the target-bits slider and waits for the totals to change, saves a screenshot under the test's
+real SmolLM2-135M, checks in the DOM that widgets and plotly figures rendered (in Voilà, that the
+figures show what the notebook's cells changed before the page opened), presses ArrowRight on the
+target-bits slider and waits for the totals to change, saves a screenshot under the test's
 temporary folder, and stops the server by its PID.
 
 They are never skipped silently: without chromium or playwright they fail and say how to
@@ -159,6 +160,33 @@ def _move_slider_and_check(page, shot: Path) -> tuple[str, str]:
     return before, after
 
 
+def _figure_traces(page, title_part: str) -> list | None:
+    """Name, x, y and outline widths of each trace of the plotly figure whose title holds ``title_part``."""
+    return page.evaluate("""t => {
+        const d = [...document.querySelectorAll('.js-plotly-plot')]
+            .find(d => d.layout && JSON.stringify(d.layout.title || '').includes(t));
+        return d ? d.data.map(tr => [tr.name, tr.x, tr.y, ((tr.marker || {}).line || {}).width]) : null; }""",
+                         title_part)
+
+
+def _outlined(traces: list) -> int:
+    """How many budget bars are outlined (pinned modules)."""
+    return sum(1 for _, _, _, widths in traces for w in (widths or []) if w)
+
+
+def _check_figures_show_the_notebook(page) -> None:
+    """The figures show what the notebook's cells did before Voilà opened the page (plotly's widget
+    state used to keep each figure as first built): the budget chart after ``pin_level(3, ...)``,
+    the evaluation scatter with its run."""
+    budget = _figure_traces(page, "predicted KL")
+    assert budget is not None, "no budget chart on the page"
+    level3 = [widths for name, _, _, widths in budget if name == "L3"]
+    assert level3 and level3[0] and all(level3[0]), "the budget chart does not show the notebook's pin of Level 3"
+    assert _outlined(budget) == len(level3[0])  # nothing else pinned
+    scatter = _figure_traces(page, "quality vs size")
+    assert scatter is not None and len(scatter[0][1]) == 1, "the evaluation scatter lacks the notebook's run"
+
+
 def _rendered(page) -> None:
     page.wait_for_selector(".uqcit-header", timeout=RUN_TIMEOUT_MS)
     # The last cell's output: every cell has run, so nothing but the slider changes the totals now.
@@ -227,6 +255,7 @@ def test_dashboard_in_voila(workdir):
             # Voilà hides the code (markdown cells render inside .jp-InputArea, code cells show none).
             assert page.locator(".jp-CodeCell .jp-InputArea:visible, .jp-CodeMirrorEditor:visible").count() == 0
             assert "Workbench(" not in page.locator("body").inner_text()
+            _check_figures_show_the_notebook(page)
             before, after = _move_slider_and_check(page, workdir / "dashboard-voila.png")
             assert float(after) > float(before)
             ctx.close()

@@ -71,6 +71,24 @@ def test_target_slider_reallocates_and_updates_the_figure_in_place(tiny):
     assert len(ed.history) == 1 and not ed.undo_button.disabled
 
 
+def _late_view(figure) -> list[dict]:
+    """The traces a view opened now would draw: the widget's state (Voilà opens its page's views
+    after the notebook has run, so in-place updates sent before never reach them)."""
+    return figure.get_state()["_widget_data"]
+
+
+def test_budget_bars_are_one_slot_wide_and_a_late_view_sees_the_edits(tiny):
+    s, levels, sens = tiny
+    ed = _editor(tiny, target_bpw=3.5)
+    # In overlay mode plotly sizes a trace's bars by that trace's own spacing: without a width,
+    # Level 3 (one module per block) drew bars a block wide over their neighbours.
+    assert all(t.width is not None and 0 < t.width <= 1 for t in ed.figure.data)
+    ed.pin_level(3, "w8-g32")
+    late = _late_view(ed.figure)
+    assert [y for t in late for y in t["y"]] == _bar_heights(ed)  # the pinned plan, not the first one
+    assert all(0 < t["width"] <= 1 for t in late)
+
+
 def test_totals_match_the_core_and_the_stored_bits(tiny):
     s, levels, sens = tiny
     ed = _editor(tiny, target_bpw=3.5)
@@ -210,6 +228,7 @@ def test_eval_panel_matches_the_core_and_cancel_stops_a_run(tiny):
     assert run["bpw"] == ed.allocation.achieved_bpw
     assert "QUICK" in panel.scope.value and "QUICK" in panel.status.value
     assert list(panel.scatter.data[0].x) == [run["bpw"]]
+    assert list(_late_view(panel.scatter)[0]["x"]) == [run["bpw"]]  # not the empty scatter it was built as
     assert "uqcit-runs" in panel.table.value
 
     def cancel_after_quantize(change):

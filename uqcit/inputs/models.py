@@ -125,15 +125,15 @@ def check_model_name(name: str) -> None:
     """Raise ``ModelNotFoundError`` now, loading nothing, unless ``name`` can be loaded.
 
     A built-in name (its package installed), a local folder with a ``config.json``, a Hugging Face
-    id in the local cache, or, when the hub is allowed (``HF_HUB_OFFLINE`` unset) and reachable, a
-    well-formed hub id. A hub that cannot be reached is found with one connection attempt, not
-    the hub client's retries.
+    id in the local cache, or, when the hub is allowed (``HF_HUB_OFFLINE`` unset), an id whose
+    ``config.json`` the hub serves. The hub is asked once, never retried (its client retries a
+    failing request for about half a minute), so a bad name fails in seconds at most.
 
     >>> check_model_name("tiny-llama")
     >>> check_model_name("./no-such-folder")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    uqcit.inputs.models.ModelNotFoundError: model folder './no-such-folder' does not exist. Use a built-in ...
+    uqcit.inputs.models.ModelNotFoundError: model folder './no-such-folder' does not exist. Models available offline: ...; or pass ...
     """
     if name.startswith("tiny-") and name.removeprefix("tiny-") in TINY_FAMILIES:
         return
@@ -152,12 +152,12 @@ def check_model_name(name: str) -> None:
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"folder {str(folder)!r} holds no config.json, so it is not a "
-                                     f"transformers model folder. {_what_to_do(name)}")
+                                     f"transformers model folder. {_what_to_do()}")
         return
     if folder.exists():
-        raise ModelNotFoundError(f"{name!r} is a file, not a model folder. {_what_to_do(name)}")
+        raise ModelNotFoundError(f"{name!r} is a file, not a model folder. {_what_to_do()}")
     if _looks_like_path(name) or not name.strip():
-        raise ModelNotFoundError(f"model folder {name!r} does not exist. {_what_to_do(name)}")
+        raise ModelNotFoundError(f"model folder {name!r} does not exist. {_what_to_do()}")
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -165,38 +165,59 @@ def check_model_name(name: str) -> None:
         validate_repo_id(name)
     except HFValidationError:
         raise ModelNotFoundError(f"model {name!r} is not a built-in name, a local folder or a valid "
-                                 f"Hugging Face id. {_what_to_do(name)}") from None
+                                 f"Hugging Face id. {_what_to_do()}") from None
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return  # in the local cache
     offline_var = _hub_offline()
     if offline_var:
         raise ModelNotFoundError(
             f"model {name!r} is not available offline: it is not a built-in name, a local folder nor in "
-            f"the Hugging Face cache ({offline_var} is set, so the hub was not tried). {_what_to_do(name)}")
-    unreachable = _hub_unreachable()
-    if unreachable:
+            f"the Hugging Face cache ({offline_var} is set, so the hub was not tried). {_what_to_do()}")
+    refusal = _hub_refusal(name)
+    if refusal:
         raise ModelNotFoundError(
             f"model {name!r} is not a built-in name, a local folder nor in the Hugging Face cache, and "
-            f"the hub cannot be reached ({unreachable}). {_what_to_do(name)}")
+            f"{refusal}. {_what_to_do()}")
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face hub cannot be reached (one connection attempt), or None if it can.
+def _hub_refusal(name: str, timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot serve model ``name``, or None when it can.
 
-    Behind a proxy the direct connection says nothing, so the hub is then assumed reachable.
+    One request for its ``config.json`` (through any configured proxy, with the user's token),
+    never retried, at ``HF_ENDPOINT`` as the environment says now, like ``_hub_offline``
+    (huggingface_hub read it once, at import).
     """
-    import socket
-    from urllib.parse import urlsplit
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError)
 
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as error:
-        return f"{host}:{port}: {error.strerror or error}"
+        get_hf_file_metadata(hf_hub_url(name, "config.json", endpoint=endpoint), timeout=timeout,
+                             endpoint=endpoint)
+    except GatedRepoError:
+        return "it is gated on the hub: accept its terms there and log in (`hf auth login`)"
+    except RepositoryNotFoundError:
+        return "the hub has no such model (or it is private: log in with `hf auth login`)"
+    except EntryNotFoundError:
+        return "its hub repository has no config.json, so it is not a transformers model"
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        return f"the hub failed (HTTP {status})"
+    except _network_errors() as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return f"the hub cannot be reached ({reason})"
     return None
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the hub client raises when the network fails: ``requests``' errors (huggingface_hub
+    < 1) are ``OSError``s, those of ``httpx`` (1.x) and ``httpx2`` (2.x) are not."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx", "httpx2"):
+        if importlib.util.find_spec(module) is not None:
+            errors.append(importlib.import_module(module).HTTPError)
+    return tuple(errors)
 
 
 @contextlib.contextmanager
@@ -414,13 +435,13 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"folder {str(folder)!r} holds no config.json, so it is not a "
-                                     f"transformers model folder. {_what_to_do(name)}")
+                                     f"transformers model folder. {_what_to_do()}")
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         model, tokenizer = _from_source(folder, config, dtype, local_only=True,
                                         tokenizer_source=_tokenizer_folder(folder))
         return model, tokenizer, str(folder.resolve())
     if _looks_like_path(name):
-        raise ModelNotFoundError(f"model folder {name!r} does not exist. {_what_to_do(name)}")
+        raise ModelNotFoundError(f"model folder {name!r} does not exist. {_what_to_do()}")
 
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=True)
@@ -431,20 +452,20 @@ def _load_pretrained(name: str, dtype: torch.dtype):
             raise ModelNotFoundError(
                 f"model {name!r} is not available offline: it is not a local folder and not in the "
                 f"Hugging Face cache ({offline_var} is set, so the hub was not tried). "
-                f"{_what_to_do(name)}") from local_error
+                f"{_what_to_do()}") from local_error
         try:
             config = AutoConfig.from_pretrained(name)
         except OSError as hub_error:
             reason = str(hub_error).strip().splitlines()[0] if str(hub_error).strip() else type(hub_error).__name__
             raise ModelNotFoundError(
                 f"model {name!r} is not available offline: it is not a local folder, not in the "
-                f"Hugging Face cache, and the hub failed ({reason}). {_what_to_do(name)}") from hub_error
+                f"Hugging Face cache, and the hub failed ({reason}). {_what_to_do()}") from hub_error
         local_only = False
     try:
         model, tokenizer = _from_source(name, config, dtype, local_only=local_only, tokenizer_source=name)
     except OSError as error:  # config cached but weights or tokenizer missing
         raise ModelNotFoundError(f"model {name!r} is only partly available ({error}). "
-                                 f"{_what_to_do(name)}") from error
+                                 f"{_what_to_do()}") from error
     return model, tokenizer, f"{name} ({'Hugging Face cache' if local_only else 'Hugging Face hub'})"
 
 
@@ -480,7 +501,23 @@ def _hub_offline() -> str | None:
     return None
 
 
-def _what_to_do(name: str) -> str:
-    return (f"Use a built-in model ({', '.join(repr(k) for k in MODEL_ALIASES)}), pass a local "
-            f"folder with config.json and weights, or download {name!r} where there is network "
-            "(e.g. `hf download <id>` or `save_pretrained`) and pass that folder.")
+def available_models() -> list[str]:
+    """The built-in names (keys of ``MODEL_ALIASES``) that load here without a network.
+
+    >>> {"tiny-llama", "tiny-gpt2"} <= set(available_models())
+    True
+    """
+    available = []
+    for alias in MODEL_ALIASES:
+        try:
+            check_model_name(alias)
+        except ModelNotFoundError:
+            continue  # its package is not installed
+        available.append(alias)
+    return available
+
+
+def _what_to_do() -> str:
+    return (f"Models available offline: {', '.join(repr(k) for k in available_models())}; or pass the "
+            "path of a local folder holding config.json and the weights (e.g. './my-model'; where "
+            "there is network, `hf download <id> --local-dir ./my-model` writes one).")

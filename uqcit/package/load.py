@@ -9,6 +9,7 @@ naming rule gives, and every failure is a ``PackageError`` naming the file and t
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -146,7 +147,21 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
             raise PackageError(f"{path / 'layers'}: online rotations cannot be installed "
                                f"({type(exc).__name__}: {str(exc)[:200]}); the package is corrupt") from exc
     model.eval()
+    # transformers' own save would fail deep inside on the shared embedding/head buffers, and what it
+    # wrote (packed codes) no transformers loader reads back: refuse it, naming the exports that work.
+    model.save_pretrained = functools.partial(_refuse_save_pretrained, path)
     return LoadedPackage(model, _tokenizer(path, AutoTokenizer), meta, path, time.perf_counter() - t0)
+
+
+def _refuse_save_pretrained(path: Path, *args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a model ``load_package`` built: raises, saying what to use instead."""
+    raise NotImplementedError(
+        f"save_pretrained cannot save the model of package {str(path)!r}: its compressed modules hold "
+        "packed codes or sparse values that transformers cannot load back. For a transformers "
+        "checkpoint (float weights) use `uqcit export PACKAGE --to hf` or "
+        "uqcit.export.hf.export_dequantized(package, out); to keep the compression, export to "
+        "compressed-tensors or GGUF (uqcit.export.compressed_tensors, uqcit.export.gguf); the package "
+        "folder itself reloads with uqcit.load_package")
 
 
 def _weights(path: Path, entry: Mapping[str, Any]) -> Path:

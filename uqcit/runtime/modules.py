@@ -226,6 +226,8 @@ class QuantLinear(_QuantStorage):
         """The prepared kernel when it should compute this call, else None."""
         if not self.packed_kernel or self.cache_dequantized or x.dtype != torch.float32 or x.device.type != "cpu":
             return None
+        if _tracing():  # an opaque C call cannot go into a traced graph (torch.export, ONNX, compile)
+            return None
         if x.numel() > KERNEL_MAX_ROWS * self.in_features:
             return None
         if self._kernel is None:  # decided once per placement of the buffers
@@ -308,7 +310,9 @@ class QuantEmbedding(_QuantStorage):
         return self.dequantized(self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.cache_dequantized:
+        # A traced graph (torch.export, ONNX) cannot branch on the ids' values, which the row
+        # lookup checks: it records the whole-table lookup, the same values.
+        if self.cache_dequantized or _tracing():
             return F.embedding(ids, self.dequantized(self.dtype), self.padding_idx)
         if ids.numel():
             lo, hi = torch.aminmax(ids)
@@ -322,6 +326,12 @@ class QuantEmbedding(_QuantStorage):
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, format={self.fmt.name}, bpw={self.bits_per_weight:.4g}"
+
+
+def _tracing() -> bool:
+    """Whether this call is being traced into a graph (torch.export, torch.onnx.export, torch.compile,
+    torch.jit.trace), where only tensor operations are recorded: no C kernel, no branch on values."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _empty_qtensor(shape: tuple[int, int], fmt: QuantFormat, device: torch.device | str | None) -> QuantizedTensor:
