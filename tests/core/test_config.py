@@ -102,7 +102,7 @@ def test_configs_are_immutable_and_hold_no_dict():
 
 @pytest.mark.parametrize("make, message", [
     ("QuantizeConfig(block_size=0)", "QuantizeConfig.block_size must be >= 1, got 0"),
-    ("QuantizeConfig(method='awq')", "QuantizeConfig.method must be one of ['rtn', 'gptq'], got 'awq'"),
+    ("QuantizeConfig(method='awq')", "QuantizeConfig.method must be one of ['rtn', 'gptq', 'signround'], got 'awq'"),
     ("PlanConfig(group_size=0)", "PlanConfig.group_size must be >= 1, got 0"),
     ("PlanConfig(bits=5)", "PlanConfig.bits must be one of"),
     ("PlanConfig(overrides={'x': 'w9'})", "PlanConfig.overrides: override 'x'"),

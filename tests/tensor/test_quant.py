@@ -105,8 +105,8 @@ def _assert_requantizes(x: torch.Tensor, fmt: QuantFormat, importance: torch.Ten
     for prefix, bits, orig in _parts(x, q1):
         deq = _parts(d1, q1)[0 if prefix == "" else 1][2]
         s1, s2 = q1.tensors[prefix + "scales"], q2.tensors[prefix + "scales"]
-        z1 = q1.tensors.get(prefix + "zeros")
-        z2 = q2.tensors.get(prefix + "zeros")
+        z1 = None if fmt.symmetric else zero_points(q1, prefix)
+        z2 = None if fmt.symmetric else zero_points(q2, prefix)
         codes1, codes2 = c1[prefix + "codes"], c2[prefix + "codes"]
         gs = fmt.group_size
         for g in range(s1.numel()):
@@ -210,7 +210,7 @@ def test_dequantized_within_half_a_step(fmt):
     qmax = (1 << fmt.bits) - 1
     qmin = 1 if fmt.symmetric else 0
     offset = (torch.full_like(scale, 2.0 ** (fmt.bits - 1)) if fmt.symmetric
-              else q.tensors["zeros"].float()[group])
+              else zero_points(q)[group])
     raw = torch.round(flat / scale) + offset
     inside = (raw >= qmin) & (raw <= qmax)
     err = (flat - deq).abs()
