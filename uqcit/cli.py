@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _secret_args(e)
     e.set_defaults(fn=cmd_eval)
 
-    i = sub.add_parser("inspect", help="print a package's layers, bits, levels and figures",
+    i = sub.add_parser("inspect", help="print a package's layers, bits, levels and measured figures as text",
                        description="Read a package's metadata and validation files (no weights loaded).")
     i.add_argument("package")
     i.add_argument("--layers", action="store_true", help="list every module with its level and format")
