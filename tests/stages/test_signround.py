@@ -4,12 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from uqcit.inputs.calibration import collect_input_stats
 from uqcit.inputs.tiny import tiny_model
 from uqcit.stages.evaluate import EvalConfig, evaluate_many
 from uqcit.stages.levels import analyze_levels
 from uqcit.stages.plan import uniform_plan
 from uqcit.stages.quantize import QuantizeConfig, quantize_model
 from uqcit.tensor.formats import QuantFormat, parse_format
+from uqcit.tensor.gptq import hessian_error
 from uqcit.tensor.learned import LearnedWeight, supports
 from uqcit.tensor.quant import dequantize, quantize
 
@@ -75,3 +77,22 @@ def test_zero_iterations_is_round_to_nearest_on_the_full_range(tiny):
     by = {m.name: m for m in rtn.stored}
     # The same min/max grid (up to quantize's one-ulp scale step for fp16-rounded scales).
     assert all(m.rel_error == pytest.approx(by[m.name].rel_error, rel=1e-2) for m in sr.stored)
+
+
+
+def test_head_feedback_rounds_a_tied_embedding_against_the_heads_inputs(tiny):
+    # The objective: the head's output error on its calibration inputs, tr(ΔW H ΔWᵀ). (On
+    # SmolLM2, w3-g64-iz embedding only, 6 windows: KL 0.553 with rounding to nearest, 0.206 with
+    # feedback; a random tiny model's lookup error hides the gain in its logits.)
+    model, _, levels, batch = tiny
+    emb = next(m for m in levels.quantizable() if m.kind == "embedding")
+    head = next(m.name for m in levels.modules if m.tied_to == emb.name)
+    plan = uniform_plan([emb.name], parse_format("w2-g32"))
+    runs = {fb: quantize_model(model, levels, plan, QuantizeConfig(method="gptq", head_feedback=fb),
+                               calibration=batch, progress=False) for fb in (False, True)}
+    assert {m.method for m in runs[False].stored} == {"rtn"} and {m.method for m in runs[True].stored} == {"gptq"}
+    assert runs[True].stored_bits == runs[False].stored_bits
+    h = collect_input_stats(model, batch, [head], progress=False)[head].hessian
+    w = model.get_submodule(emb.name).weight.detach()
+    err = {fb: hessian_error(w, dequantize(r.model.get_submodule(emb.name).qtensor), h) for fb, r in runs.items()}
+    assert err[True] < 0.9 * err[False], err  # measured: 0.292 vs 0.374

@@ -23,6 +23,7 @@ torch.Size([128, 128])
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Iterable, Literal, Mapping
 
 import torch
@@ -194,11 +195,14 @@ class BlockReplay:
         recorders = [blk.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
                      for i, blk in enumerate(stack)]
         device = _model_device(model)
+        # With nothing to capture only the blocks' inputs matter: skip the LM head's logits for
+        # all but one position (a third of SmolLM2's forward pass at 256 tokens).
+        extra = {"logits_to_keep": 1} if not capture and _accepts(model, "logits_to_keep") else {}
         try:
             with InputStatsCollector(model, capture or {}) as col, torch.no_grad():
                 for s in tqdm(range(0, batch.shape[0], micro_batch), desc="calibration inputs",
                               unit="batch", disable=not progress):
-                    _forward(model, batch[s:s + micro_batch].to(device))
+                    _forward(model, batch[s:s + micro_batch].to(device), **extra)
                     col.end_batch()
         finally:
             for h in recorders:
@@ -400,6 +404,11 @@ def _forward(model: nn.Module, ids: torch.Tensor, **kwargs):
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
     return model(input_ids=ids, **kwargs)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name``."""
+    return name in inspect.signature(model.forward).parameters
 
 
 def _names(modules: Iterable[str]) -> list[str]:

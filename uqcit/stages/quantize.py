@@ -70,6 +70,10 @@ class QuantizeConfig(StageConfig):
     lr: float = 0.0  # signround: first step size (decays linearly to 0); 0 means 1/iters
     clip_min: float = 0.5  # signround: smallest learned clipping factor of a group's range
     micro_batch: int = 8  # signround: calibration sequences per step
+    # gptq and signround: an embedding tied to the LM head is rounded with error feedback against
+    # the head's inputs (the final hidden states of the model with its blocks quantized): the
+    # head's logits, not the lookup, carry most of a tied matrix's error. Off: round to nearest.
+    head_feedback: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -320,10 +324,19 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         seconds["signround"] = time.perf_counter() - t0
         for n, q in learned.items():
             quantize_one(by_name[n], None, q)
+    head_stats = {}
+    head_of = _tied_heads(levels, plan) if config.head_feedback and config.method != "rtn" else {}
+    if head_of:
+        t0 = time.perf_counter()
+        batch = stage_calibration(config, tokenizer, calibration, what="quantize with head_feedback=True")
+        head_stats = collect_input_stats(out, batch, sorted(set(head_of.values())), progress=progress)
+        seconds["calibration"] += time.perf_counter() - t0
     rest = [e for e in entries if e.name not in done]
     for entry in tqdm(rest, desc="quantize", unit="module", disable=not progress or not rest):
         hessian = None
-        if entry.name in gptq_names:
+        if entry.name in head_of:
+            hessian = head_stats[head_of[entry.name]].hessian
+        elif entry.name in gptq_names:
             hessian = stats[entry.name].hessian
             if entry.name not in act_sources.values():
                 del stats[entry.name]  # its Hessian is no longer needed
@@ -345,6 +358,16 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                           stage_seconds=seconds, sequential=stack_name is not None,
                           clustered=len(cluster_rows), rotation=rotation,
                           rotation_bits=_online_rotation_bits(out), rounding=rounding)
+
+
+def _tied_heads(levels, plan) -> dict[str, str]:
+    """Planned integer-format embeddings tied to an LM head: embedding name -> head name."""
+    heads = {}
+    for m in levels.modules:
+        fmt = plan.format_for(m.tied_to) if m.tied_to is not None else None
+        if fmt is not None and fmt.bits != FLOAT_BITS and m.kind != "embedding":
+            heads[m.tied_to] = m.name
+    return heads
 
 
 def _learned_blocks(model, levels, entries, plan, named) -> tuple[str, dict[int, dict]] | None:
