@@ -11,6 +11,9 @@ candidate, so a restart measures only what is missing.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/quality_per_bit.py [--only a,b] [--windows N]
 
+Each package is also scored on a second held-out text of another kind (HumanEval's prompts and
+canonical solutions, ``--second-windows`` windows, ``second_text`` in the record).
+
 Writes benchmarks/results/quality_per_bit.json and .md. The peers' figures quoted beside
 them in the README were measured with the same protocol on the same machine (docs/evaluation.md).
 """
@@ -30,7 +33,7 @@ from common import RESULTS, package_candidate, score_and_merge  # noqa: E402
 
 from uqcit.inputs.corpus import calibration_batch  # noqa: E402
 from uqcit.inputs.models import load_model  # noqa: E402
-from uqcit.stages.evaluate import EvalConfig  # noqa: E402
+from uqcit.stages.evaluate import EvalConfig, evaluate_many  # noqa: E402
 from uqcit.stages.levels import analyze_levels  # noqa: E402
 from uqcit.stages.plan import BitPlan  # noqa: E402
 from uqcit.stages.quantize import QuantizeConfig, quantize_model  # noqa: E402
@@ -73,6 +76,9 @@ CANDIDATES = [
     # Ablation: the first recipe after a Hadamard rotation of the residual stream (on SmolLM2 the
     # rotation roughly doubles learned rounding's block output error; docs/evaluation.md).
     Candidate(3.30, "w3-g64-iz", "fp16"),
+    # The same format rounded to nearest and by GPTQ (the calibration-generalization comparison).
+    Candidate(3.30, "w3-g64-iz", "fp16", method="rtn", rotation="none"),
+    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16),
 ]
 
 
@@ -81,6 +87,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="fewer windows (not the full protocol)")
     ap.add_argument("--name", default="quality_per_bit")
     ap.add_argument("--only", default=None, help="comma-separated candidate names to (re)run")
+    ap.add_argument("--second-windows", type=int, default=8,
+                    help="windows of the second held-out text (HumanEval's code; 0: skip)")
+    ap.add_argument("--keep", default=None, help="keep the packages in this folder")
     args = ap.parse_args()
 
     loaded = load_model(MODEL)
@@ -93,7 +102,9 @@ def main() -> None:
     eval_cfg = EvalConfig(max_windows=args.windows)
     check_ids = calibration_batch(tok, n_samples=2, seq_len=128, seed=0)
 
+    second_cfg = EvalConfig(corpus="humaneval", total_tokens=31 * 1024, max_windows=args.second_windows)
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.keep or tmp)
         for c in todo:
             t0 = time.perf_counter()
             model, prefix = ref, ""
@@ -115,13 +126,18 @@ def main() -> None:
             block_mods = [m for m in q.stored if m.name in blocks]
             bpw_blocks = (sum(m.stored_bits for m in block_mods) + q.rotation_bits) / sum(m.numel for m in block_mods)
             print(f"{c.name}: quantized in {quant_s:.0f} s, bpw_blocks {bpw_blocks:.4f}, bpw {q.bpw:.4f}", flush=True)
-            cand = package_candidate(q, tok, levels, Path(tmp), model=MODEL,
+            cand = package_candidate(q, tok, levels, workdir, model=MODEL,
                                      seconds={"rotate": rotate_s, "quantize": quant_s},
                                      budget=c.budget, bpw_blocks=bpw_blocks, recipe=dataclasses.asdict(c),
                                      accounting="peer" if c.embedding == "fp16" else "whole-model",
                                      rounding=[dataclasses.asdict(r) for r in q.rounding])
             cand["method"] = c.name
             del q
+            if args.second_windows:  # the same package on code: does the calibration on news generalize?
+                ev = evaluate_many({c.name: cand["model"]}, tok, second_cfg, reference=ref)
+                cand["extra"]["second_text"] = {
+                    "corpus": "humaneval", "windows": ev[c.name].windows, "kl": ev[c.name].kl,
+                    "ppl": ev[c.name].ppl, "top1": ev[c.name].top1, "reference_ppl": ev["reference"].ppl}
             score_and_merge(args.name, [cand], tok, ref, eval_cfg, model=MODEL)
             del cand
     print((RESULTS / f"{args.name}.md").read_text())

@@ -307,7 +307,7 @@ def _check_eval_text(tokenizer, cfg: EvalConfig) -> None:
     from uqcit.inputs import corpus as data
 
     try:
-        text = data.corpus_text(cfg.corpus) if cfg.corpus in data.CORPORA else data.read_text(cfg.corpus)
+        text = data.text_for(cfg.corpus)
         data.eval_windows(tokenizer, text, total_tokens=cfg.total_tokens, window=cfg.window,
                           max_windows=cfg.max_windows)
     except (ValueError, FileNotFoundError) as exc:  # missing, empty, undecodable or too short

