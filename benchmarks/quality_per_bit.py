@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--second-windows", type=int, default=8,
                     help="windows of the second held-out text (HumanEval's code; 0: skip)")
     ap.add_argument("--keep", default=None, help="keep the packages in this folder")
+    ap.add_argument("--together", action="store_true",
+                    help="evaluate all candidates at the end, in one pass over the reference")
     args = ap.parse_args()
 
     loaded = load_model(MODEL)
@@ -105,6 +107,7 @@ def main() -> None:
     second_cfg = EvalConfig(corpus="humaneval", total_tokens=31 * 1024, max_windows=args.second_windows)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp)
+        pending: list[dict] = []
         for c in todo:
             t0 = time.perf_counter()
             model, prefix = ref, ""
@@ -133,13 +136,18 @@ def main() -> None:
                                      rounding=[dataclasses.asdict(r) for r in q.rounding])
             cand["method"] = c.name
             del q
-            if args.second_windows:  # the same package on code: does the calibration on news generalize?
-                ev = evaluate_many({c.name: cand["model"]}, tok, second_cfg, reference=ref)
-                cand["extra"]["second_text"] = {
-                    "corpus": "humaneval", "windows": ev[c.name].windows, "kl": ev[c.name].kl,
-                    "ppl": ev[c.name].ppl, "top1": ev[c.name].top1, "reference_ppl": ev["reference"].ppl}
-            score_and_merge(args.name, [cand], tok, ref, eval_cfg, model=MODEL)
-            del cand
+            pending.append(cand)
+            if not args.together or c is todo[-1]:
+                # --together: one reference pass for all candidates (it is half of each evaluation)
+                if args.second_windows:  # the packages on code: does calibration on news generalize?
+                    ev = evaluate_many({p["method"]: p["model"] for p in pending}, tok, second_cfg, reference=ref)
+                    for p in pending:
+                        e = ev[p["method"]]
+                        p["extra"]["second_text"] = {"corpus": "humaneval", "windows": e.windows, "kl": e.kl,
+                                                     "ppl": e.ppl, "top1": e.top1,
+                                                     "reference_ppl": ev["reference"].ppl}
+                score_and_merge(args.name, pending, tok, ref, eval_cfg, model=MODEL)
+                pending = []
     print((RESULTS / f"{args.name}.md").read_text())
 
 
