@@ -306,7 +306,7 @@ def test_a_failed_run_never_removes_the_package_that_was_there(tmp_path, monkeyp
 
 # ------------------------------------------------------------------------------ the good paths
 
-@pytest.mark.parametrize("cmd", ["compress", "eval", "inspect", "fetch-data", "recipes"])
+@pytest.mark.parametrize("cmd", ["compress", "eval", "inspect", "fetch-data", "recipes", "report", "export"])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -1,0 +1,62 @@
+"""``uqcit compress --stream``: the options and the command, kept here so ``uqcit.cli`` stays thin.
+
+>>> import argparse
+>>> p = argparse.ArgumentParser()
+>>> add_arguments(p)
+>>> p.parse_args(["--stream", "--run-dir", "r"]).run_dir
+'r'
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from uqcit.core.io import atomic_write
+from uqcit.core.keys import ConfigError
+
+
+def add_arguments(parser) -> None:
+    """Add ``--stream`` and ``--run-dir`` to the ``compress`` parser."""
+    parser.add_argument("--stream", action="store_true", help="quantize one decoder block at a time from the "
+                        "model folder's safetensors shards, for models larger than memory (levels, plan and "
+                        "rtn/gptq quantize stages; writes the package without evaluating it)")
+    parser.add_argument("--run-dir", metavar="DIR", help="with --stream: the block checkpoints, so a stopped job "
+                        "resumes at the next block (default: .NAME.stream beside --out; removed at the end)")
+
+
+def run_streamed(args, recipe) -> int:
+    """``compress --stream``: ``compress_streamed`` on ``args.model``'s folder; prints its table."""
+    from uqcit.stream.job import compress_streamed  # torch: only when the command runs
+
+    refused = [flag for flag, on in (("--quick", args.quick), ("--sign", args.sign), ("--encrypt", args.encrypt),
+                                     ("--encode", args.encode), ("--server", args.server)) if on]
+    if refused:
+        raise ConfigError(f"--stream writes the package without loading the whole model, so {', '.join(refused)} "
+                          "cannot apply; drop them, or run without --stream")
+    report = compress_streamed(source_folder(args.model), recipe, args.out, run_dir=args.run_dir,
+                               model_name=args.model, progress=not args.no_progress)
+    table = report.format_table()
+    if args.json:
+        atomic_write(args.json, (report.to_json() + "\n").encode())
+    print(table)
+    return 0
+
+
+def source_folder(name: str) -> Path:
+    """The local safetensors folder of a model name: a folder itself, or the converted SmolLM2 cache.
+
+    >>> source_folder("/nonexistent/model")
+    Traceback (most recent call last):
+    ...
+    uqcit.inputs.models.ModelNotFoundError: --stream reads a local model folder; '/nonexistent/model' is not one (a folder with config.json and safetensors shards, or smollm2-135m)
+    """
+    from uqcit.inputs.models import SMOLLM2, ModelNotFoundError, load_model, smollm2_cache_dir
+
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    if name == SMOLLM2:
+        if not (smollm2_cache_dir() / "config.json").is_file():
+            load_model(name, progress=False)  # converts the GGUF into the safetensors cache once (135 M)
+        return smollm2_cache_dir()
+    raise ModelNotFoundError(f"--stream reads a local model folder; {name!r} is not one (a folder with "
+                             "config.json and safetensors shards, or smollm2-135m)")

@@ -1,0 +1,433 @@
+"""The quantize job, one decoder block at a time: for models larger than memory.
+
+``compress_streamed(folder, recipe, out)`` runs a recipe's ``levels``, ``plan`` and ``quantize``
+(``rtn`` or ``gptq``, one-shot or sequential) on a local safetensors model folder without
+loading it: the levels and the plan come from the meta-device skeleton (shapes and names
+only); the calibration text runs through the embedding once and then, block by block, through
+each block whose float weights are read from the shards just for it (``LazyCheckpoint``),
+quantized, written as its package layer folder and freed. The embedding, the final norm and
+the head are read at the end. Peak memory: one block in float, the calibration activations
+(``samples x seq_len x hidden`` floats, twice for sequential GPTQ with an untied head or
+activation importance), the tokenizer and the modules outside the blocks at the end.
+
+The package is the one the in-memory path writes for the same recipe, file for file
+(``tests/stream/test_job.py``): the same statistics reach the same rounding code, in the same
+order. What the in-memory job adds and this one does not: the evaluation (it needs the whole
+float model), signing and encryption.
+
+Each finished block is a checkpoint in the run folder (``uqcit.stream.checkpoint``): a job
+interrupted after block k resumes at block k + 1 when it is started again with the same
+arguments.
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> from uqcit.inputs.tiny import tiny_model
+>>> from uqcit.recipe import builtin_recipe
+>>> model, tok = tiny_model("llama")
+>>> src = Path(tempfile.mkdtemp())
+>>> model.save_pretrained(src); tok.save_pretrained(src)  # doctest: +ELLIPSIS
+(...)
+>>> report = compress_streamed(src, builtin_recipe("rtn-w4-g128"), src.parent / "pkg", progress=False)
+>>> report.method, report.blocks
+('rtn-w4-g128', 4)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from uqcit.core.keys import ConfigError
+from uqcit.core.names import layer_dir
+from uqcit.core.record import module_records
+from uqcit.core.results import Result, html_table
+from uqcit.inputs.calibration import InputStatsCollector, block_output, channel_importance
+from uqcit.inputs.corpus import stage_calibration
+from uqcit.package.canonical import created_stamp
+from uqcit.package.export import layer_parts, link_or_copy, stage_with, write_config, write_layer, write_rest
+from uqcit.package.format import package_bytes
+from uqcit.recipe import Recipe
+from uqcit.runtime.modules import QuantEmbedding, QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
+from uqcit.stages.importance import activation_source
+from uqcit.stages.levels import LevelsConfig, analyze_levels
+from uqcit.stages.plan import build_plan
+from uqcit.stages.quantize import ModuleQuant, QuantizeConfig, QuantizeResult
+from uqcit.stream.checkpoint import RunState, open_run
+from uqcit.stream.source import LazyCheckpoint, free
+from uqcit.tensor.formats import FLOAT_BITS
+from uqcit.tensor.gptq import gptq_quantize, hessian_error
+from uqcit.tensor.quant import dequantize, quant_error, quant_params, quantize, quantize_with
+
+MICRO_BATCH = 4  # calibration sequences per forward: collect_input_stats' default, so sums add up alike
+STREAMABLE = ("levels", "plan", "quantize", "eval")  # "eval" is skipped: it needs the whole float model
+
+
+@dataclasses.dataclass(repr=False)
+class StreamReport(Result):
+    """What a streamed job wrote and what it cost, block by block."""
+
+    model: str
+    method: str
+    package: str
+    bpw: float
+    package_bytes: int
+    float_bytes: int  # the source model's parameters in float32 (from shapes; never all in memory)
+    blocks: int
+    resumed_at: int  # the first block this run computed (0: a fresh run)
+    block_seconds: list[float]  # per block computed by this run
+    seconds: dict[str, float]
+    peak_rss_bytes: int  # this process's peak resident memory (ru_maxrss) when the job ended
+
+    def summary(self) -> str:
+        return (f"{self.model} → {self.method} (streamed, {self.blocks} blocks): {self.bpw:.3f} bits/weight, "
+                f"{self.package_bytes / 2**20:.1f} MiB package from {self.float_bytes / 2**20:.1f} MiB float, "
+                f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("method", self.method), ("bits/weight", f"{self.bpw:.3f}"),
+                ("package bytes", f"{self.package_bytes:,}"), ("float32 parameter bytes", f"{self.float_bytes:,}"),
+                ("blocks (resumed at)", f"{self.blocks} ({self.resumed_at})"),
+                ("peak RSS", f"{self.peak_rss_bytes / 2**20:.0f} MiB")]
+        return rows + [(f"time: {k}", f"{v:.1f} s") for k, v in self.seconds.items()]
+
+    def format_table(self) -> str:
+        w = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k.ljust(w)}  {v}" for k, v in self.rows())
+
+    def _repr_html_(self) -> str:
+        return f"<p><b>StreamReport</b>: {self.summary()}</p>" + html_table(("", ""), self.rows())
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        x = list(range(self.resumed_at, self.resumed_at + len(self.block_seconds)))
+        fig = go.Figure(go.Bar(x=x, y=self.block_seconds, uid="stream-blocks"))
+        fig.update_layout(title="Seconds per block", xaxis_title="block", height=320)
+        return fig
+
+
+def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.PathLike, *,
+                      run_dir: str | os.PathLike | None = None, model_name: str | None = None,
+                      progress: bool = True, on_block: Callable[[int], None] | None = None) -> StreamReport:
+    """Write ``recipe``'s package of the model folder ``source`` at ``out``, one block at a time.
+
+    ``run_dir`` (default: ``.<out name>.stream`` beside ``out``) holds the block checkpoints; it
+    is removed when the package is in place. ``model_name`` is the name the package records as
+    its source (default: ``source`` as given). ``on_block(i)`` is called after block ``i`` is
+    checkpointed (a progress hook; an exception it raises stops the job, resumably).
+    Raises ``ConfigError`` for a recipe stage that cannot stream.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from uqcit.pipeline import preflight
+
+    t_start = time.perf_counter()
+    levels_cfg, plan_cfg, qcfg = _stages(recipe)
+    preflight(recipe, out)
+    out = Path(out)
+    ckpt = LazyCheckpoint(source)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.folder, local_files_only=True)
+    skeleton = ckpt.skeleton()
+    levels = analyze_levels(skeleton, levels_cfg)
+    plan = build_plan(levels, plan_cfg)
+    job = _Job(skeleton, levels, plan, qcfg)
+    run = open_run(Path(run_dir) if run_dir is not None else out.parent / f".{out.name}.stream",
+                   {"source": str(ckpt.folder), "recipe": recipe.to_dict(), "shards": ckpt.fingerprint()})
+    start = run.state.next_block
+    block_seconds: list[float] = []
+    seconds = {"calibration": 0.0}
+    if job.needs_calibration:
+        t0 = time.perf_counter()
+        batch = stage_calibration(qcfg, tokenizer, None, what=f"quantize with method={qcfg.method!r}")
+        job.calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside)  # recomputed on resume
+        streams = run.load_streams()
+        if streams is None:  # a fresh run: the streams start as the embeddings
+            first = [h for h, _ in job.calls]
+            streams = {"q": first, "f": [h.clone() for h in first]} if job.float_stream else {"q": first}
+        job.streams = streams
+        seconds["calibration"] += time.perf_counter() - t0
+    for b in tqdm(range(start, job.n_blocks), desc="blocks", unit="block", disable=not progress):
+        t0 = time.perf_counter()
+        work = copy.deepcopy(job.stack[b])  # meta: the skeleton keeps no weights
+        ckpt.load_into(work, f"{job.stack_name}.{b}.")
+        records, parts = job.block(b, work)
+        layer = layer_dir(b)
+        write_layer(run.root, layer, parts.tensors.get(layer, {}), parts.precision.get(layer, {}), {}, None)
+        free(work)
+        del work
+        run.state.add_block(records, parts.modules, parts.float_tensors)
+        run.save(b + 1, job.streams)
+        block_seconds.append(time.perf_counter() - t0)
+        if on_block is not None:
+            on_block(b)
+
+    t0 = time.perf_counter()
+    records, parts = job.outer(ckpt, run.state)
+    result = QuantizeResult(skeleton, records, plan, 0.0, method=qcfg.method, sequential=job.sequential)
+    record = result.export_record()
+    seconds["outer"] = time.perf_counter() - t0
+
+    def write(tmp: Path) -> None:
+        write_config(tmp, skeleton.config)
+        for folder in sorted(run.root.joinpath("layers").iterdir()):
+            (tmp / "layers" / folder.name).mkdir(parents=True)
+            for f in sorted(folder.iterdir()):
+                link_or_copy(str(f), str(tmp / "layers" / folder.name / f.name))
+        write_layer(tmp, layer_dir(None), parts.tensors.get(layer_dir(None), {}),
+                    parts.precision.get(layer_dir(None), {}), {}, None)
+        write_rest(record, tokenizer, tmp, recipe=recipe, source_model=model_name or str(source), validation={},
+                   extra={}, created=created_stamp(True), modules={**run.state.modules, **parts.modules},
+                   float_tensors={**run.state.float_tensors, **parts.float_tensors}, online_rotations={})
+
+    t0 = time.perf_counter()
+    with stage_with(out, write) as staged:
+        staged.commit()
+    seconds["export"] = time.perf_counter() - t0
+    run.remove()
+    seconds["total"] = time.perf_counter() - t_start
+    float_bytes = 4 * sum(p.numel() for p in skeleton.parameters())
+    return StreamReport(model=model_name or str(source), method=record.method, package=str(out), bpw=record.bpw,
+                        package_bytes=package_bytes(out), float_bytes=float_bytes, blocks=job.n_blocks,
+                        resumed_at=start, block_seconds=[round(s, 3) for s in block_seconds],
+                        seconds={k: round(v, 2) for k, v in seconds.items()},
+                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
+    """The recipe's levels, plan and quantize configs; a stage that cannot stream is refused."""
+    others = [s.type_tag for s in recipe.stages if s.type_tag not in STREAMABLE]
+    if others:
+        raise ConfigError(f"recipe {recipe.name!r}: stage(s) {others} cannot run streamed (block by block) yet; "
+                          f"streaming runs {' / '.join(STREAMABLE[:3])}: drop them or run without --stream")
+    plan_cfg, qcfg = recipe.stage("plan"), recipe.stage("quantize")
+    if plan_cfg is None or qcfg is None:
+        raise ConfigError(f"recipe {recipe.name!r}: a streamed job needs a 'plan' and a 'quantize' stage")
+    if qcfg.method not in ("rtn", "gptq"):
+        raise ConfigError(f"recipe {recipe.name!r}: QuantizeConfig.method {qcfg.method!r} cannot run streamed "
+                          "yet; use 'rtn' or 'gptq', or run without --stream")
+    return recipe.stage("levels") or LevelsConfig(), plan_cfg, qcfg
+
+
+def _block_calls(skeleton, ckpt: LazyCheckpoint, stack, batch: torch.Tensor, want: dict[str, bool]):
+    """Per calibration micro-batch: the first block's input and the keyword arguments every block
+    gets (mask, positions, rotary embeddings); and the statistics of ``want``'s modules that run
+    before the blocks (an embedding's token counts). Only the modules before the blocks hold
+    weights meanwhile: the outer ones minus the head, read and freed here."""
+    head = skeleton.get_output_embeddings()
+    before = _outer_modules(skeleton, stack) - ({id(head)} if head is not None else set())
+    loaded = [m for m in skeleton.modules() if id(m) in before and not list(m.children())]
+    for m in loaded:
+        ckpt.load_into(m, _prefix_of(skeleton, m))
+    calls: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(module, args, kwargs):
+        calls.append((args[0].detach(), dict(kwargs)))
+        raise _Caught
+
+    names = {n for n, m in skeleton.named_modules() if id(m) in before}
+    handle = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with InputStatsCollector(skeleton, {n: h for n, h in want.items() if n in names}) as col, torch.no_grad():
+            for s in range(0, batch.shape[0], MICRO_BATCH):
+                try:
+                    skeleton(input_ids=batch[s:s + MICRO_BATCH], use_cache=False)
+                except _Caught:
+                    pass
+                col.end_batch()
+    finally:
+        handle.remove()
+        for m in loaded:
+            free(m)
+    return calls, col.stats()
+
+
+class _Caught(Exception):
+    """Raised at the first block: the rest of the forward pass is not needed (nor loaded)."""
+
+
+def _outer_modules(skeleton, stack) -> set[int]:
+    inside = {id(m) for m in stack.modules()}
+    return {id(m) for m in skeleton.modules() if id(m) not in inside and m is not skeleton}
+
+
+def _prefix_of(model, module) -> str:
+    name = next(n for n, m in model.named_modules() if m is module)
+    return f"{name}." if name else ""
+
+
+def _runtime_module(module: torch.nn.Module, q) -> torch.nn.Module:
+    """The module that runs from ``q`` in place of ``module`` (as ``quantize_model`` builds it)."""
+    if isinstance(module, torch.nn.Embedding):
+        return QuantEmbedding(q, padding_idx=module.padding_idx)
+    bias = linear_weight(module)[1]
+    return QuantLinear(q, None if bias is None else bias.clone())
+
+
+class _Job:
+    """The per-block work of one streamed quantize job (what ``quantize_model`` does, per block)."""
+
+    def __init__(self, skeleton, levels, plan, config: QuantizeConfig):
+        self.skeleton, self.levels, self.plan, self.config = skeleton, levels, plan, config
+        self.entries = [m for m in levels.modules if m.tied_to is None and plan.format_for(m.name) is not None]
+        pattern = levels.ruleset.block_pattern
+        found = block_stack(skeleton, [m.name for m in levels.modules], pattern)
+        if found is None:
+            raise ConfigError(f"{type(skeleton).__name__}: no single stack of blocks to stream; run it in memory")
+        self.stack_name, self.stack = found
+        self.n_blocks = len(self.stack)
+        kinds = set(getattr(skeleton.config, "layer_types", None) or ())
+        if len(kinds) > 1:  # the blocks' arguments are recorded once, at the first block
+            raise ConfigError(f"{type(skeleton).__name__}: blocks of several attention types {sorted(kinds)} "
+                              "cannot stream yet; run it in memory")
+        self.gptq = {e.name for e in self.entries if config.method == "gptq" and e.kind != "embedding"
+                     and plan.format_for(e.name).bits != FLOAT_BITS}
+        self.act = {e.name: activation_source(levels, e.name) for e in self.entries
+                    if config.importance == "activation" and plan.format_for(e.name).mixed}
+        self.sequential = config.sequential and bool(self.gptq & set(self._inside()))
+        outside = ((self.gptq | set(self.act.values())) - set(self._inside()))
+        # Statistics of the modules outside the blocks, from the float model (as quantize_model's
+        # one pass): name -> with a Hessian. One-shot collects every one with Hessians if any GPTQ.
+        self.outside = {n: (n in self.gptq if self.sequential else bool(self.gptq)) for n in sorted(outside)}
+        self.needs_calibration = bool(self.gptq or self.act)
+        self.float_stream = self.sequential and bool(set(self.act.values()) | outside)
+        self.calls: list[tuple[torch.Tensor, dict]] = []
+        self.streams: dict[str, list[torch.Tensor]] = {}
+        self.stats: dict[str, Any] = {}  # statistics of modules quantized later (the head)
+
+    def _inside(self) -> list[str]:
+        return [e.name for e in self.entries if e.name.startswith(self.stack_name + ".")]
+
+    def block(self, b: int, work: torch.nn.Module):
+        """Calibrate, quantize and advance block ``b`` (``work``, its float weights loaded)."""
+        prefix = f"{self.stack_name}.{b}."
+        names = [e for e in self.entries if e.name.startswith(prefix)]
+        rel = {e.name: e.name[len(prefix):] for e in names}
+        stats: dict[str, Any] = {}  # importance statistics (one-shot: the Hessians' too)
+        hess: dict[str, Any] = stats
+        if self.needs_calibration:
+            if self.sequential:  # as BlockReplay: Hessians on the quantized stream, the rest one-shot
+                if self.float_stream:
+                    stats = self._run(work, "f", {rel[n]: False for n in self.act.values() if n in rel}, prefix)
+                hess = self._run(work, "q", {rel[n]: True for n in self.gptq if n in rel}, prefix, advance=False)
+            else:
+                wanted = sorted(rel[n] for n in (self.gptq | set(self.act.values())) if n in rel)
+                stats.update(self._run(work, "q", {n: bool(self.gptq) for n in wanted}, prefix))
+        records = [self._quantize(work, e, rel[e.name], stats, hess) for e in names]
+        if self.sequential:  # the quantized block's outputs feed the next block's Hessians
+            self._run(work, "q", {}, prefix)
+        modules = {prefix + n: m for n, m in work.named_modules() if n}
+        state = {prefix + k: v for k, v in work.state_dict().items()}
+        by_name = {r.name: r for r in module_records(records)}
+        return records, layer_parts(modules, state, by_name)
+
+    def _run(self, work, stream: str, want: dict[str, bool], prefix: str, *, advance: bool = True):
+        """Run ``work`` on a stream's micro-batches collecting ``want``'s statistics; with
+        ``advance`` its outputs replace the stream."""
+        hidden = self.streams[stream]
+        with InputStatsCollector(work, want) as col, torch.no_grad():
+            for mb, (_, kwargs) in enumerate(self.calls):
+                out = block_output(work(hidden[mb], **kwargs))
+                if advance:
+                    hidden[mb] = out.detach()
+                col.end_batch()
+        return {prefix + n: s for n, s in col.stats().items()}
+
+    def _quantize(self, root: torch.nn.Module, entry, rel: str, stats, hess) -> ModuleQuant:
+        """One module, as ``quantize_model``'s ``quantize_one`` rounds it; replaced in ``root``."""
+        t0 = time.perf_counter()
+        cfg, fmt = self.config, self.plan.format_for(entry.name)
+        module = root.get_submodule(rel)
+        weight = weight_matrix(module)
+        importance = None
+        if entry.name in self.act:
+            importance = channel_importance(stats[self.act[entry.name]], weight)
+        hessian = hess[entry.name].hessian if entry.name in self.gptq else None
+        out_error = None
+        if hessian is not None:
+            q = gptq_quantize(weight, hessian, fmt, damp=cfg.damp, act_order=cfg.act_order,
+                              block_size=cfg.block_size, importance=importance, grid_search=cfg.clip_search)
+            out_error = hessian_error(weight, dequantize(q), hessian)
+        elif cfg.clip_search and fmt.bits != FLOAT_BITS:
+            q = quantize_with(weight, quant_params(weight, fmt, importance, search=True))
+        else:
+            q = quantize(weight, fmt, importance)
+        replace_module(root, rel, _runtime_module(module, q))
+        err = quant_error(weight, q)
+        return ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel, q.fmt.name,
+                           q.stored_bits, err["rel_fro"], err["sqnr_db"], time.perf_counter() - t0,
+                           method="rtn" if hessian is None else "gptq", out_error=out_error)
+
+    def outer(self, ckpt: LazyCheckpoint, state: RunState):
+        """The modules outside the blocks, read now: statistics of the head on the streams, then the
+        embedding and head quantized and tied as ``quantize_model`` ties them."""
+        sk = self.skeleton
+        outer = _outer_modules(sk, self.stack)
+        for m in [m for m in sk.modules() if id(m) in outer and not list(m.children())]:
+            prefix = _prefix_of(sk, m)
+            ckpt.load_into(m, prefix, tied=_tied_keys(ckpt, m, prefix))
+        sk.tie_weights()
+        stats = {**self.stats, **self._head_stats()} if self.needs_calibration else {}
+        rest = [e for e in self.entries if not e.name.startswith(self.stack_name + ".")]
+        records = [ModuleQuant(**{**r, "shape": tuple(r["shape"])}) for r in state.records]
+        done = {r.name: r for r in records}
+        qtensors = {}
+        for e in rest:
+            done[e.name] = self._quantize(sk, e, e.name, stats, stats)
+            qtensors[e.name] = sk.get_submodule(e.name).qtensor
+        records = [done[e.name] for e in self.entries]
+        for entry in self.levels.modules:
+            if entry.tied_to is None or entry.tied_to not in qtensors:
+                continue
+            q = qtensors[entry.tied_to]
+            bias = getattr(sk.get_submodule(entry.name), "bias", None)
+            replace_module(sk, entry.name, QuantLinear(q, None if bias is None else bias.detach().clone()))
+            records.append(ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
+                                       q.fmt.name, 0, 0.0, float("inf"), 0.0, tied_to=entry.tied_to))
+        inside = self.stack_name + "."
+        modules = {n: m for n, m in sk.named_modules() if n and n != self.stack_name and not n.startswith(inside)}
+        st = {k: v for k, v in sk.state_dict().items() if not k.startswith(inside)}
+        return records, layer_parts(modules, st, {r.name: r for r in module_records(records)})
+
+    def _head_stats(self) -> dict[str, Any]:
+        """Input statistics of the modules after the stack (the head), on the float stream."""
+        after = sorted(set(self.outside) - set(self.stats))
+        if not after:
+            return {}
+        norm = getattr(self.skeleton.get_submodule(self.stack_name.rpartition(".")[0]), "norm", None)
+        head = self.skeleton.get_output_embeddings()
+        if norm is None or head is None:
+            raise ConfigError(f"{type(self.skeleton).__name__}: cannot find the final norm and head to "
+                              "calibrate them streamed; run it in memory")
+        name = next(n for n, m in self.skeleton.named_modules() if m is head)
+        if after != [name]:
+            raise ConfigError(f"modules {after} outside the blocks need statistics; streaming calibrates the "
+                              "head only: run it in memory")
+        hidden = self.streams["f" if self.float_stream else "q"]
+        with InputStatsCollector(self.skeleton, {name: self.outside[name]}) as col, torch.no_grad():
+            for h in hidden:
+                head(norm(h))
+                col.end_batch()
+        return col.stats()
+
+
+def _tied_keys(ckpt: LazyCheckpoint, module, prefix: str) -> dict[str, str]:
+    """Keys of ``module`` the checkpoint leaves out because they are tied (read the owner's instead)."""
+    missing = {k for k in module.state_dict() if prefix + k not in ckpt.shard_of}
+    if not missing:
+        return {}
+    # A tied head has no tensor of its own; tie_weights() points it at the embedding afterwards.
+    emb = [k for k in ckpt.shard_of if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
+    if not emb:
+        raise KeyError(f"{ckpt.folder}: no tensor for {sorted(prefix + k for k in missing)}")
+    return {k: emb[0] for k in missing}
