@@ -22,7 +22,7 @@ LAYERS = {
     "inputs": 3,
     "stages": 4,
     "package": 5, "export": 5,
-    "recipe": 6, "pipeline": 6, "validation": 6,
+    "recipe": 6, "pipeline": 6, "validation": 6, "stream": 6,
     "cli": 7, "widgets": 7, "server": 7, "client": 7,
 }
 MAX_LINES = 550  # the issue says ~500; the margin spares a docstring's worth of churn

@@ -165,6 +165,9 @@ def cmd_compress(args) -> int:
     if args.server_sign:
         raise UsageError("--server-sign needs --server URL")
     recipe = _load_recipe(args.recipe)
+    if args.stream:
+        from uqcit.stream.commands import run_streamed  # block by block, for models larger than memory
+        return run_streamed(args, recipe)
     eval_config = _eval_config(args, recipe)
     _check_output_file(args.json, "--json")
     protect = ProtectConfig(encrypt=args.encrypt, encode=args.encode)
@@ -390,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key-env", metavar="VAR", default="UQCIT_API_KEY", help="environment variable "
                    "holding the server's API key (default UQCIT_API_KEY; kept off the command line)")
     c.add_argument("--server-sign", action="store_true", help="with --server: sign with the server's key")
+    from uqcit.stream.commands import add_arguments as add_stream_arguments  # --stream, --run-dir
+
+    add_stream_arguments(c)
     c.set_defaults(fn=cmd_compress)
 
     e = sub.add_parser("eval", help="evaluate a package", description="Evaluate a package with the "
@@ -451,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     from uqcit.server.commands import add_parsers as add_server_parsers  # serve, serve-key
 
     add_server_parsers(sub)
+    from uqcit.validation.commands import add_parsers as add_report_parser  # report
+
+    add_report_parser(sub)
     return p
 
 

@@ -202,3 +202,18 @@ def test_smollm2_round_trips_through_transformers(smollm2, tmp_path):
     assert tok_config["chat_template"] == smollm2.tokenizer.chat_template
     backend, _ = convert_gguf_tokenizer(arch, vocab)
     assert backend.encode(text).ids == ids[0].tolist()
+
+
+def test_a_float_model_can_be_written_in_float32_exactly(tmp_path):
+    from uqcit.inputs.tiny import tiny_model
+
+    model, tok = tiny_model("llama")  # a float model, as benchmarks/gguf_llamacpp.py writes its reference
+    out = export_gguf(LoadedPackage(model, tok, {}, tmp_path, 0.0), tmp_path / "m.gguf", float_type="F32")
+    reader = gguf.GGUFReader(out.path)
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32"} and all(out.exact.values())
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    state = dequantized_state(model)
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    np.testing.assert_array_equal(np.asarray(emb.data), state["model.embed_tokens.weight"].numpy())
+    with pytest.raises(ValueError, match="float_type must be 'F16' or 'F32'"):
+        export_gguf(LoadedPackage(model, tok, {}, tmp_path, 0.0), tmp_path / "x.gguf", float_type="BF16")

@@ -17,6 +17,8 @@ and layer JSON. What is not hashed byte for byte, and why:
 - ``tokenizer/`` and its copies at the package root (so ``AutoTokenizer.from_pretrained(package)``
   works): written by ``tokenizer.save_pretrained``, transformers' format, not ours; checked only
   to be present, identical and to load.
+- ``modeling_uqcit.py`` (transformers' entry point, ``uqcit.package.remote``) is hashed raw like the
+  package's own files: a change to the shipped loader is a decision too.
 - ``uqcit_manifest.json``: it holds the SHA-256 of the tokenizer files and of the measured
   floats below; checked to list every file and to verify instead.
 - ``rel_error``/``sqnr_db`` in ``precision_map.json`` and ``noise_profile.json`` are float32
@@ -47,8 +49,8 @@ MEASURED = ("rel_error", "sqnr_db")  # float32 sums: compared to 6 significant d
 VOLATILE = {"config.json": ("transformers_version",)}
 
 GOLDEN = {
-    "README.md": "d6f4212728ab5308b1270a0a5b4d2fa5f9d0e6c11fd68f492ce8468f0aa7d79d",
-    "config.json": "5ecf3b998b3d2b16da5380ae07f9f764aea95f13cf91a95f68c0692bafcc5ffe",
+    "README.md": "2f6763bffed71da424cbe2414f482d64b1d2886c758f7246626605549a5b4da9",
+    "config.json": "5ea1462335df0a44ae7cfca68c13ce5afd0fe456ec6032f9debe165270b66d96",
     "layers/layer_000/ghz_clusters.json": "6e8c24b665329c7c08b13e6ccc652c808884abf6b5991ed0162488735110c493",
     "layers/layer_000/precision_map.json": "4c3bf523fbb370863a954fd7a1d4966016b69df336c6dac84db395ae9115696c",
     "layers/layer_000/rotation.safetensors": "db1bf9579dbcc8bd60bc4a5ee7776428bb19e735a35d4a7ef0aa6c3eab3c8e6e",
@@ -69,7 +71,8 @@ GOLDEN = {
     "layers/outer/precision_map.json": "d743ad6e68f9e3375224e6fbd4c34eca6bbe91bfbdfc076ea59128f031db4f47",
     "layers/outer/rotation.safetensors": "db1bf9579dbcc8bd60bc4a5ee7776428bb19e735a35d4a7ef0aa6c3eab3c8e6e",
     "layers/outer/weights.safetensors": "1ec9bea83342f018b22e5a6d2553c481611fbfed4183c9f3e694d9f46d50aa27",
-    "uqcit_metadata.json": "a9ab9a24f278d46f03b551a9317727576b774d2b97b6f5fa805cd128ca62beb3",
+    "modeling_uqcit.py": "6ac86abbe7108469c5f440d7d0e9c6d8bcc94e6cf7d4ba4b8ceacd8348a4ce98",
+    "uqcit_metadata.json": "14cbfc14ccdc16c489bb822fc520e1d6450eec91b127a24485293eb2cf990f94",
     "validation/benchmarks.json": "a175c432f9e0c9d759315c0e0b025c7bbcf86d960c1f8c5aec81b013ad02c702",
     "validation/noise_profile.json": "3f7552563458be9f8fdb5d1d571d733af559c01be4206ae07ccd3e4e01d830cb",
     "validation/perplexity.json": "a175c432f9e0c9d759315c0e0b025c7bbcf86d960c1f8c5aec81b013ad02c702",

@@ -54,7 +54,7 @@ import torch
 from uqcit.export.hf import ExportError, as_loaded, dequantized_state, refuse_rotations, tied_output_key
 from uqcit.package.format import LoadedPackage
 from uqcit.runtime.modules import QuantEmbedding, QuantLinear
-from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat, parse_format
 from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
 BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block
@@ -65,7 +65,7 @@ def _file_types() -> dict[str, int]:
     import gguf
 
     lft = gguf.LlamaFileType
-    return {"F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1, "Q8_0": lft.MOSTLY_Q8_0}
+    return {"F32": lft.ALL_F32, "F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1, "Q8_0": lft.MOSTLY_Q8_0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,29 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     if fmt.bits == 8:
         return "Q8_0", fmt.symmetric
     return ("Q4_0" if fmt.symmetric else "Q4_1"), True
+
+
+# Bits per weight of each GGML type the exporter writes (a block's codes plus its fp16 scale/offset).
+TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "F16": 16.0, "F32": 32.0}
+
+
+def gguf_formats(names) -> list[str]:
+    """The format names among ``names`` that a GGUF holds bit for bit at the package's own size: the
+    codes carried exactly (``gguf_type``) and the GGML type as many bits per weight as the package
+    stores. Allow only these to the allocator for a GGUF target,
+    ``AllocateConfig(formats=tuple(gguf_formats(sensitivity.formats)))``, and its bits/weight budget
+    is the file's. (Other exact formats export too, but larger: ``w2-g128`` rides in Q4_1 blocks.)
+
+    >>> gguf_formats(["w2-g128", "w4-g32-sym", "w4-g32", "w4-g32-iz", "w4-g128-sym", "w8-g32-sym", "fp16"])
+    ['w4-g32-sym', 'w4-g32', 'w8-g32-sym', 'fp16']
+    """
+    out = []
+    for name in names:
+        fmt = parse_format(name)
+        qtype, exact = gguf_type(fmt, (BLOCK, BLOCK))
+        if exact and fmt.bits_for(BLOCK * BLOCK) == TYPE_BITS[qtype] * BLOCK * BLOCK:
+            out.append(name)
+    return out
 
 
 def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
@@ -129,19 +152,23 @@ def permute_rows(rows: int, n_head: int) -> torch.Tensor:
 
 
 def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.PathLike, *,
-                tokenizer_pre: str = "gpt-2") -> GgufExport:
+                tokenizer_pre: str = "gpt-2", float_type: str = "F16") -> GgufExport:
     """Write a Llama-family ``package`` as the GGUF file ``out_file``; return what went where.
 
     Types per tensor follow the module docstring's table: the package's codes where a llama.cpp
     type holds them, else a re-quantization (Q8_0) or a float copy; a layer with compensation is
     written as its folded float weight (F16). ``tokenizer_pre`` is llama.cpp's name for the text
     split before BPE (``tokenizer.ggml.pre``): a transformers ``ByteLevel`` pre-tokenizer is GPT-2's
-    regex ("gpt-2"); SmolLM2's original GGUF says "smollm", Llama 3's "llama-bpe". Raises
+    regex ("gpt-2"); SmolLM2's original GGUF says "smollm", Llama 3's "llama-bpe". ``float_type="F32"``
+    writes the matrices the table puts at F16 in float32 instead, exactly (e.g. a float reference for
+    llama.cpp's own quantizer, ``benchmarks/gguf_llamacpp.py``). Raises
     ``ExportError`` for a non-Llama architecture, online rotations, or a tokenizer that is not
     byte-level BPE.
     """
     import gguf
 
+    if float_type not in ("F16", "F32"):
+        raise ValueError(f"float_type must be 'F16' or 'F32', got {float_type!r}")
     pkg = as_loaded(package)
     refuse_rotations(pkg, "GGUF file")
     model, config = pkg.model, pkg.model.config
@@ -174,6 +201,8 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
         q = quantized.get(module) if key.endswith(".weight") else None
         weight = state[key]
         qname, same = gguf_type(q.fmt if q is not None else None, tuple(weight.shape))
+        if qname == "F16" and float_type == "F32":
+            qname, same = "F32", True  # the weight the package computes with, unrounded
         if q is None and qname == "F16" and weight.dim() == 2:
             same = bool(torch.equal(weight.to(torch.float16).to(torch.float32), weight))
         order = None
@@ -195,7 +224,7 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
                 writer.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         types[gname], exact[gname] = qname, same
     matrices = [t for t in types.values() if t != "F32"]
-    writer.add_file_type(_file_types()[max(set(matrices), key=matrices.count) if matrices else "F16"])
+    writer.add_file_type(_file_types()[max(set(matrices), key=matrices.count) if matrices else float_type])
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

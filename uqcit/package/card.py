@@ -68,7 +68,7 @@ def model_card(root: str | os.PathLike) -> str:
         lines.append(f"| signed | Ed25519, key `{meta.signed_by[:16]}` (`uqcit verify PACKAGE --public-key KEY`) |")
     if meta.protection:
         lines.append(f"| protection | {' + '.join(meta.protected)}: loading needs the secret |")
-    lines += ["", "## Measured", "", *_figures(root), "", *_usage(meta, asymmetric=any(
+    lines += ["", "## Measured", "", *_figures(root), "", *_usage(meta, _auto_class(root), asymmetric=any(
         "-g" in f and "-sym" not in f for f in formats))]
     return "\n".join(lines) + "\n"
 
@@ -106,15 +106,29 @@ def _numbers(root: Path, name: str, keys: tuple[str, ...]) -> Mapping[str, Any] 
     return data if ok else None
 
 
-def _usage(meta: PackageMetadata, asymmetric: bool) -> list[str]:
+def _auto_class(root: Path) -> str | None:
+    """The auto class ``config.json``'s ``auto_map`` sends to ``modeling_uqcit.py``, if any."""
+    path = root / "config.json"
+    auto = read_json(path).get("auto_map") if path.is_file() else None
+    return next(iter(auto), None) if isinstance(auto, dict) else None
+
+
+def _usage(meta: PackageMetadata, auto: str | None, asymmetric: bool) -> list[str]:
     secret = ", secret=Secret.from_file(\"SECRET\")" if meta.protection else ""
     imports = ["from uqcit.package.secure import Secret"] if meta.protection else []
+    remote = [
+        "With transformers' own entry point (`trust_remote_code=True` runs this package's `modeling_uqcit.py`, "
+        "which hands over to `load_package` above: the same model and logits; it needs UQCIT installed, "
+        "`pip install uqcit-workbench`, and the file is covered by the manifest, `uqcit verify PACKAGE`):", "",
+        "```python", f"from transformers import {auto}", *imports, "",
+        f"model = {auto}.from_pretrained(\"PACKAGE\", trust_remote_code=True{secret})", "```", "",
+    ] if auto else []
     return [
         "## Load it", "",
         "With UQCIT (the quantized layers run from their packed codes; the manifest is verified first):", "",
         "```python", "from uqcit.package import load_package", *imports, "",
         f"pkg = load_package(\"PACKAGE\"{secret})", "pkg.model.generate(**pkg.tokenizer(\"Hello\", return_tensors=\"pt\"))",
-        "```", "",
+        "```", "", *remote,
         "The tokenizer loads from this folder with transformers alone: "
         "`AutoTokenizer.from_pretrained(\"PACKAGE\")`.", "",
         "With transformers (the integer codes as a compressed-tensors checkpoint; needs `pip install "

@@ -22,7 +22,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +35,7 @@ from uqcit.package.canonical import canonicalize_file, created_stamp, normalize_
 from uqcit.package.card import CARD_FILE, write_card
 from uqcit.package.format import (
     FORMAT_VERSION, METADATA_FILE, VALIDATION_FILES, PackageError, PackageMetadata, read_metadata)
+from uqcit.package.remote import MODELING_FILE, write_remote_code
 from uqcit.package.secure.encryption import ProtectConfig, protect_package
 from uqcit.package.secure.keys import fingerprint
 from uqcit.package.secure.secret import Secret
@@ -42,7 +43,7 @@ from uqcit.package.secure.signing import (
     MANIFEST_FILE, SIGNATURE_FILE, is_signed, verify_manifest, verify_package, write_manifest)
 from uqcit.package.swap import (
     check_target, checkpoint, recover, resolve_target, swap_into_place, target_lock, temp_name)
-from uqcit.runtime.masked import MaskedEmbedding, masked_modules
+from uqcit.runtime.masked import MaskedEmbedding, MaskedLinear, masked_modules
 from uqcit.runtime.modules import QuantEmbedding, QuantLinear
 from uqcit.runtime.online import is_rotation_key, rotation_tensors_for_layer_dir
 from uqcit.tensor.sparse import sparse_encode
@@ -129,16 +130,26 @@ def stage_package(compressed: ExportRecord | Exportable, tokenizer, path: str | 
     ...     staged.commit()
     """
     record = compressed if isinstance(compressed, ExportRecord) else compressed.export_record()
+    with stage_with(path, lambda tmp: _fill(record, tokenizer, tmp, **options),
+                    signing_key=options.get("signing_key"), lock_timeout=lock_timeout) as staged:
+        yield staged
+
+
+@contextlib.contextmanager
+def stage_with(path: str | os.PathLike, write: Callable[[Path], Any], *, signing_key=None,
+               lock_timeout: float | None = LOCK_TIMEOUT_S) -> Iterator[StagedPackage]:
+    """``stage_package`` for any writer: ``write(tmp)`` fills the temporary folder (a streamed job
+    writes its package this way, ``uqcit.stream``); lock, checks, discard and commit are the same."""
     path = resolve_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(path, lock_timeout):
         check_target(path)
         recover(path)
-        staged = StagedPackage(temp_name(path), path, options.get("signing_key"))
+        staged = StagedPackage(temp_name(path), path, signing_key)
         try:
             staged.path.mkdir()
             checkpoint("stage:mkdir")
-            _fill(record, tokenizer, staged.path, **options)
+            write(staged.path)
             yield staged
         finally:
             if not staged.committed:
@@ -171,7 +182,10 @@ def _fill(record: ExportRecord, tokenizer, tmp: Path, *, recipe=None, source_mod
 
 
 def _seal(root: Path, signing_key) -> None:
-    """Model card, modes, manifest (and signature), then verify: what the swap puts in place is checked whole."""
+    """Transformers entry point, model card, modes, manifest (and signature), then verify: what the swap
+    puts in place is checked whole."""
+    with _writing(root / MODELING_FILE, root):
+        write_remote_code(root)  # config.json's auto_map + modeling_uqcit.py (uqcit.package.remote)
     with _writing(root / CARD_FILE, root):
         write_card(root)  # here, after the validation figures: the card quotes them
     normalize_modes(root)
@@ -203,41 +217,76 @@ def _writing(path: Path, root: Path) -> Iterator[None]:
 def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, source_model, validation,
                    extra, clusters, created: str) -> PackageMetadata:
     model = record.model
-    by_name = record.by_name()
-    qmods = {name: mod for name, mod in model.named_modules() if isinstance(mod, (QuantLinear, QuantEmbedding))}
-    masked = masked_modules(model)  # pruned layers (uqcit.stages.prune), stored sparse
-
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    _json(root, "config.json", config)
-
-    # Group every stored tensor by the block it belongs to.
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    precision: dict[str, dict[str, Any]] = {}
-    module_index: dict[str, Any] = {}
-    _write_quantized(qmods, by_name, tensors, precision, module_index)
-    _write_masked(masked, by_name, record.sparse_value_dtype, tensors, precision, module_index)
-    float_index = _write_floats(model, set(qmods) | set(masked), tensors)
-
+    write_config(root, model.config)
+    parts = layer_parts(dict(model.named_modules()), model.state_dict(), record.by_name(),
+                        record.sparse_value_dtype, masked=masked_modules(model))
     rotations = rotation_tensors_for_layer_dir(model)
-    layer_names = sorted(set(tensors) | set(precision) | set(rotations))
-    for layer in layer_names:
-        ldir = root / "layers" / layer
-        ldir.mkdir(parents=True)
-        with _writing(ldir / "weights.safetensors", root):
-            save_safetensors(tensors.get(layer, {}), ldir / "weights.safetensors",
-                             metadata={"uqcit_format_version": str(FORMAT_VERSION), "layer": layer})
-        rot = rotations.get(layer, {})
-        with _writing(ldir / "rotation.safetensors", root):
-            save_safetensors(rot, ldir / "rotation.safetensors", metadata={
-                "rotations": "online" if rot else "none",
-                "note": "online rotations, installed by uqcit.runtime.online.apply_online_rotations"
-                if rot else "no rotation stored: none applied, or all folded into the weights"})
-        _json(root, f"layers/{layer}/precision_map.json", precision.get(layer, {}))
-        _json(root, f"layers/{layer}/ghz_clusters.json",
-              clusters.get(layer, {"computed": False, "clusters": [],
-                                   "note": "no cluster detection ran for this package"}))
+    for layer in sorted(set(parts.tensors) | set(parts.precision) | set(rotations)):
+        write_layer(root, layer, parts.tensors.get(layer, {}), parts.precision.get(layer, {}),
+                    rotations.get(layer, {}), clusters.get(layer))
+    return write_rest(record, tokenizer, root, recipe=recipe, source_model=source_model, validation=validation,
+                      extra=extra, created=created, modules=parts.modules, float_tensors=parts.float_tensors,
+                      online_rotations={layer: sorted(rot) for layer, rot in sorted(rotations.items()) if rot})
 
+
+@dataclasses.dataclass
+class LayerParts:
+    """What a package stores of some modules, grouped by layer folder (``layer_parts``)."""
+
+    tensors: dict[str, dict[str, torch.Tensor]]  # layer folder -> weights.safetensors entries
+    precision: dict[str, dict[str, Any]]  # layer folder -> precision_map.json
+    modules: dict[str, Any]  # the metadata's module index entries
+    float_tensors: dict[str, Any]  # the metadata's float tensor index entries
+
+
+def layer_parts(modules: Mapping[str, torch.nn.Module], state: Mapping[str, torch.Tensor],
+                by_name: Mapping[str, ModuleRecord], sparse_value_dtype: str = "float32", *,
+                masked: Mapping[str, torch.nn.Module] | None = None) -> LayerParts:
+    """The stored tensors and index entries of ``modules`` (full dotted names) and of the float
+    entries of ``state`` (full keys) that no compressed module owns. The whole model gives the
+    whole package; one block, its names prefixed, gives its layer folder: how ``uqcit.stream``
+    writes a package block by block. ``masked`` defaults to the pruned modules among ``modules``."""
+    qmods = {name: mod for name, mod in modules.items() if isinstance(mod, (QuantLinear, QuantEmbedding))}
+    if masked is None:
+        masked = {name: mod for name, mod in modules.items() if isinstance(mod, (MaskedLinear, MaskedEmbedding))}
+    parts = LayerParts({}, {}, {}, {})
+    _write_quantized(qmods, by_name, parts.tensors, parts.precision, parts.modules)
+    _write_masked(masked, by_name, sparse_value_dtype, parts.tensors, parts.precision, parts.modules)
+    parts.float_tensors = _write_floats(state, set(qmods) | set(masked), parts.tensors)
+    return parts
+
+
+def write_config(root: Path, config) -> None:
+    """The package's ``config.json``: the transformers config without its quantization entry."""
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    _json(root, "config.json", data)
+
+
+def write_layer(root: Path, layer: str, tensors: Mapping[str, torch.Tensor], precision: Mapping[str, Any],
+                rotation: Mapping[str, torch.Tensor], clusters: Mapping[str, Any] | None) -> None:
+    """One layer folder under ``root/layers``: weights, online rotations, precision map, GHZ clusters."""
+    ldir = root / "layers" / layer
+    ldir.mkdir(parents=True)
+    with _writing(ldir / "weights.safetensors", root):
+        save_safetensors(dict(tensors), ldir / "weights.safetensors",
+                         metadata={"uqcit_format_version": str(FORMAT_VERSION), "layer": layer})
+    with _writing(ldir / "rotation.safetensors", root):
+        save_safetensors(dict(rotation), ldir / "rotation.safetensors", metadata={
+            "rotations": "online" if rotation else "none",
+            "note": "online rotations, installed by uqcit.runtime.online.apply_online_rotations"
+            if rotation else "no rotation stored: none applied, or all folded into the weights"})
+    _json(root, f"layers/{layer}/precision_map.json", dict(precision))
+    _json(root, f"layers/{layer}/ghz_clusters.json",
+          clusters if clusters is not None else {"computed": False, "clusters": [],
+                                                 "note": "no cluster detection ran for this package"})
+
+
+def write_rest(record: ExportRecord, tokenizer, root: Path, *, recipe, source_model, validation, extra,
+               created: str, modules: Mapping[str, Any], float_tensors: Mapping[str, Any],
+               online_rotations: Mapping[str, Any]) -> PackageMetadata:
+    """What follows the layer folders: tokenizer, validation files, metadata. Of ``record.model``
+    only the class name is read here (a meta-device skeleton will do)."""
     tok_dir = root / "tokenizer"
     tok_dir.mkdir()
     with _writing(tok_dir, root):
@@ -257,7 +306,7 @@ def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, sourc
         uqcit_version=__version__,
         format_version=FORMAT_VERSION,
         source_model=source_model,
-        model_class=type(model).__name__,
+        model_class=type(record.model).__name__,
         method=record.method,
         recipe=recipe.to_dict() if recipe is not None else None,
         plan=record.plan,
@@ -265,11 +314,11 @@ def _write_package(record: ExportRecord, tokenizer, root: Path, *, recipe, sourc
         quantized_weight_count=record.weight_count,
         quantized_stored_bytes=record.stored_bits // 8,
         level_distribution=_level_distribution(record.stored, record.weight_count),
-        modules=module_index,
-        float_tensors=float_index,
+        modules=dict(modules),
+        float_tensors=dict(float_tensors),
         created=created,
         pruning=record.pruning,
-        online_rotations={layer: sorted(rot) for layer, rot in sorted(rotations.items()) if rot} or None,
+        online_rotations=dict(online_rotations) or None,
     ).merged(extra)
     with _writing(root / METADATA_FILE, root):
         metadata.write(root)  # package_bytes is settled with the manifest, at commit
@@ -355,12 +404,13 @@ def _write_masked(masked, by_name: Mapping[str, ModuleRecord], value_dtype: str,
             "rel_error": rec.rel_error if rec is not None else None}
 
 
-def _write_floats(model: torch.nn.Module, compressed: set[str],
+def _write_floats(state: Mapping[str, torch.Tensor], compressed: set[str],
                   tensors: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Float parameters and persistent buffers of everything not compressed; returns their index."""
+    """Float parameters and persistent buffers (``state``, full keys) of everything not compressed;
+    returns their index."""
     float_index: dict[str, Any] = {}
     seen: dict[int, str] = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         owner = key.rsplit(".", 1)[0]
         if owner in compressed or is_rotation_key(key):  # online rotations go to rotation.safetensors
             continue
@@ -401,7 +451,7 @@ def write_validation(path: str | os.PathLike, name: str, data: Mapping[str, Any]
             verify_manifest(path)
         staged = StagedPackage(temp_name(path), path, signing_key)
         try:
-            shutil.copytree(path, staged.path, symlinks=True, copy_function=_link_or_copy)
+            shutil.copytree(path, staged.path, symlinks=True, copy_function=link_or_copy)
             checkpoint("stage:copied")
             staged.write_validation(name, data)
             staged.commit()
@@ -415,7 +465,8 @@ def _discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link to ``src`` at ``dst`` (no file is ever changed in place), else a copy."""
     try:
         os.link(src, dst)
     except OSError:

@@ -15,6 +15,8 @@ Layout::
       tokenizer.json ...       copies of tokenizer/'s files: AutoTokenizer.from_pretrained(package) works
       validation/{perplexity,benchmarks,noise_profile}.json
       README.md                model card from the metadata and validation figures (uqcit.package.card)
+      modeling_uqcit.py        transformers' entry point, named by config.json's auto_map: from_pretrained(
+                               package, trust_remote_code=True) hands over to load_package (uqcit.package.remote)
 
 Every JSON file is written with sorted keys (``uqcit.core.io.write_json``). A signed or
 protected package adds the files of ``uqcit.package.secure``.

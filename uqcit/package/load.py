@@ -87,6 +87,9 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
                            f"{str(exc)[:200]}); the package is corrupt") from exc
     config_dict = read_json(path / "config.json")
     check_config(path / "config.json", config_dict)
+    # auto_map points transformers at the package's modeling_uqcit.py (uqcit.package.remote); the model
+    # built here is the plain transformers class, and its config must not send exports there
+    config_dict.pop("auto_map", None)
     try:
         config = AutoConfig.for_model(**config_dict)
     except config_errors() as exc:
@@ -161,7 +164,8 @@ def _refuse_save_pretrained(path: Path, *args: Any, **kwargs: Any) -> None:
         "checkpoint (float weights) use `uqcit export PACKAGE --to hf` or "
         "uqcit.export.hf.export_dequantized(package, out); to keep the compression, export to "
         "compressed-tensors or GGUF (uqcit.export.compressed_tensors, uqcit.export.gguf); the package "
-        "folder itself reloads with uqcit.load_package")
+        "folder itself reloads with uqcit.load_package or transformers' from_pretrained(package, "
+        "trust_remote_code=True)")
 
 
 def _weights(path: Path, entry: Mapping[str, Any]) -> Path:
