@@ -28,7 +28,7 @@ from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, InputStats, channel_importance, collect_input_stats
 from uqcit.inputs.corpus import stage_calibration
 from uqcit.stages.clusters import apply_clusters_to_importance
-from uqcit.tensor.formats import FLOAT_BITS
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
 from uqcit.tensor.learned import supports as supports_learned
 from uqcit.stages.signround import signround_blocks
@@ -255,20 +255,11 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         if entry.name in cluster_rows:
             base = weight.abs() if importance is None else importance
             importance = apply_clusters_to_importance(base, cluster_rows[entry.name])
-        out_error = None
-        if hessian is not None:
-            q = gptq_quantize(weight, hessian, fmt, damp=config.damp, act_order=config.act_order,
-                              block_size=config.block_size, importance=importance,
-                              grid_search=config.clip_search)
-            out_error = hessian_error(weight, dequantize(q), hessian)
-        elif config.clip_search and fmt.bits != FLOAT_BITS:
-            q = quantize_with(weight, quant_params(weight, fmt, importance, search=True))
-        else:
-            q = quantize(weight, fmt, importance)
-        finish(entry, module, weight, q, "rtn" if hessian is None else "gptq", out_error, t0)
+        q, method, out_error = round_weight(weight, fmt, config, hessian=hessian, importance=importance)
+        finish(entry, module, weight, q, method, out_error, t0)
 
     def finish(entry, module, weight, q: QuantizedTensor, method: str, out_error, t0: float) -> None:
-        replace_module(out, entry.name, _runtime_module(module, q))
+        replace_module(out, entry.name, runtime_module(module, q))
         qtensors[entry.name] = q
         err = quant_error(weight, q)
         done[entry.name] = ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel,
@@ -403,7 +394,26 @@ def _block_stack(model: torch.nn.Module, levels, names: set[str]) -> tuple[str |
     return found[0], {n: block_of(n, pattern) for n in names if block_of(n, pattern) is not None}
 
 
-def _runtime_module(module: torch.nn.Module, q: QuantizedTensor) -> torch.nn.Module:
+def round_weight(weight: torch.Tensor, fmt, config: QuantizeConfig, *, hessian: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> tuple[QuantizedTensor, str, float | None]:
+    """One weight rounded as ``quantize_model`` rounds it: GPTQ when an input Hessian is given,
+    else to nearest (on a searched grid with ``config.clip_search``). Returns the tensor, the
+    method (``"gptq"`` or ``"rtn"``) and, for GPTQ, the output error on the Hessian.
+
+    >>> q, method, err = round_weight(torch.randn(8, 64), QuantFormat(bits=4, group_size=32), QuantizeConfig())
+    >>> method, err, q.stored_bits == q.fmt.bits_for(8 * 64)
+    ('rtn', None, True)
+    """
+    if hessian is not None:
+        q = gptq_quantize(weight, hessian, fmt, damp=config.damp, act_order=config.act_order,
+                          block_size=config.block_size, importance=importance, grid_search=config.clip_search)
+        return q, "gptq", hessian_error(weight, dequantize(q), hessian)
+    if config.clip_search and fmt.bits != FLOAT_BITS:
+        return quantize_with(weight, quant_params(weight, fmt, importance, search=True)), "rtn", None
+    return quantize(weight, fmt, importance), "rtn", None
+
+
+def runtime_module(module: torch.nn.Module, q: QuantizedTensor) -> torch.nn.Module:
     """The module that runs from ``q`` in place of ``module``."""
     if isinstance(module, torch.nn.Embedding):
         return QuantEmbedding(q, padding_idx=module.padding_idx)

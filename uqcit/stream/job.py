@@ -54,16 +54,15 @@ from uqcit.package.canonical import created_stamp
 from uqcit.package.export import layer_parts, link_or_copy, stage_with, write_config, write_layer, write_rest
 from uqcit.package.format import package_bytes
 from uqcit.recipe import Recipe
-from uqcit.runtime.modules import QuantEmbedding, QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
+from uqcit.runtime.modules import QuantLinear, block_stack, replace_module, weight_matrix
 from uqcit.stages.importance import activation_source
 from uqcit.stages.levels import LevelsConfig, analyze_levels
 from uqcit.stages.plan import build_plan
-from uqcit.stages.quantize import ModuleQuant, QuantizeConfig, QuantizeResult
+from uqcit.stages.quantize import ModuleQuant, QuantizeConfig, QuantizeResult, round_weight, runtime_module
 from uqcit.stream.checkpoint import RunState, open_run
 from uqcit.stream.source import LazyCheckpoint, free
 from uqcit.tensor.formats import FLOAT_BITS
-from uqcit.tensor.gptq import gptq_quantize, hessian_error
-from uqcit.tensor.quant import dequantize, quant_error, quant_params, quantize, quantize_with
+from uqcit.tensor.quant import quant_error
 
 MICRO_BATCH = 4  # calibration sequences per forward: collect_input_stats' default, so sums add up alike
 STREAMABLE = ("levels", "plan", "quantize", "eval")  # "eval" is skipped: it needs the whole float model
@@ -266,14 +265,6 @@ def _prefix_of(model, module) -> str:
     return f"{name}." if name else ""
 
 
-def _runtime_module(module: torch.nn.Module, q) -> torch.nn.Module:
-    """The module that runs from ``q`` in place of ``module`` (as ``quantize_model`` builds it)."""
-    if isinstance(module, torch.nn.Embedding):
-        return QuantEmbedding(q, padding_idx=module.padding_idx)
-    bias = linear_weight(module)[1]
-    return QuantLinear(q, None if bias is None else bias.clone())
-
-
 class _Job:
     """The per-block work of one streamed quantize job (what ``quantize_model`` does, per block)."""
 
@@ -353,20 +344,12 @@ class _Job:
         if entry.name in self.act:
             importance = channel_importance(stats[self.act[entry.name]], weight)
         hessian = hess[entry.name].hessian if entry.name in self.gptq else None
-        out_error = None
-        if hessian is not None:
-            q = gptq_quantize(weight, hessian, fmt, damp=cfg.damp, act_order=cfg.act_order,
-                              block_size=cfg.block_size, importance=importance, grid_search=cfg.clip_search)
-            out_error = hessian_error(weight, dequantize(q), hessian)
-        elif cfg.clip_search and fmt.bits != FLOAT_BITS:
-            q = quantize_with(weight, quant_params(weight, fmt, importance, search=True))
-        else:
-            q = quantize(weight, fmt, importance)
-        replace_module(root, rel, _runtime_module(module, q))
+        q, method, out_error = round_weight(weight, fmt, cfg, hessian=hessian, importance=importance)
+        replace_module(root, rel, runtime_module(module, q))
         err = quant_error(weight, q)
         return ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel, q.fmt.name,
                            q.stored_bits, err["rel_fro"], err["sqnr_db"], time.perf_counter() - t0,
-                           method="rtn" if hessian is None else "gptq", out_error=out_error)
+                           method=method, out_error=out_error)
 
     def outer(self, ckpt: LazyCheckpoint, state: RunState):
         """The modules outside the blocks, read now: statistics of the head on the streams, then the
