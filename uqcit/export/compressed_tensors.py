@@ -61,15 +61,9 @@ Who loads what (transformers 5.23, compressed-tensors 0.20.1, the pinned set; te
 A model loaded in bfloat16 rounds the fp16 scales to bfloat16: exact weights need float32 or fp16.
 
 >>> import tempfile
->>> from uqcit.inputs.tiny import tiny_model
 >>> from uqcit.package import export_package
->>> from uqcit.stages.levels import analyze_levels
->>> from uqcit.stages.plan import PlanConfig, build_plan
->>> from uqcit.stages.quantize import quantize_model
->>> model, tok = tiny_model("llama")
->>> levels = analyze_levels(model)
->>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", group_size=32)),
-...                    progress=False)
+>>> from uqcit.package.examples import tiny_quantized
+>>> q, tok = tiny_quantized()
 >>> with tempfile.TemporaryDirectory() as d:
 ...     out = export_compressed_tensors(export_package(q, tok, f"{d}/pkg", source_model="tiny-llama"), f"{d}/ct")
 >>> out.formats["model.layers.0.self_attn.q_proj"], out.dense[:1]

@@ -27,15 +27,9 @@ The tokenizer is written as a ``gpt2`` (byte-level BPE) vocabulary with its merg
 template; sentencepiece (``tokenizer.model``) vocabularies are not supported yet.
 
 >>> import tempfile
->>> from uqcit.inputs.tiny import tiny_model
 >>> from uqcit.package import export_package
->>> from uqcit.stages.levels import analyze_levels
->>> from uqcit.stages.plan import PlanConfig, build_plan
->>> from uqcit.stages.quantize import quantize_model
->>> model, tok = tiny_model("llama")
->>> levels = analyze_levels(model)
->>> plan = build_plan(levels, PlanConfig(preset="uniform", group_size=32, symmetric=True))
->>> q = quantize_model(model, levels, plan, progress=False)
+>>> from uqcit.package.examples import tiny_quantized
+>>> q, tok = tiny_quantized(symmetric=True)
 >>> with tempfile.TemporaryDirectory() as d:
 ...     result = export_gguf(export_package(q, tok, f"{d}/pkg", source_model="tiny-llama"), f"{d}/m.gguf")
 >>> result.types["blk.0.attn_q.weight"], result.exact["blk.0.attn_q.weight"]

@@ -16,15 +16,9 @@ What folds and what does not:
   MLP and norm modules change the architecture, which a plain checkpoint cannot express.
 
 >>> import tempfile
->>> from uqcit.inputs.tiny import tiny_model
 >>> from uqcit.package import export_package, load_package
->>> from uqcit.stages.levels import analyze_levels
->>> from uqcit.stages.plan import PlanConfig, build_plan
->>> from uqcit.stages.quantize import quantize_model
->>> model, tok = tiny_model("llama")
->>> levels = analyze_levels(model)
->>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", group_size=32)),
-...                    progress=False)
+>>> from uqcit.package.examples import tiny_quantized
+>>> q, tok = tiny_quantized()
 >>> with tempfile.TemporaryDirectory() as d:
 ...     out = export_dequantized(export_package(q, tok, f"{d}/pkg", source_model="tiny-llama"), f"{d}/hf")
 ...     sorted(p.name for p in out.iterdir())[:3]

@@ -6,15 +6,9 @@ same bytes. ``export_package`` writes it when it seals a package (after the vali
 before the manifest), and ``write_validation`` rewrites it with the new figures.
 
 >>> import tempfile
->>> from uqcit.inputs.tiny import tiny_model
 >>> from uqcit.package import export_package
->>> from uqcit.stages.levels import analyze_levels
->>> from uqcit.stages.plan import PlanConfig, build_plan
->>> from uqcit.stages.quantize import quantize_model
->>> model, tok = tiny_model("llama")
->>> levels = analyze_levels(model)
->>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", group_size=32)),
-...                    progress=False)
+>>> from uqcit.package.examples import tiny_quantized
+>>> q, tok = tiny_quantized()
 >>> with tempfile.TemporaryDirectory() as d:
 ...     card = (export_package(q, tok, f"{d}/pkg", source_model="tiny-llama") / CARD_FILE).read_text()
 >>> card.splitlines()[6]

@@ -49,15 +49,9 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
     the architecture ``config.json`` describes before any weight memory is allocated.
 
     >>> import tempfile
-    >>> from uqcit.inputs.tiny import tiny_model
     >>> from uqcit.package.export import export_package
-    >>> from uqcit.stages.levels import analyze_levels
-    >>> from uqcit.stages.plan import PlanConfig, build_plan
-    >>> from uqcit.stages.quantize import quantize_model
-    >>> model, tok = tiny_model("llama")
-    >>> levels = analyze_levels(model)
-    >>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", group_size=32)),
-    ...                    progress=False)
+    >>> from uqcit.package.examples import tiny_quantized
+    >>> q, tok = tiny_quantized()
     >>> with tempfile.TemporaryDirectory() as d:
     ...     pkg = load_package(export_package(q, tok, f"{d}/package", source_model="tiny-llama"), progress=False)
     >>> ids = torch.tensor([[1, 2, 3]])

@@ -12,15 +12,9 @@ on purpose: the loading logic lives in the installed workbench, so an old packag
 reader the user has, and the file's bytes (covered by the manifest and any signature) rarely change.
 
 >>> import tempfile, torch
->>> from uqcit.inputs.tiny import tiny_model
 >>> from uqcit.package import export_package, load_package
->>> from uqcit.stages.levels import analyze_levels
->>> from uqcit.stages.plan import PlanConfig, build_plan
->>> from uqcit.stages.quantize import quantize_model
->>> model, tok = tiny_model("llama")
->>> levels = analyze_levels(model)
->>> q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", group_size=32)),
-...                    progress=False)
+>>> from uqcit.package.examples import tiny_quantized
+>>> q, tok = tiny_quantized()
 >>> with tempfile.TemporaryDirectory() as d:
 ...     path = export_package(q, tok, f"{d}/pkg", source_model="tiny-llama")
 ...     auto = auto_map_of(path)
