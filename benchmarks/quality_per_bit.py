@@ -37,6 +37,7 @@ from uqcit.stages.evaluate import EvalConfig, evaluate_many  # noqa: E402
 from uqcit.stages.levels import analyze_levels  # noqa: E402
 from uqcit.stages.plan import BitPlan  # noqa: E402
 from uqcit.stages.quantize import QuantizeConfig, quantize_model  # noqa: E402
+from uqcit.stages.retrain import RetrainConfig, retrain  # noqa: E402
 from uqcit.stages.rotation import RotationConfig, rotate_model  # noqa: E402
 from uqcit.tensor.formats import parse_format  # noqa: E402
 
@@ -54,13 +55,18 @@ class Candidate:
     calib_samples: int = 32  # x 256 tokens
     micro_batch: int = 4  # sequences per signed-gradient step
     head_feedback: bool = True  # a quantized tied embedding: error feedback against the head's inputs
+    calib_source: str = "corpus"  # "corpus" (lee_background after the evaluation span), "self" or "mix"
+    e2e: int = 0  # > 0: then this many self-generated sequences of end-to-end scale distillation (retrain)
 
     @property
     def name(self) -> str:
         rot = "" if self.rotation == "none" else f"rot-{self.rotation}-"
         emb = "" if self.embedding == "fp16" else f"-emb-{self.embedding}" + ("-fb" if self.head_feedback else "")
         iters = f"-i{self.iters}" if self.method == "signround" else ""
-        return f"{rot}{self.method}{iters}-{self.blocks}{emb}"
+        calib = "" if self.calib_source == "corpus" else f"-cal{self.calib_source}"
+        calib += "" if self.calib_samples == 32 or self.method != "signround" else f"-n{self.calib_samples}"
+        e2e = f"-e2e{self.e2e}" if self.e2e else ""
+        return f"{rot}{self.method}{iters}-{self.blocks}{emb}{calib}{e2e}"
 
 
 CANDIDATES = [
@@ -123,9 +129,17 @@ def main() -> None:
             t0 = time.perf_counter()
             q = quantize_model(model, levels, plan, QuantizeConfig(
                 method=c.method, iters=c.iters, calib_samples=c.calib_samples, micro_batch=c.micro_batch,
-                head_feedback=c.head_feedback),
+                head_feedback=c.head_feedback, calib_source=c.calib_source),
                 tokenizer=tok, rotation=prefix)
             quant_s = time.perf_counter() - t0
+            e2e_log = None
+            if c.e2e:  # end to end: the fp16 scales distilled against the float model on its own text
+                t1 = time.perf_counter()
+                res = retrain(q.model, ref, tok, RetrainConfig(n_sequences=c.e2e), progress=True)
+                q = res.apply_to(q)
+                e2e_log = {"seconds": time.perf_counter() - t1, "kept": res.kept, "rejected": res.rejected,
+                           "s0": res.s0, "final_s": res.final_s, "trainable_values": res.trainable_values}
+                quant_s += e2e_log["seconds"]
             block_mods = [m for m in q.stored if m.name in blocks]
             bpw_blocks = (sum(m.stored_bits for m in block_mods) + q.rotation_bits) / sum(m.numel for m in block_mods)
             print(f"{c.name}: quantized in {quant_s:.0f} s, bpw_blocks {bpw_blocks:.4f}, bpw {q.bpw:.4f}", flush=True)
@@ -133,7 +147,7 @@ def main() -> None:
                                      seconds={"rotate": rotate_s, "quantize": quant_s},
                                      budget=c.budget, bpw_blocks=bpw_blocks, recipe=dataclasses.asdict(c),
                                      accounting="peer" if c.embedding == "fp16" else "whole-model",
-                                     rounding=[dataclasses.asdict(r) for r in q.rounding])
+                                     rounding=[dataclasses.asdict(r) for r in q.rounding], e2e=e2e_log)
             cand["method"] = c.name
             del q
             pending.append(cand)

@@ -96,3 +96,26 @@ def test_head_feedback_rounds_a_tied_embedding_against_the_heads_inputs(tiny):
     w = model.get_submodule(emb.name).weight.detach()
     err = {fb: hessian_error(w, dequantize(r.model.get_submodule(emb.name).qtensor), h) for fb, r in runs.items()}
     assert err[True] < 0.9 * err[False], err  # measured: 0.292 vs 0.374
+
+
+def test_calibration_sources_corpus_self_and_mix(tiny):
+    """"self" samples text from the float model (its prompts lead each row); "mix" is half of
+    each, corpus rows first; both are the same under the same seed, and different from the corpus."""
+    from uqcit.inputs.selftext import DEFAULT_PROMPTS, encode
+    from uqcit.stages.quantize import _calibration
+
+    model, tok, _, _ = tiny
+    batches = {src: _calibration(model, tok, None, QuantizeConfig(calib_samples=4, calib_seq_len=64,
+                                                                  calib_source=src), "test", False)
+               for src in ("corpus", "self", "mix")}
+    assert all(b.shape == (4, 64) for b in batches.values())
+    first = encode(tok, DEFAULT_PROMPTS[0])
+    assert torch.equal(batches["self"][0, :first.numel()], first)
+    assert torch.equal(batches["mix"][:2], batches["corpus"][:2])
+    assert torch.equal(batches["mix"][2:], batches["self"][:2])
+    assert not torch.equal(batches["self"], batches["corpus"])
+    again = _calibration(model, tok, None, QuantizeConfig(calib_samples=4, calib_seq_len=64, calib_source="self"),
+                         "test", False)
+    assert torch.equal(again, batches["self"])
+    with pytest.raises(ValueError, match="calib_source"):
+        QuantizeConfig(calib_source="web")

@@ -27,6 +27,7 @@ from uqcit.core.config import StageConfig, StageSession, register_config, stage_
 from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, InputStats, channel_importance, collect_input_stats
 from uqcit.inputs.corpus import stage_calibration
+from uqcit.inputs.selftext import self_generate
 from uqcit.stages.clusters import apply_clusters_to_importance
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
@@ -74,6 +75,10 @@ class QuantizeConfig(StageConfig):
     # the head's inputs (the final hidden states of the model with its blocks quantized): the
     # head's logits, not the lookup, carry most of a tied matrix's error. Off: round to nearest.
     head_feedback: bool = False
+    # Where calibration text comes from: lee_background after the evaluation span ("corpus"),
+    # text the float model samples itself from short prompts ("self": no domain of its own), or
+    # half of each ("mix"). A given ``calibration`` batch overrides it.
+    calib_source: Literal["corpus", "self", "mix"] = "corpus"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +90,8 @@ class QuantizeConfig(StageConfig):
         self.check(self.lr >= 0, "lr", "must be >= 0 (0: 1/iters)")
         self.check(0 < self.clip_min <= 1, "clip_min", "must be in (0, 1]")
         self.check(self.micro_batch >= 1, "micro_batch", "must be >= 1")
+        self.check(self.calib_source in ("corpus", "self", "mix"), "calib_source",
+                   "must be 'corpus', 'self' or 'mix'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,14 +274,21 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                                        time.perf_counter() - t0, method=method, out_error=out_error)
         seconds["quantize"] += time.perf_counter() - t0
 
+    batches: list[torch.Tensor] = []
+
+    def calibration_ids(what: str) -> torch.Tensor:
+        """The one calibration batch of this run (self-generated text is sampled once)."""
+        if not batches:
+            batches.append(_calibration(model, tokenizer, calibration, config, what, progress))
+        return batches[0]
+
     # Calibration statistics from the float copy: activation norms, and the Hessians of the GPTQ
     # modules (one-shot), or of those outside the block stack (sequential; the rest come below).
     stats: dict[str, InputStats] = {}
     replay = None
     if gptq_names or act_sources:
         t0 = time.perf_counter()
-        batch = stage_calibration(config, tokenizer, calibration,
-                                  what=f"quantize with method={config.method!r}, importance={config.importance!r}")
+        batch = calibration_ids(f"quantize with method={config.method!r}, importance={config.importance!r}")
         want = {n: False for n in act_sources.values()}
         want.update({n: True for n in gptq_names if n not in block_index})
         if stack_name is None:
@@ -307,7 +321,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     if learned_blocks:
         # Learned rounding: the block stack's planned linears, block by block (uqcit.stages.signround).
         t0 = time.perf_counter()
-        batch = stage_calibration(config, tokenizer, calibration, what="quantize with method='signround'")
+        batch = calibration_ids("quantize with method='signround'")
         stack, blocks = learned_blocks
         learned, rounding = signround_blocks(out, stack, blocks, batch, iters=config.iters, lr=config.lr,
                                              clip_min=config.clip_min, micro_batch=config.micro_batch,
@@ -319,7 +333,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     head_of = _tied_heads(levels, plan) if config.head_feedback and config.method != "rtn" else {}
     if head_of:
         t0 = time.perf_counter()
-        batch = stage_calibration(config, tokenizer, calibration, what="quantize with head_feedback=True")
+        batch = calibration_ids("quantize with head_feedback=True")
         head_stats = collect_input_stats(out, batch, sorted(set(head_of.values())), progress=progress)
         seconds["calibration"] += time.perf_counter() - t0
     rest = [e for e in entries if e.name not in done]
@@ -349,6 +363,25 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                           stage_seconds=seconds, sequential=stack_name is not None,
                           clustered=len(cluster_rows), rotation=rotation,
                           rotation_bits=_online_rotation_bits(out), rounding=rounding)
+
+
+def _calibration(model, tokenizer, calibration, config: QuantizeConfig, what: str,
+                 progress: bool) -> torch.Tensor:
+    """The calibration batch ``config.calib_source`` asks for (``calibration`` when given)."""
+    if calibration is not None or config.calib_source == "corpus":
+        return stage_calibration(config, tokenizer, calibration, what=what)
+    if tokenizer is None:
+        raise ValueError(f"{what} with calib_source={config.calib_source!r} needs the tokenizer: "
+                         "pass tokenizer=...")
+    n_self = config.calib_samples if config.calib_source == "self" else (config.calib_samples + 1) // 2
+    # Two sequences per prompt: calibration text should cover many prompts, not many samples of one.
+    text = self_generate(model, tokenizer, n_sequences=n_self, seq_len=config.calib_seq_len,
+                         batch=2, seed=config.seed, progress=progress).ids
+    if n_self == config.calib_samples:
+        return text
+    corpus = stage_calibration(dataclasses.replace(config, calib_samples=config.calib_samples - n_self),
+                               tokenizer, None, what=what)
+    return torch.cat([corpus, text])
 
 
 def _tied_heads(levels, plan) -> dict[str, str]:
