@@ -159,7 +159,9 @@ def _compress_on_server(args) -> int:
 def cmd_compress(args) -> int:
     from uqcit.pipeline import preflight, run_job
     from uqcit.package.secure import ProtectConfig, load_signing_key
+    from uqcit.stream.commands import check_device_option
 
+    check_device_option(args)  # --device is for --stream
     if args.server:
         return _compress_on_server(args)
     if args.server_sign:
@@ -313,7 +315,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from uqcit.export import export_compressed_tensors, export_dequantized, export_gguf
+    from uqcit.export.targets import export_to
     from uqcit.package import load_package
     from uqcit.package.secure import load_public_key
 
@@ -324,19 +326,7 @@ def cmd_export(args) -> int:
         raise UsageError(f"--widen is for --to compressed-tensors, not --to {args.to}")
     pkg = load_package(args.package, progress=not args.no_progress, secret=_secret(args),
                        public_key=load_public_key(args.public_key) if args.public_key else None)
-    if args.to == "gguf":
-        out.mkdir(parents=True)  # llama.cpp takes one file: DIR/model.gguf
-        try:
-            res = export_gguf(pkg, out / "model.gguf")
-        except BaseException:
-            shutil.rmtree(out)  # the folder this command made: nothing half-written stays
-            raise
-        print(f"{res.path}: GGUF, {sum(res.exact.values())} of {len(res.exact)} tensors exactly the package's")
-    elif args.to == "compressed-tensors":
-        res = export_compressed_tensors(pkg, out, widen=args.widen)
-        print(f"{out}: compressed-tensors, {len(res.formats)} layers as integer codes, {len(res.dense)} as float")
-    else:
-        print(f"{export_dequantized(pkg, out)}: transformers checkpoint of float32 weights")
+    print(export_to(pkg, args.to, out, widen=args.widen).summary)  # the lab's export panel runs it too
     return 0
 
 

@@ -1,13 +1,17 @@
-"""ExportPanel: write the current plan as a package (``uqcit.package``) and show what was written."""
+"""ExportPanel: write the current plan as a package (``uqcit.package``), optionally also for another
+runtime (``uqcit.export.targets``), and show what was written."""
 from __future__ import annotations
 
 import html
 import importlib.util
+import os
 import time
 from pathlib import Path
 
 import ipywidgets as W
 
+from uqcit.export import ExportError
+from uqcit.export.targets import TARGETS, export_to
 from uqcit.package import package_bytes, read_metadata
 from uqcit.pipeline import Session, export_session
 from uqcit.stages.quantize import QuantizeConfig
@@ -31,6 +35,13 @@ class ExportPanel(View):
     no rotation or clusters; else the session's quantize stage runs. The panel then lists the
     package's folders and files with their sizes and the measured bits/weight from its metadata.
 
+    The target menu adds, once the package is written, an export of it for another runtime:
+    a compressed-tensors folder (vLLM, transformers), a GGUF file (llama.cpp) or a dequantized
+    Hugging Face checkpoint, by ``uqcit.export.targets.export_to`` (what ``uqcit export --to`` runs),
+    into the target folder box (empty: ``PACKAGE-TARGET`` beside the package), which must not exist.
+    A plan the target cannot carry gets the exporter's one-line reason in the panel; the package
+    stays. The files written are listed with their sizes.
+
     >>> import tempfile
     >>> from uqcit.inputs.tiny import tiny_model
     >>> from uqcit.stages.levels import analyze_levels
@@ -43,9 +54,10 @@ class ExportPanel(View):
     >>> editor = BudgetEditor(levels, sens, target_bpw=4.0)  # publishes the plan to export
     >>> with tempfile.TemporaryDirectory() as d:
     ...     panel = ExportPanel(model, tok, levels, path=f"{d}/package", state=editor.lab)
+    ...     panel.target.value = "hf"  # also a dequantized transformers checkpoint, beside the package
     ...     panel.export(wait=True)  # what "Export package" does, here waiting for the files
-    ...     panel.last_path.name, len(editor.lab.packages)
-    ('package', 1)
+    ...     panel.last_path.name, panel.last_target.path.name, len(editor.lab.packages)
+    ('package', 'package-hf', 1)
     """
 
     def __init__(self, reference, tokenizer, levels, *, path: str = "runs/workbench/package",
@@ -67,15 +79,27 @@ class ExportPanel(View):
                                "signing needs uqcit.package.secure, not in this install")
         self.key_path = W.Text(value="", description="key", placeholder="private key .key (empty: make a new one)",
                                layout=W.Layout(width="520px"))
+        choices = [("UQCIT package only", None), *((f"package + {label}", key) for key, label in TARGETS.items())]
+        self.target = W.Dropdown(options=choices, value=None, description="target", layout=W.Layout(width="520px"))
+        self.target_path = W.Text(value="", description="target to", layout=W.Layout(width="520px"),
+                                  placeholder="folder to write (empty: PACKAGE-TARGET beside the package)")
+        self.widen = W.Checkbox(value=False, description="widen 2/3-bit codes to 4 bits", indent=False,
+                                disabled=True, tooltip="compressed-tensors: carries 3-bit plans, runs in vLLM")
+        self.target.observe(lambda change: setattr(self.widen, "disabled", change["new"] != "compressed-tensors"),
+                            "value")
         self.export_button = W.Button(description="Export package", icon="download", button_style="primary")
         self.status = W.HTML("" if can_sign else
                              "<i>Signing is not available: <code>uqcit.package.secure</code> is not in this install.</i>")
         self.signature = W.HTML()
         self.written = W.HTML()
+        self.target_status = W.HTML()
+        self.target_written = W.HTML()
         self.last_path: Path | None = None
+        self.last_target = None  # the TargetExport of the last export with a target, if it was written
         self.export_button.on_click(self.guarded(lambda _: self.export(), "export"))
         self.children = [self.error, W.HBox([self.path, self.export_button]), W.HBox([self.sign, self.key_path]),
-                         self.status, self.signature, self.written]
+                         self.target, W.HBox([self.target_path, self.widen]), self.status, self.signature,
+                         self.written, self.target_status, self.target_written]
 
     def export(self, *, wait: bool = False) -> None:
         """Export the current plan to the path in the text box (``wait``: block until written)."""
@@ -85,6 +109,7 @@ class ExportPanel(View):
         if not self.path.value.strip():
             raise ValueError("give a path for the package")
         target = Path(self.path.value).expanduser()
+        other = self._target_folder(target)
         key, key_note = self._signing_key(target) if self.sign.value else (None, "")
         session = self._session(alloc.plan)
         cached = self.lab.quantized
@@ -92,6 +117,9 @@ class ExportPanel(View):
                  and self.clusters is None)  # the evaluation panel quantized this very plan
         self.export_button.disabled = True
         self.status.value = f"<i>exporting to {html.escape(str(target))}…</i>"
+        self.target_status.value = self.target_written.value = ""
+        self.last_target = None
+        runtime, widen = self.target.value, self.widen.value and self.target.value == "compressed-tensors"
 
         def work(cancelled):
             t0 = time.perf_counter()
@@ -105,7 +133,14 @@ class ExportPanel(View):
                 from uqcit.package.secure import verify_package
 
                 verified = verify_package(target, key.public_key())
-            return target, time.perf_counter() - t0, verified, key_note
+            seconds = time.perf_counter() - t0
+            written = None
+            if runtime is not None:
+                try:
+                    written = export_to(target, runtime, other, widen=widen)
+                except ExportError as exc:  # the plan holds what the target cannot express: the package stays
+                    written = " ".join(str(exc).split())
+            return target, seconds, verified, key_note, (runtime, written)
 
         self.job.start(work, self._done)
         if wait:
@@ -128,7 +163,7 @@ class ExportPanel(View):
             self.status.value = ""
             self.error.show(exc, "export")
             return
-        path, seconds, verified, key_note = result
+        path, seconds, verified, key_note, (runtime, written) = result
         self.signature.value = ("" if verified is None else
                                 f"<span class='uqcit-signed'>{html.escape(key_note)}; {html.escape(verified.summary())}"
                                 "</span>")
@@ -140,6 +175,35 @@ class ExportPanel(View):
                              f"{meta.get('method')}, {meta.get('average_bits_per_param', float('nan')):.3f} "
                              f"bits/weight, {package_bytes(path) / 1e6:.1f} MB in {seconds:.1f} s</span>")
         self.written.value = html_rows(("entry", "files", "bytes"), self.listing(path), "uqcit-written")
+        self._show_target(runtime, written)
+
+    def _target_folder(self, package: Path) -> Path | None:
+        """Where the target export goes (None: no target); refused now if it exists or is the package."""
+        if self.target.value is None:
+            return None
+        text = self.target_path.value.strip()
+        folder = Path(text).expanduser() if text else package.with_name(f"{package.name}-{self.target.value}")
+        if folder.resolve() == package.resolve():
+            raise ValueError(f"target folder {folder} is the package's own path; give the target another folder")
+        if os.path.lexists(folder):
+            raise FileExistsError(f"target folder {folder} already exists; remove it or give another in 'target to'")
+        return folder
+
+    def _show_target(self, runtime: str | None, written) -> None:
+        """The target export's line and files, or (``written`` a message) why the target could not carry the plan."""
+        if runtime is None:
+            return
+        if isinstance(written, str):
+            self.target_status.value = (f"<span class='uqcit-target-refused'>not written as "
+                                        f"{html.escape(TARGETS[runtime])}: {html.escape(written)} "
+                                        "(the package above is kept)</span>")
+            return
+        self.last_target = written
+        total = sum(size for _, size in written.files())
+        self.target_status.value = (f"<span class='uqcit-target-written'>{html.escape(written.summary)}; "
+                                    f"{total / 1e6:.1f} MB</span>")
+        self.target_written.value = html_rows(("entry", "files", "bytes"), self.listing(written.path),
+                                              "uqcit-target-files")
 
     def _signing_key(self, target: Path):
         """The key in the key box, or a new key pair written beside the package (never inside it)."""

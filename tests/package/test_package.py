@@ -180,3 +180,48 @@ def test_metadata_is_one_typed_record_that_inspect_reads(tmp_path, capsys):
     (path / "uqcit_metadata.json").write_text(json.dumps(bad))
     with pytest.raises(PackageError, match=r"uqcit_metadata.json: metadata lacks key\(s\) \['modules'\]"):
         PackageMetadata.read(path)
+
+
+def test_a_package_loads_in_bfloat16_close_to_float32_and_generates(tmp_path):
+    _, tok, levels, q = _compress("llama")  # binary concentration: int codes and fp16 salient values
+    path = export_package(q, tok, tmp_path / "pkg", source_model="tiny-llama", levels=levels)
+    f32 = load_package(path, progress=False).model
+    bf16 = load_package(path, progress=False, dtype=torch.bfloat16).model
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref, got = _logits(f32, ids), _logits(bf16, ids)
+    assert got.dtype == torch.bfloat16 and torch.equal(ref, _logits(q.model, ids))  # float32 stays exact
+    # bfloat16 keeps 8 significant bits (a step of 2**-8 = 0.4% of a value): the logits come out
+    # rounded at that scale plus what the blocks' own roundings add (measured ~0.5% of the largest
+    # logit). 2% of the largest logit is 5 such steps; a misread weight or scale moves them by ~100%.
+    assert (got.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    stored = {n: b for n, b in f32.named_buffers() if n.endswith((".codes", ".scales"))}
+    kept = dict(bf16.named_buffers())
+    assert stored and all(torch.equal(kept[n], b) and kept[n].dtype == b.dtype for n, b in stored.items())
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())  # the float parts follow dtype
+    assert bf16.generate(ids[:1, :5], max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"device": "gpu"}, r"device 'gpu': torch knows no such device"),
+    ({"device": "cuda:99"}, r"device 'cuda:99': (torch sees no CUDA GPU|this machine has \d+ CUDA GPU)"),
+    ({"dtype": torch.int8}, r"dtype torch.int8: a package loads in torch.float32, torch.bfloat16"),
+])
+def test_a_device_or_dtype_it_cannot_use_is_refused_before_anything_is_read(tmp_path, kwargs, match):
+    from uqcit.core.keys import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_package(tmp_path / "no-such-package", progress=False, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_package_loads_on_cuda_with_the_cpu_logits(tmp_path):
+    _, tok, levels, q = _compress("llama")
+    path = export_package(q, tok, tmp_path / "pkg", source_model="tiny-llama", levels=levels)
+    gpu = load_package(path, progress=False, device="cuda").model
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert all(b.is_cuda for b in gpu.buffers()) and all(p.is_cuda for p in gpu.parameters())
+    # float32 on another device: the same weights, float sums in another order
+    torch.testing.assert_close(_logits(gpu, ids.cuda()).cpu(), _logits(q.model, ids), rtol=1e-4, atol=1e-4)
+    assert gpu.generate(ids[:1, :5].cuda(), max_new_tokens=4, do_sample=False).shape == (1, 9)
+    half = load_package(path, progress=False, device="cuda", dtype=torch.bfloat16).model
+    assert _logits(half, ids.cuda()).dtype == torch.bfloat16

@@ -126,13 +126,32 @@ def test_a_hub_id_is_downloaded_whole_then_loaded(packages, monkeypatch, tmp_pat
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"dtype": torch.bfloat16}, r"dtype=torch.bfloat16: .*float32.*\.to\(dtype\)"),
-    ({"device_map": "auto"}, r"device_map='auto'.*\.to\(device\)"),
+    ({"dtype": torch.int8}, r"dtype torch.int8: a package loads in torch.float32, torch.bfloat16"),
+    ({"torch_dtype": "complex64"}, r"dtype torch.complex64: a package loads in"),
+    ({"device_map": "auto"}, r"device_map='auto': a UQCIT package loads whole on one device"),
+    ({"device_map": {"": 0}}, r"device_map=\{'': 0\}: a UQCIT package loads whole on one device"),
+    ({"device_map": "npu"}, r"device 'npu': torch knows no such device"),
     ({"attn_implementation": "sdpa"}, r"\['attn_implementation'\].*'secret'"),
 ])
 def test_options_it_cannot_honour_are_refused_by_name(packages, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         from_pretrained(packages["mixed"], trust_remote_code=True, **kwargs)
+
+
+
+def test_dtype_and_device_map_go_to_load_package(packages):
+    ids = torch.tensor(IDS)
+    cases = {"compensated": {"dtype": "bfloat16", "device_map": "cpu"}, "rotated": {"torch_dtype": torch.bfloat16}}
+    for name, kwargs in cases.items():  # low-rank factors, scales and online rotations computed in bfloat16
+        model = from_pretrained(packages[name], trust_remote_code=True, progress=False, **kwargs)
+        with torch.no_grad():
+            got, want = model(ids).logits, load_package(packages[name], progress=False).model(ids).logits
+        assert got.dtype == torch.bfloat16
+        # 2% of the largest logit: 5 bfloat16 steps (see test_package's bfloat16 test)
+        assert (got.float() - want).abs().max() <= 0.02 * want.abs().max(), name
+    auto = from_pretrained(packages["rotated"], dtype="auto", device_map=torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, want)  # "auto" is the float32 load
 
 
 def test_a_masked_lm_package_maps_its_own_auto_class(tmp_path):

@@ -265,6 +265,44 @@ def test_export_panel_writes_a_signed_package_and_lists_it(tiny, tmp_path):
     assert load_package(tmp_path / "pkg", progress=False).model is not None
 
 
+
+def test_export_panel_writes_each_target_beside_the_package_or_says_why_not(tiny, tmp_path):
+    s, levels, sens = tiny
+    lab = LabState(recipe=Recipe(name="wb", stages=(levels.config, AllocateConfig(target_bpw=4.0))))
+    BudgetEditor(levels, sens, target_bpw=4.0, formats=("w3-g32",), state=lab)  # 3-bit codes: see compressed-tensors
+    pkg = tmp_path / "pkg"
+    panel = ExportPanel(s.reference, s.tokenizer, levels, state=lab, path=str(pkg), source_model="tiny-llama")
+    assert panel.widen.disabled
+    panel.target.value = "compressed-tensors"
+    assert not panel.widen.disabled
+    panel.export(wait=True)
+    refused = html.unescape(panel.target_status.value)
+    assert panel.error.text == "", panel.error.text
+    assert "uqcit-target-refused" in refused and "w3-g32" in refused and "widen" in refused, refused
+    assert "Traceback" not in refused and "\n" not in refused
+    assert (pkg / "uqcit_metadata.json").is_file() and lab.packages == [str(pkg)]  # the package stays
+    assert not (tmp_path / "pkg-compressed-tensors").exists() and panel.last_target is None
+
+    panel.widen.value = True  # the same 3-bit codes, stored in 4 bits
+    panel.export(wait=True)
+    ct = panel.last_target
+    assert ct.path == tmp_path / "pkg-compressed-tensors" and set(ct.detail.bits.values()) == {4}
+    size = (ct.path / "model.safetensors").stat().st_size
+    assert ("model.safetensors", 1, size) in panel.listing(ct.path) and f"{size:,}" in panel.target_written.value
+    assert "uqcit-target-written" in panel.target_status.value and "layers as integer codes" in ct.summary
+
+    panel.target.value = "gguf"
+    panel.target_path.value = str(tmp_path / "for-llama.cpp")
+    panel.export(wait=True)
+    assert (tmp_path / "for-llama.cpp" / "model.gguf").read_bytes()[:4] == b"GGUF"
+    assert "model.gguf" in panel.target_written.value and panel.last_target.target == "gguf"
+
+    panel.target.value, panel.target_path.value = "hf", ""
+    panel.export(wait=True)
+    assert (tmp_path / "pkg-hf" / "model.safetensors").is_file() and panel.error.text == ""
+    panel.export_button.click()  # the target folder exists now: refused before anything is written
+    assert "pkg-hf already exists" in panel.error.text and len(lab.packages) == 4
+
 def test_rotation_view_rotates_in_the_background_and_feeds_the_recipe(tiny):
     s, levels, sens = tiny
     lab = LabState(recipe=Recipe(name="r", stages=(levels.config, AllocateConfig())))

@@ -6,6 +6,7 @@ signature (given a public key) or the SHA-256 manifest, and decrypting/decoding 
 (given the secret). Everything the package declares is checked before the model is built
 (``uqcit.package.validate``): only the files its metadata names are read, at the folders the
 naming rule gives, and every failure is a ``PackageError`` naming the file and the field.
+``device`` and ``dtype`` place the built model (``resolve_device``, ``LOAD_DTYPES``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from uqcit.core.keys import ConfigError
 from uqcit.package.format import METADATA_FILE, LoadedPackage, PackageError, PackageMetadata, read_json, read_metadata
 from uqcit.package.secure.encryption import Unlocker
 from uqcit.package.secure.signing import verify_manifest, verify_package
@@ -34,10 +36,59 @@ from uqcit.tensor.sparse import sparse_decode
 
 # What rebuilding a checked module or rotation can still raise on contents no check foresaw.
 _REBUILD_ERRORS = (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError)
+# Compute dtypes a package loads in. The stored codes and fp16 scales keep their dtypes whatever this
+# is (``uqcit.runtime.modules``); the float parts and the dequantized weights follow it.
+LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=None,
-                 secret=None, decode: bool = True, verify: bool = True) -> LoadedPackage:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+    ``ConfigError`` naming it otherwise (a name torch does not know, no GPU, a GPU index too high).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("gpu")
+    Traceback (most recent call last):
+    ...
+    uqcit.core.keys.ConfigError: device 'gpu': torch knows no such device; use 'cpu', 'cuda' or 'cuda:N'
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r}: torch knows no such device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"device {device!r}: the workbench runs on 'cpu' or 'cuda[:N]', not {dev.type!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"device {device!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                          "use device 'cpu', or a machine and torch build with CUDA")
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
+                          "choose one of them or 'cpu'")
+    return dev
+
+
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` when a package can compute in it (``LOAD_DTYPES``), else ``ConfigError`` naming it.
+
+    >>> check_dtype(torch.bfloat16)
+    torch.bfloat16
+    >>> check_dtype("bfloat16")
+    Traceback (most recent call last):
+    ...
+    uqcit.core.keys.ConfigError: dtype 'bfloat16': a package loads in torch.float32, torch.bfloat16 or torch.float16 (pass the torch.dtype)
+    """
+    if not isinstance(dtype, torch.dtype) or dtype not in LOAD_DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: a package loads in torch.float32, torch.bfloat16 or torch.float16 "
+                          "(pass the torch.dtype)")
+    return dtype
+
+
+def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=None, secret=None,
+                 decode: bool = True, verify: bool = True, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> LoadedPackage:
     """Load a package into a runnable transformers model whose quantized layers run from packed codes.
 
     With ``public_key`` (Ed25519, ``uqcit.package.secure.load_public_key``) the package is verified
@@ -47,6 +98,12 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
     ``decode=False`` keeps keyed-encoded weights as stored (a model that computes garbage,
     to see what the encoding does). Names, types, shapes, dtypes and sizes are checked against
     the architecture ``config.json`` describes before any weight memory is allocated.
+
+    ``dtype`` (``torch.bfloat16`` or ``torch.float16``; default float32) is the compute dtype: the
+    float parts are cast to it and quantized layers dequantize into it (the packed C kernel, CPU
+    float32 only, is then not used), while the stored codes and scales keep theirs. ``device``
+    (``"cuda"``, ``"cuda:N"``; default the CPU) is where the model is moved once built; both are
+    checked before anything is read (``resolve_device``, ``check_dtype``).
 
     >>> import tempfile
     >>> from uqcit.package.export import export_package
@@ -59,11 +116,18 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
     True
     >>> pkg.model.generate(ids, max_new_tokens=4, do_sample=False).shape
     torch.Size([1, 7])
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     half = load_package(export_package(q, tok, f"{d}/package", source_model="tiny-llama"), progress=False,
+    ...                         dtype=torch.bfloat16)
+    >>> half.model(ids).logits.dtype
+    torch.bfloat16
     """
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.perf_counter()
+    device = None if device is None else resolve_device(device)
+    dtype = None if dtype is None else check_dtype(dtype)
     path = Path(path)
     check_tree(path)  # no symlink or FIFO is followed or opened, not even to hash it
     if public_key is not None:
@@ -143,6 +207,8 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
         except _REBUILD_ERRORS as exc:
             raise PackageError(f"{path / 'layers'}: online rotations cannot be installed "
                                f"({type(exc).__name__}: {str(exc)[:200]}); the package is corrupt") from exc
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     model.eval()
     # transformers' own save would fail deep inside on the shared embedding/head buffers, and what it
     # wrote (packed codes) no transformers loader reads back: refuse it, naming the exports that work.

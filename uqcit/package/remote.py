@@ -49,6 +49,8 @@ _PLUMBING = frozenset({"config", "trust_remote_code", "_from_auto", "adapter_kwa
                        "_commit_hash", "proxies"})
 _HUB = ("cache_dir", "force_download", "local_files_only", "revision", "token")
 _LOAD = ("secret", "public_key", "verify", "decode", "progress")
+# transformers' device_map strategies that spread a model over devices: a package loads on one.
+_SPREAD = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def auto_class(model_class: str, model_type: str) -> str | None:
@@ -100,20 +102,22 @@ def from_pretrained(name_or_path: str | os.PathLike, *model_args: Any, **kwargs:
 
     Takes ``load_package``'s ``secret``, ``public_key``, ``verify``, ``decode`` and ``progress``, and the
     hub's ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download``, ``subfolder``.
-    The packed layers compute in float32: ``dtype``/``torch_dtype`` other than float32 or ``"auto"``, a
-    ``device_map`` other than ``"cpu"``, and any other option are refused by name.
+    ``dtype`` (or ``torch_dtype``: float32, bfloat16, float16, as a ``torch.dtype`` or its name;
+    ``"auto"`` is float32) and a ``device_map`` naming one device (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+    a ``torch.device`` or a GPU index) go to ``load_package``'s ``dtype`` and ``device``. A
+    ``device_map`` that spreads the model (``"auto"``, a dict) and any other option are refused by name.
     """
     if model_args:
         raise TypeError(f"a UQCIT package takes no positional model arguments after the path, got {model_args!r}")
     dtype = kwargs.pop("dtype", None)
     dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
-    if dtype not in (None, "auto", torch.float32, "float32"):
-        raise ValueError(f"dtype={dtype}: a UQCIT package loads in float32 (its packed layers compute in it); "
-                         "load it without dtype and convert the loaded model with .to(dtype)")
-    device_map = kwargs.pop("device_map", None)
-    if device_map not in (None, "cpu"):
-        raise ValueError(f"device_map={device_map!r}: a UQCIT package loads on the CPU; move the loaded model "
-                         "with .to(device)")
+    if isinstance(dtype, str) and dtype != "auto" and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)  # transformers takes dtype names too: "bfloat16"
+    device = kwargs.pop("device_map", None)
+    if isinstance(device, dict) or device in _SPREAD:
+        raise ValueError(f"device_map={device!r}: a UQCIT package loads whole on one device; pass "
+                         "device_map='cpu', 'cuda' or 'cuda:N'")
+    device = f"cuda:{device}" if isinstance(device, int) and not isinstance(device, bool) else device
     hub = {k: kwargs.pop(k) for k in _HUB if k in kwargs}
     subfolder = kwargs.pop("subfolder", "") or ""
     load = {k: kwargs.pop(k) for k in _LOAD if k in kwargs}
@@ -121,7 +125,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *model_args: Any, **kwargs:
     if unknown:
         raise TypeError(f"from_pretrained got option(s) {unknown} that a UQCIT package does not take; it takes "
                         f"{list(_LOAD)} (uqcit.load_package's) and the hub's {[*_HUB, 'subfolder']}")
-    return load_package(_local(name_or_path, hub) / subfolder, **load).model
+    return load_package(_local(name_or_path, hub) / subfolder, device=device,
+                        dtype=None if dtype == "auto" else dtype, **load).model
 
 
 def _local(name_or_path: str | os.PathLike, hub: dict[str, Any]) -> Path:

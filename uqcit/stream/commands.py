@@ -5,6 +5,8 @@
 >>> add_arguments(p)
 >>> p.parse_args(["--stream", "--run-dir", "r"]).run_dir
 'r'
+>>> p.parse_args(["--stream", "--device", "cuda:1"]).device
+'cuda:1'
 """
 from __future__ import annotations
 
@@ -15,12 +17,21 @@ from uqcit.core.keys import ConfigError
 
 
 def add_arguments(parser) -> None:
-    """Add ``--stream`` and ``--run-dir`` to the ``compress`` parser."""
+    """Add ``--stream``, ``--run-dir`` and ``--device`` to the ``compress`` parser."""
     parser.add_argument("--stream", action="store_true", help="quantize one decoder block at a time from the "
                         "model folder's safetensors shards, for models larger than memory (levels, plan and "
                         "rtn/gptq quantize stages; writes the package without evaluating it)")
     parser.add_argument("--run-dir", metavar="DIR", help="with --stream: the block checkpoints, so a stopped job "
                         "resumes at the next block (default: .NAME.stream beside --out; removed at the end)")
+    parser.add_argument("--device", metavar="DEV", help="with --stream: where the calibration statistics and "
+                        "GPTQ run, 'cpu' (default), 'cuda' or 'cuda:N'; each block moves there and back")
+
+
+def check_device_option(args) -> None:
+    """``--device`` belongs to ``--stream``: refuse it on an in-memory or server job, which would ignore it."""
+    if getattr(args, "device", None) is not None and not args.stream:
+        raise ConfigError(f"--device {args.device} is for --stream jobs (the in-memory job computes on the CPU); "
+                          "add --stream or drop --device")
 
 
 def run_streamed(args, recipe) -> int:
@@ -33,7 +44,7 @@ def run_streamed(args, recipe) -> int:
         raise ConfigError(f"--stream writes the package without loading the whole model, so {', '.join(refused)} "
                           "cannot apply; drop them, or run without --stream")
     report = compress_streamed(source_folder(args.model), recipe, args.out, run_dir=args.run_dir,
-                               model_name=args.model, progress=not args.no_progress)
+                               model_name=args.model, progress=not args.no_progress, device=args.device or "cpu")
     table = report.format_table()
     if args.json:
         atomic_write(args.json, (report.to_json() + "\n").encode())

@@ -15,6 +15,11 @@ The package is the one the in-memory path writes for the same recipe, file for f
 order. What the in-memory job adds and this one does not: the evaluation (it needs the whole
 float model), signing and encryption.
 
+``device="cuda"`` (or ``"cuda:N"``) computes on a GPU: the calibration activations live there,
+each block is moved there for its statistics and GPTQ and back to the CPU before it is written
+(the modules outside the blocks likewise, at the end); peak GPU memory is one block in float and
+the activations. The default, the CPU, moves nothing.
+
 Each finished block is a checkpoint in the run folder (``uqcit.stream.checkpoint``): a job
 interrupted after block k resumes at block k + 1 when it is started again with the same
 arguments.
@@ -53,6 +58,7 @@ from uqcit.inputs.corpus import stage_calibration
 from uqcit.package.canonical import created_stamp
 from uqcit.package.export import layer_parts, link_or_copy, stage_with, write_config, write_layer, write_rest
 from uqcit.package.format import package_bytes
+from uqcit.package.load import resolve_device
 from uqcit.recipe import Recipe
 from uqcit.runtime.modules import QuantLinear, block_stack, replace_module, weight_matrix
 from uqcit.stages.importance import activation_source
@@ -83,6 +89,7 @@ class StreamReport(Result):
     block_seconds: list[float]  # per block computed by this run
     seconds: dict[str, float]
     peak_rss_bytes: int  # this process's peak resident memory (ru_maxrss) when the job ended
+    device: str = "cpu"  # where the statistics and GPTQ ran
 
     def summary(self) -> str:
         return (f"{self.model} → {self.method} (streamed, {self.blocks} blocks): {self.bpw:.3f} bits/weight, "
@@ -95,7 +102,7 @@ class StreamReport(Result):
     def rows(self) -> list[tuple[str, str]]:
         rows = [("method", self.method), ("bits/weight", f"{self.bpw:.3f}"),
                 ("package bytes", f"{self.package_bytes:,}"), ("float32 parameter bytes", f"{self.float_bytes:,}"),
-                ("blocks (resumed at)", f"{self.blocks} ({self.resumed_at})"),
+                ("blocks (resumed at)", f"{self.blocks} ({self.resumed_at})"), ("device", self.device),
                 ("peak RSS", f"{self.peak_rss_bytes / 2**20:.0f} MiB")]
         return rows + [(f"time: {k}", f"{v:.1f} s") for k, v in self.seconds.items()]
 
@@ -117,14 +124,17 @@ class StreamReport(Result):
 
 def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.PathLike, *,
                       run_dir: str | os.PathLike | None = None, model_name: str | None = None,
-                      progress: bool = True, on_block: Callable[[int], None] | None = None) -> StreamReport:
+                      progress: bool = True, on_block: Callable[[int], None] | None = None,
+                      device: str | torch.device = "cpu") -> StreamReport:
     """Write ``recipe``'s package of the model folder ``source`` at ``out``, one block at a time.
 
     ``run_dir`` (default: ``.<out name>.stream`` beside ``out``) holds the block checkpoints; it
     is removed when the package is in place. ``model_name`` is the name the package records as
     its source (default: ``source`` as given). ``on_block(i)`` is called after block ``i`` is
-    checkpointed (a progress hook; an exception it raises stops the job, resumably).
-    Raises ``ConfigError`` for a recipe stage that cannot stream.
+    checkpointed (a progress hook; an exception it raises stops the job, resumably). ``device``
+    (``"cpu"``, ``"cuda"``, ``"cuda:N"``) is where the statistics and GPTQ run; a resumed job may
+    use another one. Raises ``ConfigError`` for a recipe stage that cannot stream or a device this
+    machine does not have.
     """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -132,6 +142,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
     from uqcit.pipeline import preflight
 
     t_start = time.perf_counter()
+    device = resolve_device(device)  # before any work: a GPU that is not there fails now
     levels_cfg, plan_cfg, qcfg = _stages(recipe)
     preflight(recipe, out)
     out = Path(out)
@@ -140,7 +151,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
     skeleton = ckpt.skeleton()
     levels = analyze_levels(skeleton, levels_cfg)
     plan = build_plan(levels, plan_cfg)
-    job = _Job(skeleton, levels, plan, qcfg)
+    job = _Job(skeleton, levels, plan, qcfg, device)
     run = open_run(Path(run_dir) if run_dir is not None else out.parent / f".{out.name}.stream",
                    {"source": str(ckpt.folder), "recipe": recipe.to_dict(), "shards": ckpt.fingerprint()})
     start = run.state.next_block
@@ -149,12 +160,13 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
     if job.needs_calibration:
         t0 = time.perf_counter()
         batch = stage_calibration(qcfg, tokenizer, None, what=f"quantize with method={qcfg.method!r}")
-        job.calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside)  # recomputed on resume
+        calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside)  # recomputed on resume
+        job.calls = [(h.to(device), to_device(kwargs, device)) for h, kwargs in calls]
         streams = run.load_streams()
         if streams is None:  # a fresh run: the streams start as the embeddings
             first = [h for h, _ in job.calls]
             streams = {"q": first, "f": [h.clone() for h in first]} if job.float_stream else {"q": first}
-        job.streams = streams
+        job.streams = {k: [h.to(device) for h in hs] for k, hs in streams.items()}
         seconds["calibration"] += time.perf_counter() - t0
     for b in tqdm(range(start, job.n_blocks), desc="blocks", unit="block", disable=not progress):
         t0 = time.perf_counter()
@@ -166,7 +178,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
         free(work)
         del work
         run.state.add_block(records, parts.modules, parts.float_tensors)
-        run.save(b + 1, job.streams)
+        run.save(b + 1, {k: [h.cpu() for h in hs] for k, hs in job.streams.items()})
         block_seconds.append(time.perf_counter() - t0)
         if on_block is not None:
             on_block(b)
@@ -200,7 +212,8 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
                         package_bytes=package_bytes(out), float_bytes=float_bytes, blocks=job.n_blocks,
                         resumed_at=start, block_seconds=[round(s, 3) for s in block_seconds],
                         seconds={k: round(v, 2) for k, v in seconds.items()},
-                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        device=str(device))
 
 
 def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
@@ -216,6 +229,21 @@ def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
         raise ConfigError(f"recipe {recipe.name!r}: QuantizeConfig.method {qcfg.method!r} cannot run streamed "
                           "yet; use 'rtn' or 'gptq', or run without --stream")
     return recipe.stage("levels") or LevelsConfig(), plan_cfg, qcfg
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (nested in tuples, lists, dicts) on ``device``; the rest as is.
+
+    >>> to_device({"mask": None, "rope": (torch.ones(1), torch.zeros(1))}, torch.device("cpu"))
+    {'mask': None, 'rope': (tensor([1.]), tensor([0.]))}
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _block_calls(skeleton, ckpt: LazyCheckpoint, stack, batch: torch.Tensor, want: dict[str, bool]):
@@ -268,8 +296,8 @@ def _prefix_of(model, module) -> str:
 class _Job:
     """The per-block work of one streamed quantize job (what ``quantize_model`` does, per block)."""
 
-    def __init__(self, skeleton, levels, plan, config: QuantizeConfig):
-        self.skeleton, self.levels, self.plan, self.config = skeleton, levels, plan, config
+    def __init__(self, skeleton, levels, plan, config: QuantizeConfig, device: torch.device):
+        self.skeleton, self.levels, self.plan, self.config, self.device = skeleton, levels, plan, config, device
         self.entries = [m for m in levels.modules if m.tied_to is None and plan.format_for(m.name) is not None]
         pattern = levels.ruleset.block_pattern
         found = block_stack(skeleton, [m.name for m in levels.modules], pattern)
@@ -300,7 +328,9 @@ class _Job:
         return [e.name for e in self.entries if e.name.startswith(self.stack_name + ".")]
 
     def block(self, b: int, work: torch.nn.Module):
-        """Calibrate, quantize and advance block ``b`` (``work``, its float weights loaded)."""
+        """Calibrate, quantize and advance block ``b`` (``work``, its float weights loaded on the CPU;
+        computed on the job's device and back on the CPU when this returns)."""
+        work.to(self.device)
         prefix = f"{self.stack_name}.{b}."
         names = [e for e in self.entries if e.name.startswith(prefix)]
         rel = {e.name: e.name[len(prefix):] for e in names}
@@ -317,6 +347,7 @@ class _Job:
         records = [self._quantize(work, e, rel[e.name], stats, hess) for e in names]
         if self.sequential:  # the quantized block's outputs feed the next block's Hessians
             self._run(work, "q", {}, prefix)
+        work.to("cpu")  # the package is written from the CPU
         modules = {prefix + n: m for n, m in work.named_modules() if n}
         state = {prefix + k: v for k, v in work.state_dict().items()}
         by_name = {r.name: r for r in module_records(records)}
@@ -355,19 +386,19 @@ class _Job:
         """The modules outside the blocks, read now: statistics of the head on the streams, then the
         embedding and head quantized and tied as ``quantize_model`` ties them."""
         sk = self.skeleton
-        outer = _outer_modules(sk, self.stack)
-        for m in [m for m in sk.modules() if id(m) in outer and not list(m.children())]:
+        for m in self._outer_leaves():
             prefix = _prefix_of(sk, m)
             ckpt.load_into(m, prefix, tied=_tied_keys(ckpt, m, prefix))
+        self._place_outer(self.device)
         sk.tie_weights()
         stats = {**self.stats, **self._head_stats()} if self.needs_calibration else {}
         rest = [e for e in self.entries if not e.name.startswith(self.stack_name + ".")]
         records = [ModuleQuant(**{**r, "shape": tuple(r["shape"])}) for r in state.records]
         done = {r.name: r for r in records}
-        qtensors = {}
         for e in rest:
             done[e.name] = self._quantize(sk, e, e.name, stats, stats)
-            qtensors[e.name] = sk.get_submodule(e.name).qtensor
+        self._place_outer("cpu")  # the quantized modules too, before any is tied to another
+        qtensors = {e.name: sk.get_submodule(e.name).qtensor for e in rest}
         records = [done[e.name] for e in self.entries]
         for entry in self.levels.modules:
             if entry.tied_to is None or entry.tied_to not in qtensors:
@@ -381,6 +412,19 @@ class _Job:
         modules = {n: m for n, m in sk.named_modules() if n and n != self.stack_name and not n.startswith(inside)}
         st = {k: v for k, v in sk.state_dict().items() if not k.startswith(inside)}
         return records, layer_parts(modules, st, {r.name: r for r in module_records(records)})
+
+    def _outer_leaves(self) -> list[torch.nn.Module]:
+        """The modules outside the blocks that hold tensors themselves (no children)."""
+        outer = _outer_modules(self.skeleton, self.stack)
+        return [m for m in self.skeleton.modules() if id(m) in outer and not list(m.children())]
+
+    def _place_outer(self, device: torch.device | str) -> None:
+        """Move the modules outside the blocks to ``device``, one by one (the skeleton's blocks are meta
+        and cannot move). Those still on meta stay: the rotary embedding, back there once it gave the
+        blocks their arguments (``_block_calls``), is not used again."""
+        for m in self._outer_leaves():
+            if not any(t.is_meta for t in (*m.parameters(), *m.buffers())):
+                m.to(device)
 
     def _head_stats(self) -> dict[str, Any]:
         """Input statistics of the modules after the stack (the head), on the float stream."""
