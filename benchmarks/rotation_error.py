@@ -7,8 +7,9 @@ of its Hadamard-rotated copy, round to nearest at w3-g128 and measure
 - the relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, ``H`` the input covariance of the
   module on 4 x 256 calibration tokens (what the layer's outputs feel),
 
-plus the share of ``tr(H)`` in the top 1 % of input channels, and the post-attention RMSNorm
-weights of those layers (the up projections' inputs pass through them). No evaluation windows are
+plus the share of ``tr(H)`` in the top 1 % of input channels, the post-attention RMSNorm weights
+of those layers (the up projections' inputs pass through them), and the residual channels with
+the largest activations entering that norm with the norm's weight on each. No evaluation windows are
 read: this is an analysis, not a quality figure.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/rotation_error.py
@@ -57,6 +58,28 @@ def errors(model, batch, names: list[str]) -> list[dict]:
     return rows
 
 
+def massive_channels(model, ids: torch.Tensor) -> list[dict]:
+    """Per layer: the residual channels with the largest RMS entering the post-attention norm, and
+    the norm's weight on each (a weight near zero switches the channel off inside the norm)."""
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [model.model.layers[b].post_attention_layernorm.register_forward_hook(
+        lambda mod, args, out, b=b: inputs.__setitem__(b, args[0].detach())) for b in LAYERS]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for b in LAYERS:
+        rms = inputs[b].reshape(-1, inputs[b].shape[-1]).pow(2).mean(0).sqrt()
+        gamma = model.model.layers[b].post_attention_layernorm.weight.detach().abs()
+        rows.append({"layer": b, "median_rms": float(rms.median()),
+                     "largest": [{"channel": int(i), "rms": float(rms[i]), "norm_weight": float(gamma[i])}
+                                 for i in rms.topk(3).indices]})
+    return rows
+
+
 def main() -> None:
     loaded = load_model("smollm2-135m")
     ref, tok = loaded.model, loaded.tokenizer
@@ -68,6 +91,7 @@ def main() -> None:
            "post_attention_norm": [
                {"layer": b, **{k: float(getattr(g, k)()) for k in ("min", "median", "max")}}
                for b in LAYERS for g in [ref.model.layers[b].post_attention_layernorm.weight.detach().abs()]],
+           "massive_channels": massive_channels(ref, batch[:1, :128]),
            "machine": machine(), "date": datetime.date.today().isoformat()}
     for key in ("plain", "hadamard"):
         rows = out[key]
