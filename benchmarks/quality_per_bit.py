@@ -79,6 +79,10 @@ CANDIDATES = [
     Candidate(3.25, "w3-g96-iz", "w3-g64-iz", rotation="none"),
     Candidate(4.25, "w4-g64-sym", "w4-g128-iz", rotation="none"),
     Candidate(2.5, "w2-g64-iz", "w3-g128-iz", rotation="none"),
+    # Double-quantized scales (6-bit group scales under an fp16 scale per 256 weights): groups of
+    # 32 for the bits groups of 64 cost with fp16 scales.
+    Candidate(4.25, "w4-g32-sym-s6", "fp16", rotation="none"),
+    Candidate(4.25, "w4-g32-sym-s6", "w4-g96-iz", rotation="none"),
     # Ablation: the first recipe after a Hadamard rotation of the residual stream (on SmolLM2 the
     # rotation roughly doubles learned rounding's block output error; docs/evaluation.md).
     Candidate(3.30, "w3-g64-iz", "fp16"),

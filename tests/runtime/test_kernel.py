@@ -36,6 +36,9 @@ CASES = [
     (QuantFormat(bits=3, group_size=12), (11, 37)),
     (QuantFormat(bits=2, group_size=128), (9, 130)),
     (QuantFormat(bits=3, group_size=64, int_zeros=True), (40, 192)),  # packed integer zero points
+    (QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6), (24, 576)),  # double-quantized scales
+    (QuantFormat(bits=3, group_size=48, int_zeros=True, scale_bits=6), (40, 192)),
+    (QuantFormat(bits=4, group_size=30, scale_bits=5), (17, 45)),
 ]
 
 

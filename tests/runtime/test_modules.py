@@ -28,6 +28,8 @@ FORMATS = [
     QuantFormat(bits=16),
     QuantFormat(bits=2, group_size=32, high_bits=16, high_fraction=0.1),
     QuantFormat(bits=4, group_size=32, high_bits=8, high_fraction=0.3),
+    QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6),  # double-quantized scales
+    QuantFormat(bits=3, group_size=48, int_zeros=True, scale_bits=6),
 ]
 
 

@@ -30,6 +30,9 @@ GOLDEN = {
     2: ([1, 2, 3, 0, 3, 1], [0x39, 0x07]),
     3: ([1, 2, 3, 4, 5, 6, 7, 0, 5], [0xD1, 0x58, 0x1F, 0x05]),
     4: ([1, 15, 7, 8, 3], [0xF1, 0x87, 0x03]),
+    5: ([1, 31, 16, 7, 9], [0xE1, 0xC3, 0x93, 0x00]),  # double-quantized scale codes (5-8 bits)
+    6: ([1, 63, 32, 10, 5], [0xC1, 0x0F, 0x2A, 0x05]),
+    7: ([1, 127, 64, 33, 2], [0x81, 0x3F, 0x30, 0x24, 0x00]),
     8: ([0, 255, 17], [0x00, 0xFF, 0x11]),
 }
 
@@ -94,7 +97,7 @@ def test_empty():
         (torch.tensor([-1, 0]), 2, r"\[-1, 0\]"),
         (torch.tensor([0.0, 1.0]), 2, "integer dtype"),
         (torch.tensor([[0, 1]]), 2, "1-D"),
-        (torch.tensor([0, 1]), 5, "bits must be one of"),
+        (torch.tensor([0, 1]), 9, "bits must be one of"),
     ],
 )
 def test_pack_rejects(codes, bits, message):
@@ -109,6 +112,6 @@ def test_unpack_rejects_wrong_sizes_and_types():
     with pytest.raises(ValueError, match="1-D uint8"):
         unpack(packed.to(torch.int32), 3, 3)
     with pytest.raises(ValueError, match="bits must be one of"):
-        unpack(packed, 6, 3)
+        unpack(packed, 9, 3)
     with pytest.raises(IndexError, match="out of range"):
         unpack_at(packed, 3, 3, torch.tensor([3]))

@@ -30,6 +30,7 @@ package format                       compressed-tensors
 embeddings, the output layer         float weights (dequantized, exact): runtimes quantize
                                      neither through compressed-tensors
 mixed ``+w8@``/``+w16@``             refused (no salient-weight mask in compressed-tensors)
+double-quantized scales ``-s{S}``    refused (no scale codes under super-scales)
 compensation, online rotations       refused
 ===================================  =========================================================
 
@@ -138,6 +139,9 @@ def carried_bits(name: str, fmt: QuantFormat, widen: bool = False) -> int:
     if fmt.mixed:
         raise ExportError(f"{where}: its salient weights sit at higher precision under a mask, which "
                           f"compressed-tensors cannot express; {CARRIERS}")
+    if fmt.scale_bits is not None:
+        raise ExportError(f"{where}: its group scales are {fmt.scale_bits}-bit codes under fp16 super-scales, "
+                          f"which compressed-tensors cannot express; {CARRIERS}")
     if widen and fmt.bits < WIDE_BITS:
         return WIDE_BITS
     if fmt.bits in PORTABLE_BITS:

@@ -15,6 +15,8 @@ package format                         GGUF      how
 other groups, 32-multiple rows         Q8_0      re-quantized from the dequantized weight
 ``fp16``, mixed formats, float         F16       the dequantized weight rounded to fp16
 norms, and rows not a multiple of 32   F32       exact
+double-quantized scales ``-s{S}``      refused   (``ExportError``: a Q4_0/Q4_1 block holds an fp16
+                                                 scale, which cannot hold ``code * super``)
 =====================================  ========  =================================================
 
 So a plan of 2-4-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only the
@@ -52,6 +54,7 @@ from uqcit.tensor.formats import FLOAT_BITS, QuantFormat, parse_format
 from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
 BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block
+DEQUANTIZED = "the hf export (uqcit.export.hf.export_dequantized, float weights) carries it"
 LLAMA_FAMILY = ("llama", "mistral")  # transformers model types with llama.cpp's "llama" graph
 
 
@@ -79,7 +82,12 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     >>> from uqcit.tensor.formats import parse_format
     >>> gguf_type(parse_format("w4-g128"), (64, 64)), gguf_type(parse_format("w8-g32"), (64, 64))
     (('Q4_1', True), ('Q8_0', False))
+
+    Formats with double-quantized scales (``scale_bits``) have no GGUF type here: ``ExportError``.
     """
+    if fmt is not None and fmt.scale_bits is not None:
+        raise ExportError(f"format {fmt.name}: its group scales are {fmt.scale_bits}-bit codes under fp16 "
+                          f"super-scales, which no GGUF type written here holds; {DEQUANTIZED}")
     if len(shape) != 2 or shape[-1] % BLOCK:
         return "F32", True
     if fmt is None or fmt.bits == FLOAT_BITS or fmt.mixed:
@@ -102,12 +110,15 @@ def gguf_formats(names) -> list[str]:
     ``AllocateConfig(formats=tuple(gguf_formats(sensitivity.formats)))``, and its bits/weight budget
     is the file's. (Other exact formats export too, but larger: ``w2-g128`` rides in Q4_1 blocks.)
 
-    >>> gguf_formats(["w2-g128", "w4-g32-sym", "w4-g32", "w4-g32-iz", "w4-g128-sym", "w8-g32-sym", "fp16"])
+    >>> gguf_formats(["w2-g128", "w4-g32-sym", "w4-g32", "w4-g32-iz", "w4-g128-sym", "w8-g32-sym", "fp16",
+    ...               "w4-g32-sym-s6"])
     ['w4-g32-sym', 'w4-g32', 'w8-g32-sym', 'fp16']
     """
     out = []
     for name in names:
         fmt = parse_format(name)
+        if fmt.scale_bits is not None:  # refused by the export
+            continue
         qtype, exact = gguf_type(fmt, (BLOCK, BLOCK))
         if exact and fmt.bits_for(BLOCK * BLOCK) == TYPE_BITS[qtype] * BLOCK * BLOCK:
             out.append(name)
@@ -177,6 +188,10 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
     quantized = {name: mod.qtensor for name, mod in model.named_modules()
                  if isinstance(mod, (QuantLinear, QuantEmbedding))
                  and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
+    for name, q in quantized.items():  # before anything is written
+        if q.fmt.scale_bits is not None:
+            raise ExportError(f"module {name} ({q.fmt.name}): its group scales are {q.fmt.scale_bits}-bit codes "
+                              f"under fp16 super-scales, which no GGUF type written here holds; {DEQUANTIZED}")
     state = dequantized_state(model)
     tied = tied_output_key(model, state)
 

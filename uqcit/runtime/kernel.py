@@ -20,8 +20,11 @@ one scale per row. The kernel is ~100 lines of C compiled once with the system C
 (``cc -O3 -fopenmp``) into the workbench cache and loaded with ``ctypes``; where no compiler
 works, ``available()`` is False and ``QuantLinear`` keeps the pure-torch path.
 
-Integer formats of 2, 3, 4 and 8 bits (symmetric or not) are supported; mixed formats (a
-masked high-precision subset) and fp16 pass-through are not (``supports`` says which).
+Integer formats of 2, 3, 4 and 8 bits (symmetric or not, fp16 or double-quantized scales) are
+supported; mixed formats (a masked high-precision subset) and fp16 pass-through are not
+(``supports`` says which). Double-quantized scales (``scale_bits``) are decoded once into a
+float32 buffer (``quant.scales_of``, 32 bits a group in memory) that the kernel reads instead
+of the fp16 scales: their exact values, which fp16 cannot hold.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -47,7 +50,7 @@ import torch
 from uqcit.core.io import atomic_write_with
 from uqcit.core.paths import home
 from uqcit.tensor.formats import FLOAT_BITS
-from uqcit.tensor.quant import QuantizedTensor, zero_points
+from uqcit.tensor.quant import QuantizedTensor, scales_of, zero_points
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -163,10 +166,11 @@ static float seg_dot_any(const uint8_t *codes, int bits, int64_t f, int64_t len,
     return acc;
 }
 
-/* y[T, N] = x[T, K] @ W^T for W [N, K] stored as group-wise codes. With phased != 0 (every
-   row and group starts on a chunk boundary) x is first copied into phase layout (see seg_dot). */
-int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const uint16_t *zeros,
-              float sym_offset, int64_t N, int64_t K, int64_t gs,
+/* y[T, N] = x[T, K] @ W^T for W [N, K] stored as group-wise codes, the scales fp16 (scales) or
+   float32 (scales32, when not NULL). With phased != 0 (every row and group starts on a chunk
+   boundary) x is first copied into phase layout (see seg_dot). */
+int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const float *scales32,
+              const uint16_t *zeros, float sym_offset, int64_t N, int64_t K, int64_t gs,
               const float *x_in, int phased, int64_t T, float *y, int threads) {
     int64_t per = bits == 3 ? 8 : 8 / bits, stride = K / per;
     const float *x = x_in;
@@ -188,7 +192,7 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const uint
             int64_t g = (f0 + k) / gs;
             int64_t end = (g + 1) * gs - f0;
             if (end > K) end = K;
-            float s = HALF[scales[g]];
+            float s = scales32 ? scales32[g] : HALF[scales[g]];
             float off = zeros ? HALF[zeros[g]] : sym_offset;
             for (int64_t t = 0; t < T; t++) {
                 float acc = phased ? seg_dot(codes, bits, f0 + k, end - k, x + t * K, k / per, stride, off)
@@ -237,7 +241,7 @@ def _build() -> ctypes.CDLL:
     lib.uq_init.restype = None
     lib.uq_init()
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.uq_matmul.argtypes = [p, ctypes.c_int, p, p, ctypes.c_float, i64, i64, i64, p, ctypes.c_int, i64, p,
+    lib.uq_matmul.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_float, i64, i64, i64, p, ctypes.c_int, i64, p,
                               ctypes.c_int]
     lib.uq_matmul.restype = ctypes.c_int
     return lib
@@ -296,13 +300,19 @@ class PackedKernel:
         per = 8 if fmt.bits == 3 else 8 // fmt.bits  # codes per packed chunk
         # The phase layout (kernel source) needs every row and group to start on a chunk boundary.
         phased = self.in_features % per == 0 and fmt.group_size % per == 0
+        scales16 = scales32 = None
+        if fmt.scale_bits is None:
+            scales16 = t["scales"].data_ptr()
+        else:  # decoded once; c * super needs more digits than fp16 has
+            self._scales32 = scales_of(q).contiguous()
+            scales32 = self._scales32.data_ptr()
         zeros = None
         if not fmt.symmetric:
             # The kernel reads fp16 zero points; packed integer ones are widened once here.
             self._zeros = t["zeros"] if not fmt.int_zeros else zero_points(q).to(torch.float16)
             zeros = self._zeros.data_ptr()
         self._fn = lib.uq_matmul
-        self._head = (t["codes"].data_ptr(), fmt.bits, t["scales"].data_ptr(), zeros,
+        self._head = (t["codes"].data_ptr(), fmt.bits, scales16, scales32, zeros,
                       float(1 << (fmt.bits - 1)), self.out_features, self.in_features, fmt.group_size)
         self._phased = int(phased)
 

@@ -174,6 +174,9 @@ def make_trainable(model: nn.Module, mode: Mode, *, modules: str | None = None, 
                 continue
             if m.fmt.bits == FLOAT_BITS or m.fmt.mixed:
                 skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
+            elif m.fmt.scale_bits is not None:
+                skipped.append((name, f"format {m.fmt.name}: its scales are integer codes, not fp16 (train "
+                                      "with mode 'lora', or quantize with fp16 scales)"))
             elif len(owners.get(m.scales.data_ptr(), [])) > 1:
                 skipped.append((name, f"scales shared with {[o for o in owners[m.scales.data_ptr()] if o != name]}"))
             else:

@@ -4,7 +4,9 @@ A ``QuantFormat`` says how a tensor is stored: group-wise integer codes at 2/3/4
 bits with fp16 scales (and zero points when asymmetric: fp16 by default, or packed
 ``bits``-wide integers with ``int_zeros``, the convention of GPTQ/AutoRound checkpoints,
 which costs ``bits`` instead of 16 bits per group), or fp16 pass-through; optionally a top fraction of weights (by importance) kept at a
-higher precision, located by a 1-bit mask. ``bits_for`` is the exact storage
+higher precision, located by a 1-bit mask. With ``scale_bits`` the group scales themselves are
+quantized (double quantization, as llama.cpp's K-quants): each is an unsigned ``scale_bits``-wide
+integer code times one fp16 super-scale per ``SUPER_BLOCK`` consecutive weights. ``bits_for`` is the exact storage
 cost that ``quant.quantize`` produces: the same arithmetic, so planned and stored
 bits agree.
 """
@@ -21,6 +23,8 @@ INT_BITS = (2, 3, 4, 8)
 FLOAT_BITS = 16
 HIGH_BITS = (8, 16)
 SCALE_BITS = 16  # scales and zero points are stored as fp16
+SCALE_CODE_BITS = (4, 5, 6, 7, 8)  # widths of double-quantized scale codes
+SUPER_BLOCK = 256  # weights sharing one fp16 super-scale (llama.cpp's K-quant super-block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,8 @@ class QuantFormat:
     'w2-g128+w16@0.1'
     >>> QuantFormat(bits=3, group_size=64, int_zeros=True).bits_per_weight(576 * 576)
     3.296875
+    >>> QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6).bits_per_weight(576 * 576)
+    4.25
     """
 
     bits: int = 4  # 2, 3, 4, 8 (integer codes) or 16 (fp16 pass-through)
@@ -41,6 +47,7 @@ class QuantFormat:
     high_bits: int | None = None  # salient weights' precision: 8 (int8 groups) or 16 (fp16)
     high_fraction: float = 0.0  # fraction of weights, by importance, stored at high_bits
     int_zeros: bool = False  # asymmetric: zero points packed as integers of the part's bits, not fp16
+    scale_bits: int | None = None  # group scales as codes of this many bits under fp16 super-scales; None: fp16
 
     def __post_init__(self) -> None:
         if self.bits not in INT_BITS + (FLOAT_BITS,):
@@ -60,6 +67,12 @@ class QuantFormat:
             raise ValueError("high_fraction is set but high_bits is None")
         if self.int_zeros and (self.symmetric or self.bits == FLOAT_BITS):
             raise ValueError("int_zeros needs an asymmetric integer format (symmetric ones store no zero point)")
+        if self.scale_bits is not None:
+            if self.scale_bits not in SCALE_CODE_BITS:
+                raise ValueError(f"scale_bits must be one of {SCALE_CODE_BITS} or None (fp16 scales), "
+                                 f"got {self.scale_bits}")
+            if self.bits == FLOAT_BITS:
+                raise ValueError("scale_bits needs an integer format (fp16 pass-through stores no scales)")
 
     @property
     def mixed(self) -> bool:
@@ -71,6 +84,7 @@ class QuantFormat:
             return "fp16"
         base = f"w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
         base += "-iz" if self.int_zeros else ""
+        base += f"-s{self.scale_bits}" if self.scale_bits is not None else ""
         if self.mixed:
             base += f"+w{self.high_bits}@{self.high_fraction:g}"
         return base
@@ -87,13 +101,14 @@ class QuantFormat:
             return FLOAT_BITS * numel
         n_high = self.high_count(numel)
         n_low = numel - n_high
-        total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric, self.int_zeros)
+        total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric, self.int_zeros, self.scale_bits)
         if self.mixed:
             total += _packed_bits(numel, 1)  # the mask
             if self.high_bits == FLOAT_BITS:
                 total += FLOAT_BITS * n_high
             else:
-                total += _int_part_bits(n_high, self.high_bits, self.group_size, self.symmetric, self.int_zeros)
+                total += _int_part_bits(n_high, self.high_bits, self.group_size, self.symmetric, self.int_zeros,
+                                        self.scale_bits)
         return total
 
     def bits_per_weight(self, numel: int) -> float:
@@ -101,8 +116,11 @@ class QuantFormat:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if not self.int_zeros:  # absent unless used: formats written before it stay byte-identical
+        # Absent unless used: formats written before these fields existed stay byte-identical.
+        if not self.int_zeros:
             del out["int_zeros"]
+        if self.scale_bits is None:
+            del out["scale_bits"]
         return out
 
     @classmethod
@@ -116,11 +134,16 @@ def _packed_bits(count: int, bits: int) -> int:
     return 8 * math.ceil(count * bits / 8)
 
 
-def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_zeros: bool = False) -> int:
+def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_zeros: bool = False,
+                   scale_bits: int | None = None) -> int:
     if count == 0:
         return 0
     groups = math.ceil(count / group_size)
-    total = _packed_bits(count, bits) + groups * SCALE_BITS
+    total = _packed_bits(count, bits)
+    if scale_bits is None:
+        total += groups * SCALE_BITS
+    else:  # packed scale codes, and one fp16 super-scale per super-block (the last may be partial)
+        total += _packed_bits(groups, scale_bits) + math.ceil(count / SUPER_BLOCK) * SCALE_BITS
     # Codes of the padded last group are not stored: packing covers exactly `count` codes.
     if not symmetric:
         total += _packed_bits(groups, bits) if int_zeros else groups * SCALE_BITS
@@ -128,19 +151,24 @@ def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_
 
 
 _NAME_RE = re.compile(
-    r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?P<iz>-iz)?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
+    r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?P<iz>-iz)?(?:-s(?P<sb>\d+))?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
 )
 
 
 def parse_format(name: str) -> QuantFormat:
-    """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w3-g64-iz"``, ``"w2-g64-sym+w16@0.1"``, ``"fp16"``."""
+    """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w3-g64-iz"``, ``"w4-g32-sym-s6"``,
+    ``"w2-g64-sym+w16@0.1"``, ``"fp16"``.
+
+    >>> parse_format("w3-g64-iz-s6").scale_bits
+    6
+    """
     if name == "fp16":
         return QuantFormat(bits=FLOAT_BITS)
     m = _NAME_RE.match(name.strip())
     if not m:
         raise ValueError(
             f"cannot read format {name!r}; expected e.g. 'w4-g128', 'w3-g64-sym', "
-            "'w2-g128+w16@0.1' or 'fp16'"
+            "'w4-g32-sym-s6', 'w2-g128+w16@0.1' or 'fp16'"
         )
     high = m.group("high")
     return QuantFormat(
@@ -148,6 +176,7 @@ def parse_format(name: str) -> QuantFormat:
         group_size=int(m.group("group")),
         symmetric=bool(m.group("sym")),
         int_zeros=bool(m.group("iz")),
+        scale_bits=int(m.group("sb")) if m.group("sb") else None,
         high_bits=int(high) if high else None,
         high_fraction=float(m.group("frac")) if high else 0.0,
     )

@@ -24,7 +24,9 @@ them, and every weight is rounded onto its own group's grid (fp16 high weights: 
 updated weights are then encoded on that grid with ``quant.quantize_with``, so the result is
 an ordinary ``QuantizedTensor`` in the same packed layout, with ``fmt.bits_for(numel)`` bits,
 that ``dequantize`` and ``QuantLinear`` use unchanged. (Static groups are also what makes
-act-order compatible with consecutive row-major groups.)
+act-order compatible with consecutive row-major groups.) With double-quantized scales
+(``fmt.scale_bits``) the grid holds the decoded scales (scale code times super-scale), so the
+error feedback rounds onto the grid that is stored.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat

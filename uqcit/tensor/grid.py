@@ -12,6 +12,21 @@ one-ulp step that keeps the top code reachable, constant groups) are stated in t
 >>> stored = encode_int(x, 2, 4, False, int_grid(x, 2, 4, symmetric=False), "")
 >>> sorted(stored), dequantize_int(stored, "", 6, 2, 4, False)[:4].tolist()
 (['codes', 'scales', 'zeros'], [0.0, 1.0, 2.0, 3.0])
+
+With ``scale_bits`` (double quantization) a part stores no fp16 ``scales``: each group's scale
+is ``scale_codes[g] * super_scales[k]`` (float32; the product of a code of at most 8 bits and an
+fp16 value is exact in float32, so every reader computes the same scale), where ``k`` is the
+super-block of ``SUPER_BLOCK`` consecutive values that holds the group's first value. The rules
+(``double_grid``): the group scales of the min/max grid in float32 (no fp16 rounding, no
+constant-group rule), ``super = fp16(max scale of its super-block / (2**s - 1))`` floored at the
+smallest fp16 normal, ``code = clamp(round(scale / super), 1, 2**s - 1)``; zero points and codes
+are then computed against the decoded scales, so the stored codes are round-to-nearest on the
+stored grid.
+
+>>> x = torch.arange(64.0) - 20  # 4 bits, groups of 32 (absmax 20 and 43), 6-bit scale codes
+>>> g = int_grid(x, 4, 32, symmetric=True, scale_bits=6)  # scales 20/7, 43/7; super 43/7/63
+>>> g.scale_codes.tolist(), g.super_scales.tolist(), sorted(encode_int(x, 4, 32, True, g, "", scale_bits=6))
+([29, 63], [0.0975341796875], ['codes', 'scale_codes', 'super_scales'])
 """
 from __future__ import annotations
 
@@ -21,10 +36,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from uqcit.tensor.formats import SUPER_BLOCK
 from uqcit.tensor.packing import pack, packed_nbytes, unpack, unpack_at
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): the floor for a scale
+FP16_NORMAL = 2.0**-14  # smallest normal fp16: the floor for a super-scale (full 11-bit precision)
 
 
 class TensorSpec(NamedTuple):
@@ -35,12 +52,14 @@ class TensorSpec(NamedTuple):
 
 
 def int_layout(prefix: str, count: int, bits: int, group_size: int, symmetric: bool, *,
-               int_zeros: bool = False) -> dict[str, TensorSpec]:
+               int_zeros: bool = False, scale_bits: int | None = None) -> dict[str, TensorSpec]:
     groups = math.ceil(count / group_size)
-    layout = {
-        prefix + "codes": TensorSpec(torch.uint8, packed_nbytes(count, bits)),
-        prefix + "scales": TensorSpec(torch.float16, groups),
-    }
+    layout = {prefix + "codes": TensorSpec(torch.uint8, packed_nbytes(count, bits))}
+    if scale_bits is None:
+        layout[prefix + "scales"] = TensorSpec(torch.float16, groups)
+    else:
+        layout[prefix + "scale_codes"] = TensorSpec(torch.uint8, packed_nbytes(groups, scale_bits))
+        layout[prefix + "super_scales"] = TensorSpec(torch.float16, math.ceil(count / SUPER_BLOCK))
     if not symmetric:
         layout[prefix + "zeros"] = (TensorSpec(torch.uint8, packed_nbytes(groups, bits)) if int_zeros
                                     else TensorSpec(torch.float16, groups))
@@ -49,29 +68,95 @@ def int_layout(prefix: str, count: int, bits: int, group_size: int, symmetric: b
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class IntGrid:
-    """The grid of one integer part: an fp16 scale (and zero point) per group of its values."""
+    """The grid of one integer part: a scale (and zero point) per group of its values.
 
-    scales: torch.Tensor  # fp16 [groups]
+    Plain grids hold fp16 ``scales``; double-quantized ones (``scale_bits``) hold the float32
+    decoded scales ``scale_codes * super_scales`` with the codes and super-scales they store.
+    """
+
+    scales: torch.Tensor  # fp16 [groups], or float32 [groups] decoded when double-quantized
     zeros: torch.Tensor | None  # fp16 [groups]; None for symmetric formats
+    scale_codes: torch.Tensor | None = None  # uint8 [groups], in [1, 2**scale_bits - 1]; double-quantized only
+    super_scales: torch.Tensor | None = None  # fp16 [ceil(count / SUPER_BLOCK)]; double-quantized only
 
 
-def int_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> IntGrid:
-    """Group-wise fp16 scales (and zeros) of 1-D float32 ``x`` (rules in the docstring of ``uqcit.tensor.quant``)."""
+def int_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+             scale_bits: int | None = None) -> IntGrid:
+    """Group-wise scales (and zeros) of 1-D float32 ``x`` (rules in the docstring of ``uqcit.tensor.quant``;
+    with ``scale_bits``, in this module's docstring)."""
     if x.numel() == 0:
         empty = torch.empty(0, dtype=torch.float16, device=x.device)
-        return IntGrid(empty, None if symmetric else empty.clone())
+        zeros = None if symmetric else empty.clone()
+        if scale_bits is None:
+            return IntGrid(empty, zeros)
+        return IntGrid(empty.float(), zeros, torch.empty(0, dtype=torch.uint8, device=x.device), empty.clone())
     lo, hi = _group_minmax(x, group_size)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("w contains NaN or infinite values")
     if float(torch.maximum(-lo, hi).max()) > FP16_MAX:
         raise ValueError(f"integer formats store fp16 scales: |w| must be <= {FP16_MAX}")
+    if scale_bits is not None:
+        return double_grid(lo, hi, bits, group_size, symmetric, scale_bits, x.numel())
     if symmetric:
         return IntGrid(_symmetric_params(lo, hi, bits), None)
     return IntGrid(*_asymmetric_params(lo, hi, bits))
 
 
+def double_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                scale_bits: int, count: int, super_scales: torch.Tensor | None = None) -> IntGrid:
+    """The double-quantized grid of groups with float32 minima ``lo`` and maxima ``hi`` (rules in
+    the module docstring) in a part of ``count`` values; ``super_scales`` fixes the super-scales
+    instead of deriving them (the clipping search keeps those of the unclipped grid)."""
+    qmax = (1 << bits) - 1
+    lo0, hi0 = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    # Float32 scales of the min/max grid. Constant groups take the same rule (not the fp16 rule's
+    # scale |c|, which would be 2**(b-1) - 1 times larger and set the super-scale of its neighbours).
+    raw = torch.maximum(-lo0, hi0) / ((1 << (bits - 1)) - 1) if symmetric else (hi0 - lo0) / qmax
+    if super_scales is None:
+        super_scales = group_super_scales(raw, count, group_size, scale_bits)
+    codes, scales = quantize_scales(raw, super_scales, group_size, scale_bits)
+    zeros = None if symmetric else _zero_and_top(lo0, hi0, scales, qmax)[0]
+    return IntGrid(scales, zeros, codes, super_scales)
+
+
+def super_index(groups: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The super-block of each group (the one that holds its first value): int64 ``[groups]``."""
+    return torch.arange(groups, device=device) * group_size // SUPER_BLOCK
+
+
+def group_super_scales(raw: torch.Tensor, count: int, group_size: int, scale_bits: int) -> torch.Tensor:
+    """fp16 super-scales of float32 group scales ``raw``: each super-block's largest over the top
+    code ``2**scale_bits - 1``, never below the smallest fp16 normal (also for a super-block that
+    no group starts in, which stores the floor)."""
+    top = torch.zeros(math.ceil(count / SUPER_BLOCK), dtype=torch.float32, device=raw.device)
+    top.scatter_reduce_(0, super_index(raw.numel(), group_size, raw.device), raw, "amax")
+    return (top / ((1 << scale_bits) - 1)).to(torch.float16).clamp_(min=FP16_NORMAL)
+
+
+def quantize_scales(raw: torch.Tensor, super_scales: torch.Tensor, group_size: int,
+                    scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes ``clamp(round(raw / super), 1, 2**scale_bits - 1)`` of float32 group scales
+    ``raw`` under fp16 ``super_scales``, and the float32 scales they decode to."""
+    sup = super_scales.to(torch.float32)[super_index(raw.numel(), group_size, raw.device)]
+    codes = torch.round(raw / sup).clamp_(1, (1 << scale_bits) - 1)
+    return codes.to(torch.uint8), codes.mul_(sup)  # exact: <= 8 bits times 11 bits fits float32
+
+
+def group_scales(t: dict[str, torch.Tensor], prefix: str, count: int, group_size: int,
+                 scale_bits: int | None = None) -> torch.Tensor:
+    """Float32 scale of every group of a stored part of ``count`` values (fp16 ``scales``, or the
+    decoded ``scale_codes * super_scales``). Every decoder reads scales through this."""
+    if scale_bits is None:
+        return t[prefix + "scales"].to(torch.float32)
+    groups = math.ceil(count / group_size)
+    codes = unpack(t[prefix + "scale_codes"], scale_bits, groups).to(torch.float32)
+    sup = t[prefix + "super_scales"].to(torch.float32)
+    return codes.mul_(sup[super_index(groups, group_size, codes.device)])
+
+
 def searched_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
-                  weight: torch.Tensor | None = None, steps: int = 20, min_ratio: float = 0.5) -> IntGrid:
+                  weight: torch.Tensor | None = None, steps: int = 20, min_ratio: float = 0.5,
+                  scale_bits: int | None = None) -> IntGrid:
     """The grid of ``int_grid`` with each group's range shrunk by the factor in
     ``linspace(1, min_ratio, steps)`` that minimizes its squared rounding error (clipping search).
 
@@ -79,6 +164,8 @@ def searched_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, 
     input Hessian diagonal of its column; ``None`` is plain MSE. Clipping trades a few large
     errors at the group's extremes for a finer step everywhere else; the factor 1 (no clipping)
     is always among the candidates, so the result is never worse than ``int_grid`` on ``x``.
+    With ``scale_bits`` the super-scales of the unclipped grid stay fixed (clipping only shrinks
+    scales, so none exceeds its super-block's top code) and each group searches its scale code.
 
     >>> import torch
     >>> x = torch.cat([torch.randn(63), torch.tensor([8.0])])  # one outlier stretches the grid
@@ -86,48 +173,63 @@ def searched_grid(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, 
     >>> err(searched_grid(x, 3, 64, False)) <= err(int_grid(x, 3, 64, False))
     True
     """
-    base = int_grid(x, bits, group_size, symmetric)
+    base = int_grid(x, bits, group_size, symmetric, scale_bits)
     if x.numel() == 0 or steps < 2:
         return base
     w = torch.ones_like(x) if weight is None else weight.reshape(-1).to(x)
     lo, hi = _group_minmax(x, group_size)
     best = base
-    best_err = _grid_error(x, w, bits, group_size, symmetric, base)
+    best_err = _grid_error(x, w, bits, group_size, symmetric, base, scale_bits)
     const = lo == hi  # constant groups keep their exact grid
     for ratio in torch.linspace(1.0, min_ratio, steps)[1:].tolist():
-        if symmetric:
-            cand = IntGrid(torch.where(const, base.scales, _symmetric_params(lo * ratio, hi * ratio, bits)), None)
+        if scale_bits is not None:
+            cand = double_grid(lo * ratio, hi * ratio, bits, group_size, symmetric, scale_bits, x.numel(),
+                               base.super_scales)
+        elif symmetric:
+            cand = IntGrid(_symmetric_params(lo * ratio, hi * ratio, bits), None)
         else:
-            sc, ze = _asymmetric_params(lo * ratio, hi * ratio, bits)
-            cand = IntGrid(torch.where(const, base.scales, sc), torch.where(const, base.zeros, ze))
-        err = _grid_error(x, w, bits, group_size, symmetric, cand)
+            cand = IntGrid(*_asymmetric_params(lo * ratio, hi * ratio, bits))
+        cand = _where(const, base, cand)
+        err = _grid_error(x, w, bits, group_size, symmetric, cand, scale_bits)
         better = err < best_err
         if bool(better.any()):
             best_err = torch.where(better, err, best_err)
-            best = IntGrid(torch.where(better, cand.scales, best.scales),
-                           None if symmetric else torch.where(better, cand.zeros, best.zeros))
+            best = _where(better, cand, best)
     return best
 
 
+def _where(cond: torch.Tensor, a: IntGrid, b: IntGrid) -> IntGrid:
+    """Per group: ``a``'s scale, zero and scale code where ``cond``, else ``b``'s (super-scales: ``a``'s,
+    which the search never changes)."""
+    pick = lambda u, v: None if u is None else torch.where(cond, u, v)  # noqa: E731
+    return IntGrid(pick(a.scales, b.scales), pick(a.zeros, b.zeros), pick(a.scale_codes, b.scale_codes),
+                   a.super_scales)
+
+
 def _grid_error(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                grid: IntGrid) -> torch.Tensor:
+                grid: IntGrid, scale_bits: int | None) -> torch.Tensor:
     """Per-group weighted squared error of ``x`` encoded on ``grid`` (float32 [groups])."""
-    stored = encode_int(x, bits, group_size, symmetric, grid, "")
-    err = (dequantize_int(stored, "", x.numel(), bits, group_size, symmetric) - x).square_().mul_(w)
+    stored = encode_int(x, bits, group_size, symmetric, grid, "", scale_bits=scale_bits)
+    err = (dequantize_int(stored, "", x.numel(), bits, group_size, symmetric, scale_bits=scale_bits) - x)
+    err = err.square_().mul_(w)
     return torch.cat([part.sum(dim=1) for part in group_parts(err, group_size)])
 
 
 def encode_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, grid: IntGrid,
-                prefix: str, *, int_zeros: bool = False) -> dict[str, torch.Tensor]:
+                prefix: str, *, int_zeros: bool = False, scale_bits: int | None = None) -> dict[str, torch.Tensor]:
     """Packed codes of 1-D float32 ``x`` on ``grid``, with the grid's scales and zeros
-    (``int_zeros``: the zero points packed ``bits`` wide; they are integers in ``[0, 2**bits - 1]``)."""
+    (``int_zeros``: the zero points packed ``bits`` wide; they are integers in ``[0, 2**bits - 1]``;
+    ``scale_bits``: the grid's scale codes packed that wide, and its super-scales)."""
     groups = math.ceil(x.numel() / group_size)
     if grid.scales.numel() != groups or (grid.zeros is None) != symmetric or (
             grid.zeros is not None and grid.zeros.numel() != groups):
         raise ValueError(f"a grid of {grid.scales.numel()} groups does not fit {x.numel()} values "
                          f"in groups of {group_size} ({'symmetric' if symmetric else 'asymmetric'})")
+    if (grid.scale_codes is None) != (scale_bits is None):
+        raise ValueError(f"a grid {'without' if grid.scale_codes is None else 'with'} scale codes does not fit "
+                         f"scale_bits={scale_bits}")
     if x.numel() == 0:
-        layout = int_layout(prefix, 0, bits, group_size, symmetric, int_zeros=int_zeros)
+        layout = int_layout(prefix, 0, bits, group_size, symmetric, int_zeros=int_zeros, scale_bits=scale_bits)
         return {k: torch.empty(0, dtype=spec.dtype, device=x.device) for k, spec in layout.items()}
     scale, zero = grid.scales, grid.zeros
     if symmetric:
@@ -145,7 +247,12 @@ def encode_int(x: torch.Tensor, bits: int, group_size: int, symmetric: bool, gri
         return q.add_(z).clamp_(qmin, qmax).to(torch.uint8)
 
     codes = per_group(x, group_size, encode, s32, offset)
-    out = {prefix + "codes": pack(codes, bits), prefix + "scales": scale}
+    out = {prefix + "codes": pack(codes, bits)}
+    if scale_bits is None:
+        out[prefix + "scales"] = scale
+    else:
+        out[prefix + "scale_codes"] = pack(grid.scale_codes, scale_bits)
+        out[prefix + "super_scales"] = grid.super_scales
     if zero is not None:
         out[prefix + "zeros"] = pack(zero.to(torch.uint8), bits) if int_zeros else zero
     return out
@@ -268,10 +375,10 @@ def per_group(x: torch.Tensor, group_size: int, fn: Callable[..., torch.Tensor],
 
 
 def dequantize_int(t: dict[str, torch.Tensor], prefix: str, count: int, bits: int, group_size: int, symmetric: bool,
-                   *, int_zeros: bool = False) -> torch.Tensor:
+                   *, int_zeros: bool = False, scale_bits: int | None = None) -> torch.Tensor:
     codes = unpack(t[prefix + "codes"], bits, count).to(torch.float32)
-    scale = t[prefix + "scales"].to(torch.float32)
-    offset = group_offsets(t, prefix, bits, symmetric, int_zeros)
+    scale = group_scales(t, prefix, count, group_size, scale_bits)
+    offset = group_offsets(t, prefix, scale.numel(), bits, symmetric, int_zeros)
     # In place on the fresh float copy of the codes: (code - offset) * scale, group by group.
     start = 0
     for part in group_parts(codes, group_size):
@@ -281,22 +388,28 @@ def dequantize_int(t: dict[str, torch.Tensor], prefix: str, count: int, bits: in
     return codes
 
 
-def group_offsets(t: dict[str, torch.Tensor], prefix: str, bits: int, symmetric: bool,
+def group_offsets(t: dict[str, torch.Tensor], prefix: str, groups: int, bits: int, symmetric: bool,
                   int_zeros: bool = False) -> torch.Tensor:
-    """Per-group float32 code offset of a stored part: its zero points (fp16 or packed integers),
-    or ``2**(bits-1)`` for symmetric groups. ``w_hat = (code - offset) * scale``."""
-    scales = t[prefix + "scales"]
+    """Per-group float32 code offset of a stored part of ``groups`` groups: its zero points (fp16 or
+    packed integers), or ``2**(bits-1)`` for symmetric groups. ``w_hat = (code - offset) * scale``."""
+    device = t[prefix + "codes"].device
     if symmetric:
-        return torch.full(scales.shape, float(1 << (bits - 1)), dtype=torch.float32, device=scales.device)
+        return torch.full((groups,), float(1 << (bits - 1)), dtype=torch.float32, device=device)
     if int_zeros:
-        return unpack(t[prefix + "zeros"], bits, scales.numel()).to(torch.float32)
+        return unpack(t[prefix + "zeros"], bits, groups).to(torch.float32)
     return t[prefix + "zeros"].to(torch.float32)
 
 
 def dequantize_int_at(t: dict[str, torch.Tensor], prefix: str, count: int, bits: int, group_size: int,
-                       symmetric: bool, index: torch.Tensor, *, int_zeros: bool = False) -> torch.Tensor:
+                       symmetric: bool, index: torch.Tensor, *, int_zeros: bool = False,
+                       scale_bits: int | None = None) -> torch.Tensor:
     codes = unpack_at(t[prefix + "codes"], bits, count, index).to(torch.float32)
     group = index // group_size
-    scale = t[prefix + "scales"].to(torch.float32)
-    offset = group_offsets(t, prefix, bits, symmetric, int_zeros)
-    return codes.sub_(offset[group]).mul_(scale[group])  # the ops of dequantize_int, element-wise
+    groups = math.ceil(count / group_size)
+    if scale_bits is None:
+        scale = t[prefix + "scales"].to(torch.float32)[group]
+    else:  # decode only the looked-up groups' scales: the product of group_scales, element-wise
+        scale = unpack_at(t[prefix + "scale_codes"], scale_bits, groups, group).to(torch.float32)
+        scale.mul_(t[prefix + "super_scales"].to(torch.float32)[group * group_size // SUPER_BLOCK])
+    offset = group_offsets(t, prefix, groups, bits, symmetric, int_zeros)
+    return codes.sub_(offset[group]).mul_(scale)  # the ops of dequantize_int, element-wise

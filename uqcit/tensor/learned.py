@@ -11,7 +11,10 @@ with a straight-through estimator.
 ``LearnedWeight`` holds those parameters for one ``[out, in]`` weight in a plain integer
 format. Its ``forward()`` is the fake-quantized weight, computed with the very operations the
 packed format decodes (fp16 scales and zero points, ``(code - offset) * scale`` in float32),
-so ``quantized()`` stores exactly the weight the training saw.
+so ``quantized()`` stores exactly the weight the training saw. With ``scale_bits`` the group
+scale is itself rounded onto its scale-code grid (``uqcit.tensor.grid``: code times the fp16
+super-scale of its super-block, the super-scale taken from the current scales and held constant
+for the gradient), again with a straight-through estimator.
 
 Symmetric formats here use the full code range ``[0, 2**b - 1]`` around ``2**(b-1)`` (levels
 ``-2**(b-1) .. 2**(b-1) - 1``, as in the usual signed integer grids): learned clipping makes
@@ -29,13 +32,17 @@ the extra negative level useful; ``quant.quantize`` never emits code 0 for symme
 >>> q = LearnedWeight(w, QuantFormat(bits=3, group_size=32, int_zeros=True)).quantized()
 >>> q.stored_bits == q.fmt.bits_for(w.numel())
 True
+>>> lw = LearnedWeight(w, QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6))
+>>> q = lw.quantized()  # scale codes under fp16 super-scales, still exactly forward()
+>>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lw.forward().detach())
+(True, True)
 """
 from __future__ import annotations
 
 import torch
 
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
-from uqcit.tensor.grid import FP16_TINY
+from uqcit.tensor.grid import FP16_TINY, group_super_scales, super_index
 from uqcit.tensor.packing import pack
 from uqcit.tensor.quant import QuantizedTensor
 
@@ -86,16 +93,32 @@ class LearnedWeight(torch.nn.Module):
         self.register_buffer("hi", hi)
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group float32 scale (an fp16 value) and code offset (an integer), differentiable."""
+        """Per-group float32 scale (an fp16 value, or a scale code times its super-scale) and code
+        offset (an integer), differentiable."""
+        scale = self._stored_scale(self._raw_scale())
         if self.fmt.symmetric:
-            absmax = torch.maximum(-self.lo * self.beta, self.hi * self.alpha)
-            scale = _fp16_ste((absmax / ((self.qmax - 1) / 2)).clamp(min=FP16_TINY))
-            offset = torch.full_like(scale, float(1 << (self.fmt.bits - 1)))
-            return scale, offset
-        lo, hi = self.lo * self.beta, self.hi * self.alpha
-        scale = _fp16_ste(((hi - lo) / self.qmax).clamp(min=FP16_TINY))
-        offset = _round_ste(-lo / scale).clamp(0.0, self.qmax)
+            return scale, torch.full_like(scale, float(1 << (self.fmt.bits - 1)))
+        offset = _round_ste(-self.lo * self.beta / scale).clamp(0.0, self.qmax)
         return scale, offset
+
+    def _raw_scale(self) -> torch.Tensor:
+        """Float32 scale ``[groups, 1]`` of the clipped range, before the format rounds it."""
+        if self.fmt.symmetric:
+            return torch.maximum(-self.lo * self.beta, self.hi * self.alpha) / ((self.qmax - 1) / 2)
+        return (self.hi * self.alpha - self.lo * self.beta) / self.qmax
+
+    def _stored_scale(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw`` ``[groups, 1]`` rounded to what the format stores: fp16, or with ``scale_bits`` a
+        code in ``[1, 2**scale_bits - 1]`` times its super-scale (``quantized`` stores the codes)."""
+        if self.fmt.scale_bits is None:
+            return _fp16_ste(raw.clamp(min=FP16_TINY))
+        sup = self._super_scales(raw).to(torch.float32)[super_index(raw.shape[0], self.fmt.group_size, raw.device)]
+        top = float((1 << self.fmt.scale_bits) - 1)
+        return _round_ste(raw / sup.unsqueeze(1)).clamp(1.0, top) * sup.unsqueeze(1)  # exact: code * fp16
+
+    def _super_scales(self, raw: torch.Tensor) -> torch.Tensor:
+        """fp16 super-scales of the current group scales ``raw`` (no gradient: a statistic of them)."""
+        return group_super_scales(raw.detach().reshape(-1), self.w.numel(), self.fmt.group_size, self.fmt.scale_bits)
 
     def codes(self, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return (_round_ste(self.w / scale + self.v) + offset).clamp(0.0, self.qmax)
@@ -117,7 +140,16 @@ class LearnedWeight(torch.nn.Module):
         """The packed tensor of the current parameters (``fmt.bits_for(numel)`` bits)."""
         scale, offset = self.grid()
         codes = self.codes(scale, offset).reshape(-1).to(torch.uint8)
-        tensors = {"codes": pack(codes, self.fmt.bits), "scales": scale.reshape(-1).to(torch.float16)}
+        tensors = {"codes": pack(codes, self.fmt.bits)}
+        if self.fmt.scale_bits is None:
+            tensors["scales"] = scale.reshape(-1).to(torch.float16)
+        else:  # the codes and super-scales that _stored_scale decoded
+            raw = self._raw_scale()
+            sup = self._super_scales(raw)
+            groups = super_index(raw.shape[0], self.fmt.group_size, raw.device)
+            tensors["scale_codes"] = pack((scale.reshape(-1) / sup.to(torch.float32)[groups]).round().to(torch.uint8),
+                                          self.fmt.scale_bits)
+            tensors["super_scales"] = sup
         if not self.fmt.symmetric:
             zeros = offset.reshape(-1).to(torch.uint8)  # integers in [0, 2**bits - 1]
             tensors["zeros"] = pack(zeros, self.fmt.bits) if self.fmt.int_zeros else zeros.to(torch.float16)

@@ -4,7 +4,8 @@ Layout (a little-endian bit stream, fixed; ``tests/tensor/test_packing.py`` pins
 code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``, its least significant bit first, and
 stream bit ``t`` is bit ``t % 8`` (least significant first) of byte ``t // 8``. So for 1/2/4/8
 bits one byte holds ``8 // bits`` whole codes, the first in the low bits; for 3 bits eight codes
-fill three bytes and some codes straddle a byte boundary. The stream ends with the byte that
+fill three bytes and some codes straddle a byte boundary (5, 6 and 7 bits, used by
+double-quantized scale codes, likewise: 8 codes in 5 bytes, 4 in 3, 8 in 7). The stream ends with the byte that
 holds the last code: exactly ``ceil(count * bits / 8)`` bytes, no header (the same count that
 ``formats._packed_bits`` charges).
 
@@ -23,7 +24,7 @@ import math
 
 import torch
 
-PACK_BITS = (1, 2, 3, 4, 8)
+PACK_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -62,8 +63,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
     per_chunk, chunk_bytes = _chunk(bits)
     chunks = math.ceil(count / per_chunk)
-    # A chunk of 1 byte is assembled in uint8 (cheap); the 3-byte chunk of 3-bit codes needs int32.
-    word_dtype = torch.uint8 if chunk_bytes == 1 else torch.int32
+    # A chunk of 1 byte is assembled in uint8 (cheap); 3-byte chunks (3 and 6 bits) need int32,
+    # the 5- and 7-byte chunks of 5- and 7-bit codes int64.
+    word_dtype = _word_dtype(chunk_bytes)
     padded = codes.to(word_dtype)
     if chunks * per_chunk != count:  # zero codes fill the last chunk; their bytes are cut below
         pad = torch.zeros(chunks * per_chunk - count, dtype=word_dtype, device=codes.device)
@@ -100,8 +102,10 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if chunk_bytes == 1:
         word = packed
     else:
-        grid = packed.view(chunks, chunk_bytes).to(torch.int32)
-        word = grid[:, 0] | (grid[:, 1] << 8) | (grid[:, 2] << 16)
+        grid = packed.view(chunks, chunk_bytes).to(_word_dtype(chunk_bytes))
+        word = grid[:, 0].clone()
+        for m in range(1, chunk_bytes):  # bytes inside one chunk, not elements
+            word |= grid[:, m] << (8 * m)
     shifts = torch.arange(0, per_chunk * bits, bits, dtype=word.dtype, device=packed.device)
     codes = (word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)  # [chunks, per_chunk]
     return codes.view(-1)[:count].to(torch.uint8)
@@ -123,7 +127,7 @@ def unpack_at(packed: torch.Tensor, bits: int, count: int, index: torch.Tensor) 
     byte = bitpos >> 3
     shift = (bitpos & 7).to(torch.int32)
     word = packed[byte].to(torch.int32)
-    if 8 % bits:  # 3-bit codes may straddle two bytes; 1/2/4/8-bit codes never do
+    if 8 % bits:  # 3/5/6/7-bit codes may straddle two bytes (never three); 1/2/4/8-bit codes never do
         # A code only reaches into the next byte if that byte exists (the stream ends with the
         # byte holding the last code), so clamping the second read to the last byte only ever
         # reads bits that the mask below discards.
@@ -135,6 +139,11 @@ def _chunk(bits: int) -> tuple[int, int]:
     """(codes per chunk, bytes per chunk): the smallest run of codes that ends on a byte boundary."""
     lcm = math.lcm(bits, 8)
     return lcm // bits, lcm // 8
+
+
+def _word_dtype(chunk_bytes: int) -> torch.dtype:
+    """The narrowest integer dtype that holds one chunk of ``chunk_bytes`` bytes."""
+    return torch.uint8 if chunk_bytes == 1 else torch.int32 if chunk_bytes <= 3 else torch.int64
 
 
 def _check_bits(bits: int) -> None:
