@@ -47,6 +47,8 @@ def test_reduced_protocol_is_stated():
     records = {"r.json": [{"method": "m", "kl": 0.5, "full_protocol": False, "windows": 4},
                           {"method": "base", "kl": 1.0, "full_protocol": True, "windows": 32}]}
     assert "4 windows" in evaluate_claim(_claim(kind="at_least", holds=0.2), records).protocol
+    records["r.json"][0] = {"method": "m", "kl": 0.5, "full_protocol": False, "reduced": "steps 8, batch 2"}
+    assert "r.json: steps 8, batch 2" in evaluate_claim(_claim(kind="at_least", holds=0.2), records).protocol
 
 
 def test_claims_file_is_checked(tmp_path):

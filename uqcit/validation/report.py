@@ -32,7 +32,9 @@ from uqcit.core.results import Result, html_table
 from uqcit.validation.rules import (NOT_MEASURABLE, NOT_MEASURED, VERDICTS, MissingRecord, UndefinedFigure,
                                     apply_rule, evaluate_expression, select)
 
-CLAIM_KEYS = {"id", "source", "section", "claim", "inputs", "figure", "also", "rule", "plot", "command", "note"}
+CLAIM_KEYS = {"id", "source", "section", "claim", "inputs", "figure", "also", "rule", "plot", "samples", "command",
+              "note"}
+SAMPLES_KEYS = {"file", "methods"}  # a claim's "samples": generation samples shown side by side
 COLOURS = {"holds": "#2e7d32", "partly": "#ef6c00", "does not hold": "#c62828",
            "not measurable here": "#616161", "not measured yet": "#1565c0"}
 
@@ -45,6 +47,8 @@ def load_claims(path: str | Path | None = None) -> dict[str, Any]:
     check_keys(data, {"version", "sources", "claims"}, "claims file")
     for c in data["claims"]:
         check_keys(c, CLAIM_KEYS, f"claim {c.get('id', '?')!r}", required=("id", "source", "section", "claim", "rule"))
+        if "samples" in c:
+            check_keys(c["samples"], SAMPLES_KEYS, f"claim {c['id']!r} samples", required=("file",))
     ids = [c["id"] for c in data["claims"]]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"claims file: duplicate claim ids {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -84,6 +88,7 @@ class ClaimResult:
     command: str | None
     note: str | None
     plot: dict[str, Any] | None
+    samples: dict[str, Any] | None = None  # {"file": records with "samples", "methods": [...] shown}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +99,7 @@ def evaluate_claim(claim: dict[str, Any], records: dict[str, list[dict[str, Any]
     fig = claim.get("figure", {})
     base = dict(id=claim["id"], source=claim["source"], section=claim["section"], claim=claim["claim"],
                 figure_label=fig.get("label"), unit=fig.get("unit"), command=claim.get("command"),
-                note=claim.get("note"), plot=claim.get("plot"))
+                note=claim.get("note"), plot=claim.get("plot"), samples=claim.get("samples"))
     if claim["rule"]["kind"] == "not_measurable":
         verdict, reason = apply_rule(claim["rule"], None)
         return ClaimResult(**base, verdict=verdict, reason=reason, figure=None, inputs={}, also={},
@@ -128,8 +133,10 @@ def _files(used: list[tuple[str, dict]]) -> list[str]:
 
 
 def _protocol(used: list[tuple[str, dict]]) -> str | None:
-    """'full' when every evaluation record used is the full protocol, else which were reduced."""
-    reduced = sorted({f"{f}: {r.get('windows')} windows" for f, r in used if r.get("full_protocol") is False})
+    """'full' when every evaluation record used is the full protocol, else which were reduced (a record's
+    ``reduced`` says how, else its windows)."""
+    reduced = sorted({f"{f}: {r.get('reduced') or str(r.get('windows')) + ' windows'}" for f, r in used
+                      if r.get("full_protocol") is False})
     evaluated = [r for _, r in used if "full_protocol" in r]
     if not evaluated:
         return None
@@ -183,6 +190,7 @@ class ClaimsReport(Result):
     def to_html(self) -> str:
         """The whole report as one self-contained HTML page (plotly.js inlined once)."""
         from uqcit.validation.figures import claim_figure
+        from uqcit.validation.samples import samples_html
 
         # The overview comes first on the page, so it carries plotly.js (inlined: the page opens offline).
         overview = self.figure().to_html(full_html=False, include_plotlyjs=True, div_id="fig-overview")
@@ -192,6 +200,8 @@ class ClaimsReport(Result):
             fig_html = ""
             if fig is not None:
                 fig_html = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{c.id}")
+            if c.samples:  # the texts themselves, escaped: evidence a reader judges
+                fig_html += samples_html(self.records.get(c.samples["file"], []), c.samples.get("methods"))
             parts.append(_claim_html(c, fig_html))
         head = (f"<h1>UQCIT claims report</h1><p class='summary'>{html.escape(self.summary())}</p>"
                 f"<p>Records: {html.escape(self.results_dir)} ({len(self.records)} files). Sources: "
@@ -251,4 +261,5 @@ def _claim_html(c: ClaimResult, fig_html: str) -> str:
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
         ".verdict{color:white;padding:2px 8px;border-radius:4px;font-size:0.8em}"
         "section.claim{border-top:1px solid #ccc;margin-top:1.5em}.src,.records,.protocol{color:#555;font-size:0.9em}"
-        "pre.cmd{background:#f4f4f4;padding:6px}table{border-collapse:collapse}td,th{padding:2px 8px}")
+        "pre.cmd{background:#f4f4f4;padding:6px}table{border-collapse:collapse}td,th{padding:2px 8px}"
+        ".samples td{vertical-align:top;white-space:pre-wrap;font-size:0.9em}")
