@@ -86,8 +86,7 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     Formats with double-quantized scales (``scale_bits``) have no GGUF type here: ``ExportError``.
     """
     if fmt is not None and fmt.scale_bits is not None:
-        raise ExportError(f"format {fmt.name}: its group scales are {fmt.scale_bits}-bit codes under fp16 "
-                          f"super-scales, which no GGUF type written here holds; {DEQUANTIZED}")
+        raise _no_type(f"format {fmt.name}", fmt)
     if len(shape) != 2 or shape[-1] % BLOCK:
         return "F32", True
     if fmt is None or fmt.bits == FLOAT_BITS or fmt.mixed:
@@ -101,6 +100,12 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
 
 # Bits per weight of each GGML type the exporter writes (a block's codes plus its fp16 scale/offset).
 TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "F16": 16.0, "F32": 32.0}
+
+
+def _no_type(where: str, fmt: QuantFormat) -> ExportError:
+    """The refusal of a double-quantized format, one wording wherever it is met."""
+    return ExportError(f"{where}: its group scales are {fmt.scale_bits}-bit codes under fp16 super-scales, "
+                       f"which no GGUF type written here holds; {DEQUANTIZED}")
 
 
 def gguf_formats(names) -> list[str]:
@@ -190,8 +195,7 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
                  and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
     for name, q in quantized.items():  # before anything is written
         if q.fmt.scale_bits is not None:
-            raise ExportError(f"module {name} ({q.fmt.name}): its group scales are {q.fmt.scale_bits}-bit codes "
-                              f"under fp16 super-scales, which no GGUF type written here holds; {DEQUANTIZED}")
+            raise _no_type(f"module {name} ({q.fmt.name})", q.fmt)
     state = dequantized_state(model)
     tied = tied_output_key(model, state)
 
