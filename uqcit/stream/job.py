@@ -136,6 +136,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
     use another one. Raises ``ConfigError`` for a recipe stage that cannot stream or a device this
     machine does not have.
     """
+    from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -161,7 +162,8 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
         t0 = time.perf_counter()
         batch = stage_calibration(qcfg, tokenizer, None, what=f"quantize with method={qcfg.method!r}")
         calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside)  # recomputed on resume
-        job.calls = [(h.to(device), to_device(kwargs, device)) for h, kwargs in calls]
+        # accelerate's mover: the masks and rotary tensors nested in each block call's kwargs
+        job.calls = [(h.to(device), send_to_device(kwargs, device)) for h, kwargs in calls]
         streams = run.load_streams()
         if streams is None:  # a fresh run: the streams start as the embeddings
             first = [h for h, _ in job.calls]
@@ -229,21 +231,6 @@ def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
         raise ConfigError(f"recipe {recipe.name!r}: QuantizeConfig.method {qcfg.method!r} cannot run streamed "
                           "yet; use 'rtn' or 'gptq', or run without --stream")
     return recipe.stage("levels") or LevelsConfig(), plan_cfg, qcfg
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it (nested in tuples, lists, dicts) on ``device``; the rest as is.
-
-    >>> to_device({"mask": None, "rope": (torch.ones(1), torch.zeros(1))}, torch.device("cpu"))
-    {'mask': None, 'rope': (tensor([1.]), tensor([0.]))}
-    """
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def _block_calls(skeleton, ckpt: LazyCheckpoint, stack, batch: torch.Tensor, want: dict[str, bool]):
