@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 import torch
 
+from uqcit.core.io import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -34,10 +36,9 @@ def record(*, model: str, method: str, bpw: float | None, package_bytes: int | N
 def write(name: str, records: list[dict[str, Any]]) -> tuple[Path, Path]:
     """Write ``results/<name>.json`` and a markdown table ``results/<name>.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    jp = RESULTS / f"{name}.json"
-    jp.write_text(json.dumps(records, indent=2) + "\n")
-    mp = RESULTS / f"{name}.md"
-    mp.write_text(markdown(records) + "\n")
+    # Atomic: a benchmark killed mid-write must not leave a truncated record file behind.
+    jp = atomic_write(RESULTS / f"{name}.json", (json.dumps(records, indent=2) + "\n").encode())
+    mp = atomic_write(RESULTS / f"{name}.md", (markdown(records) + "\n").encode())
     return jp, mp
 
 

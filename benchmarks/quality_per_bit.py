@@ -52,6 +52,7 @@ class Candidate:
     method: str = "signround"
     rotation: str = "hadamard"  # "none" or a RotationConfig construction
     iters: int = 40
+    lr: float = 0.0  # signed-gradient step; 0: 1 / iters
     calib_samples: int = 32  # x 256 tokens
     micro_batch: int = 4  # sequences per signed-gradient step
     head_feedback: bool = True  # a quantized tied embedding: error feedback against the head's inputs
@@ -63,6 +64,7 @@ class Candidate:
         rot = "" if self.rotation == "none" else f"rot-{self.rotation}-"
         emb = "" if self.embedding == "fp16" else f"-emb-{self.embedding}" + ("-fb" if self.head_feedback else "")
         iters = f"-i{self.iters}" if self.method == "signround" else ""
+        iters += f"-lr{self.lr:g}" if self.lr and self.method == "signround" else ""
         calib = "" if self.calib_source == "corpus" else f"-cal{self.calib_source}"
         calib += "" if self.calib_samples == 32 or self.method != "signround" else f"-n{self.calib_samples}"
         e2e = f"-e2e{self.e2e}" if self.e2e else ""
@@ -132,7 +134,7 @@ def main() -> None:
             plan = BitPlan(default=None, exact=exact, name=c.name)
             t0 = time.perf_counter()
             q = quantize_model(model, levels, plan, QuantizeConfig(
-                method=c.method, iters=c.iters, calib_samples=c.calib_samples, micro_batch=c.micro_batch,
+                method=c.method, iters=c.iters, lr=c.lr, calib_samples=c.calib_samples, micro_batch=c.micro_batch,
                 head_feedback=c.head_feedback, calib_source=c.calib_source),
                 tokenizer=tok, rotation=prefix)
             quant_s = time.perf_counter() - t0

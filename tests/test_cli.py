@@ -139,6 +139,7 @@ CASES = [
                                           "nope-ref-xyz"], "nope-ref-xyz"),
     ("eval-unknown-source-model", lambda t: ["eval", _fake_metadata(t, json.dumps(_METADATA))], "gone/model"),
     ("eval-missing-package", lambda t: ["eval", str(t / "nothing"), "--reference", "none"], "no such package"),
+    ("eval-bad-dtype", lambda t: ["eval", str(t), "--dtype", "int8"], "--dtype"),
     ("verify-key-missing", lambda t: ["verify", str(t), "--public-key", str(t / "no.pub")], "no.pub"),
     ("keygen-out-is-a-file", lambda t: ["keygen", "--out", _file(t, "notes.txt", "x")], "notes.txt"),
 ]
@@ -345,3 +346,21 @@ def test_verify_without_a_key_checks_every_file_against_the_manifest(tmp_path, c
     assert main(["verify", str(pkg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "layer_001/weights.safetensors" in err[0]
+
+
+def test_eval_computes_in_the_dtype_asked(tmp_path, capsys):
+    """``--dtype bfloat16`` loads the package in bf16: the record and the printed line say so (read
+    off the loaded model), and the perplexity is not the float32 one (the default, as stored)."""
+    from uqcit.package import export_package
+    from uqcit.package.examples import tiny_quantized
+
+    pkg = export_package(*tiny_quantized(), tmp_path / "pkg")
+    records = {}
+    for dtype, extra in (("float32", []), ("bfloat16", ["--dtype", "bfloat16"])):
+        out = tmp_path / f"{dtype}.json"
+        argv = ["eval", str(pkg), "--reference", "none", "--quick", "1", "--json", str(out), "--no-progress"]
+        assert main(argv + extra) == 0
+        assert capsys.readouterr().out.strip().endswith(f", computed in {dtype}")
+        records[dtype] = json.loads(out.read_text())
+        assert records[dtype]["dtype"] == dtype and records[dtype]["package"]["windows"] == 1
+    assert records["bfloat16"]["package"]["ppl"] != records["float32"]["package"]["ppl"]

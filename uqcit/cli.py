@@ -177,16 +177,14 @@ def cmd_compress(args) -> int:
     if protect.active and secret is None:
         raise UsageError("--encrypt/--encode need --secret-file or --passphrase-env")
     preflight(recipe, args.out, model_name=args.model)  # before the keys' KDF; run_job checks again
-    signing_key = (load_signing_key(args.sign, passphrase=_env(args.key_passphrase_env))
-                   if args.sign else None)
+    signing_key = load_signing_key(args.sign, passphrase=_env(args.key_passphrase_env)) if args.sign else None
     out = Path(args.out)
     before = _target_state(out)
     # A run_job that fails leaves ``out`` as it was (it swaps the package in as its last step), so
     # only a failure after it returns can leave a package behind; and that package is this run's.
     # (Removing one on a failure inside run_job could remove a concurrent run's package.)
-    report = run_job(args.model, recipe, out, eval_config=eval_config,
-                     progress=not args.no_progress, signing_key=signing_key,
-                     protect=protect if protect.active else None, secret=secret)
+    report = run_job(args.model, recipe, out, eval_config=eval_config, progress=not args.no_progress,
+                     signing_key=signing_key, protect=protect if protect.active else None, secret=secret)
     try:
         table = report.format_table()
         if args.json:
@@ -199,13 +197,12 @@ def cmd_compress(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from uqcit.stages.evaluate import evaluate_many
-    from uqcit.inputs.models import load_model
-    from uqcit.package import load_package
+    import torch
 
-    from uqcit.inputs.models import ModelNotFoundError, check_model_name
-    from uqcit.package import PackageMetadata
+    from uqcit.inputs.models import ModelNotFoundError, check_model_name, load_model
+    from uqcit.package import PackageMetadata, load_package
     from uqcit.package.secure import load_public_key
+    from uqcit.stages.evaluate import evaluate_many
 
     config = _eval_config(args)
     meta = PackageMetadata.read(args.package)  # a folder that is no package fails before any load
@@ -217,15 +214,16 @@ def cmd_eval(args) -> int:
             raise ModelNotFoundError(f"reference {exc} (--reference none evaluates without one)") from None
     secret = _secret(args)
     public_key = load_public_key(args.public_key) if args.public_key else None
-    pkg = load_package(args.package, progress=not args.no_progress, secret=secret, public_key=public_key)
+    pkg = load_package(args.package, progress=not args.no_progress, secret=secret, public_key=public_key,
+                       dtype=None if args.dtype == "float32" else getattr(torch, args.dtype))  # None: no .to()
     reference = load_model(ref_name, progress=not args.no_progress).model if ref_name else None
     res = evaluate_many({"package": pkg.model}, pkg.tokenizer, config,
                         reference=reference, progress=not args.no_progress)
-    out = {"package": res["package"].to_dict()}
+    out = {"dtype": str(pkg.model.dtype).removeprefix("torch."), "package": res["package"].to_dict()}  # as loaded
     if reference is not None:
         out["reference"] = res["reference"].to_dict()
         print(res["reference"].summary())
-    print(res["package"].summary())
+    print(f"{res['package'].summary()}, computed in {out['dtype']}")
     if args.json:
         atomic_write(args.json, (json.dumps(out, indent=2) + "\n").encode())
     return 0
@@ -396,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on only N >= 1 windows (not the full protocol)")
     e.add_argument("--json", help="write the results as JSON to this file")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype of the package (default float32; the reference stays float32)")
     e.add_argument("--public-key", help="verify the package with this Ed25519 public key (PEM) first")
     _secret_args(e)
     e.set_defaults(fn=cmd_eval)

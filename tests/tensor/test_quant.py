@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from uqcit.tensor.formats import QuantFormat, parse_format
+from uqcit.tensor.mask import top_mask
 from uqcit.tensor.packing import unpack
 from uqcit.tensor.quant import (
     QuantizedTensor,
@@ -21,7 +22,6 @@ from uqcit.tensor.quant import (
     quant_error,
     quantize,
     tensor_layout,
-    top_mask,
     zero_points,
 )
 

@@ -410,6 +410,7 @@ def dequantize_int_at(t: dict[str, torch.Tensor], prefix: str, count: int, bits:
         scale = t[prefix + "scales"].to(torch.float32)[group]
     else:  # decode only the looked-up groups' scales: the product of group_scales, element-wise
         scale = unpack_at(t[prefix + "scale_codes"], scale_bits, groups, group).to(torch.float32)
+        # super_index's rule for the looked-up groups only: super_index(groups) is O(groups) per lookup
         scale.mul_(t[prefix + "super_scales"].to(torch.float32)[group * group_size // SUPER_BLOCK])
     offset = group_offsets(t, prefix, groups, bits, symmetric, int_zeros)
     return codes.sub_(offset[group]).mul_(scale)  # the ops of dequantize_int, element-wise

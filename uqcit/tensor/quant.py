@@ -45,7 +45,7 @@ that group then finds a narrower range and a smaller code (measured: about 1% of
 
 Mixed formats pick the ``fmt.high_count(numel)`` weights of largest importance (default
 ``|w|``; ties go to the lower row-major index), mark them in a packed 1-bit mask, and quantize
-the high and low weights separately, each compacted in row-major order.
+the high and low weights separately, each compacted in row-major order (``uqcit.tensor.mask``).
 
 ``quantize`` is ``quant_params`` (choose the mask and grids from ``w``) followed by
 ``quantize_with`` (encode on them); the two halves are public so that error-feedback rounding
@@ -83,6 +83,7 @@ from uqcit.tensor.grid import (  # noqa: F401 (IntGrid, TensorSpec: public here 
     int_layout,
     searched_grid,
 )
+from uqcit.tensor.mask import high_mask, mask_rank, select
 from uqcit.tensor.packing import pack, packed_nbytes, unpack
 
 
@@ -242,9 +243,9 @@ def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | N
     if not fmt.mixed:
         return QuantParams(shape, fmt, grid_of(flat, fmt.bits, None), None, None)
     check_fp16_range(flat, "w")
-    mask = _high_mask(flat, shape, fmt, importance)
-    low = grid_of(_select(flat, ~mask), fmt.bits, ~mask)
-    high = None if fmt.high_bits == FLOAT_BITS else grid_of(_select(flat, mask), fmt.high_bits, mask)
+    mask = high_mask(flat, shape, fmt, importance)
+    low = grid_of(select(flat, ~mask), fmt.bits, ~mask)
+    high = None if fmt.high_bits == FLOAT_BITS else grid_of(select(flat, mask), fmt.high_bits, mask)
     return QuantParams(shape, fmt, low, mask, high)
 
 
@@ -291,80 +292,15 @@ def _quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None
         return QuantizedTensor(shape, fmt, encode(flat, fmt.bits, None if params is None else params.low, ""))
 
     check_fp16_range(flat, "w")  # before ranking: NaN would scramble the selection
-    mask = _high_mask(flat, shape, fmt, importance) if params is None else params.mask
-    tensors = encode(_select(flat, ~mask), fmt.bits, None if params is None else params.low, "")
+    mask = high_mask(flat, shape, fmt, importance) if params is None else params.mask
+    tensors = encode(select(flat, ~mask), fmt.bits, None if params is None else params.low, "")
     tensors["mask"] = pack(mask.view(torch.uint8), 1)
-    high = _select(flat, mask)
+    high = select(flat, mask)
     if fmt.high_bits == FLOAT_BITS:
         tensors["high_values"] = high.to(torch.float16)
     else:
         tensors.update(encode(high, fmt.high_bits, None if params is None else params.high, "high_"))
     return QuantizedTensor(shape, fmt, tensors)
-
-
-def _high_mask(flat: torch.Tensor, shape: tuple[int, ...], fmt: QuantFormat,
-               importance: torch.Tensor | None) -> torch.Tensor:
-    """The ``fmt.high_count`` weights of largest importance (default ``|w|``), as a 1-D bool mask."""
-    if importance is None:
-        importance = flat.abs()
-    else:
-        if tuple(importance.shape) != shape:
-            raise ValueError(f"importance has shape {tuple(importance.shape)}, w has {shape}")
-        importance = importance.detach().reshape(-1).to(device=flat.device, dtype=torch.float32)
-        if not torch.isfinite(importance.sum()) and bool(torch.isnan(importance).any()):
-            raise ValueError("importance contains NaN")
-    return top_mask(importance, fmt.high_count(flat.numel()))
-
-
-def top_mask(importance: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask (1-D) of the ``k`` largest entries of 1-D ``importance``; ties go to lower indices."""
-    n = importance.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, {n}], got {k}")
-    if k == 0 or k == n:
-        return torch.full((n,), k == n, dtype=torch.bool, device=importance.device)
-    threshold = _kth_smallest(importance, n - k + 1)  # the k-th largest value
-    mask = importance >= threshold
-    extra = int(torch.count_nonzero(mask)) - k  # entries tied at the threshold beyond the k-th
-    if extra > 0:  # drop the tied entries with the highest indices
-        ties = torch.nonzero(importance == threshold).squeeze(1)
-        mask[ties[ties.numel() - extra :]] = False
-    return mask
-
-
-def _kth_smallest(x: torch.Tensor, rank: int) -> torch.Tensor:
-    """The ``rank``-th smallest (1-based) value of 1-D ``x``, exactly.
-
-    ``torch.kthvalue`` over tens of millions of elements takes most of a second on a laptop,
-    so a fixed random sample first brackets the answer and the exact selection then runs on
-    the few elements inside the bracket. Falls back to the full selection if the bracket
-    misses (which only costs time, never correctness).
-    """
-    n = x.numel()
-    if n <= 1 << 20:
-        return torch.kthvalue(x, rank).values
-    m = 1 << 16
-    gen = torch.Generator().manual_seed(0)
-    sample = x[torch.randint(n, (m,), generator=gen).to(x.device)]
-    margin = 8 * math.sqrt(m) / 2 + 16  # ~8 binomial standard deviations of a sample quantile
-    p = rank / n * m
-    lo_rank = max(1, int(p - margin))
-    hi_rank = min(m, int(p + margin) + 1)
-    lo = torch.kthvalue(sample, lo_rank).values
-    hi = torch.kthvalue(sample, hi_rank).values
-    below = int(torch.count_nonzero(x < lo))
-    window = _select(x, (x >= lo) & (x <= hi))
-    if below < rank <= below + window.numel():
-        return torch.kthvalue(window, rank - below).values
-    return torch.kthvalue(x, rank).values
-
-
-def _select(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x[mask]`` for 1-D tensors. On CPU numpy's boolean indexing is used: for the dense masks
-    of mixed formats (90% of a 28M-element embedding) it is ~4x faster than torch's."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(x.numpy()[mask.numpy()])
-    return x[mask]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +347,7 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
     if not fmt.mixed:
         return dequantize_int_at(t, "", numel, fmt.bits, gs, sym, index, **kw).to(dtype)
     # Locate each element in its compacted part: its rank among the mask's set bits before it.
-    is_high, rank = _mask_rank(t["mask"], index)
+    is_high, rank = mask_rank(t["mask"], index)
     n_high = fmt.high_count(numel)
     out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
     hi_rank = rank[is_high]
@@ -422,24 +358,6 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
     low = ~is_high
     out[low] = dequantize_int_at(t, "", numel - n_high, fmt.bits, gs, sym, index[low] - rank[low], **kw)
     return out.to(dtype)
-
-
-def _popcount(x: torch.Tensor) -> torch.Tensor:
-    """Set bits of each uint8 (SWAR bit tricks: a few cheap uint8 passes, no lookup gather)."""
-    x = x - ((x >> 1) & 0x55)
-    x = (x & 0x33) + ((x >> 2) & 0x33)
-    return (x + (x >> 4)) & 0x0F
-
-
-def _mask_rank(mask: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each position in ``index``: is its mask bit set, and how many set bits precede it."""
-    per_byte = _popcount(mask)
-    before_byte = torch.cumsum(per_byte, 0, dtype=torch.int64) - per_byte  # set bits in earlier bytes
-    byte, bit = index >> 3, index & 7
-    value = mask[byte]
-    is_high = ((value >> bit) & 1).bool()
-    below = _popcount(value & ((1 << bit) - 1).to(torch.uint8))  # set bits before it in its byte
-    return is_high, before_byte[byte] + below
 
 
 def codes_of(q: QuantizedTensor) -> dict[str, torch.Tensor]:
