@@ -131,6 +131,50 @@ def test_blocks_carry_the_codes_bit_for_bit():
         np.testing.assert_allclose(got, dequantize(q).numpy(), rtol=0, atol=tol, err_msg=name)
 
 
+def _gguf_q4_k(q) -> np.ndarray:
+    """gguf-py's reference decode of our Q4_K blocks of ``q``, float32 ``q.shape``."""
+    blocks = blocks_of(q, "Q4_K")
+    assert blocks.shape == (q.shape[0], q.shape[1] // 256 * 144) and blocks.dtype == np.uint8
+    return gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).astype(np.float32).reshape(q.shape)
+
+
+def test_q4_k_blocks_carry_double_quantized_scales_bit_for_bit():
+    from uqcit.tensor.learned import LearnedWeight
+    from uqcit.tensor.quant import codes_of, dequantize
+
+    gen = torch.Generator().manual_seed(1)
+    fmt = parse_format("w4-g32-sym-s6")
+    # Column magnitudes from 0.01 to 3: the super-scales and scale codes differ from block to block.
+    w = torch.randn(8, 512, generator=gen) * torch.linspace(0.01, 3.0, 512)
+    rtn = quantize(w, fmt)
+    lw = LearnedWeight(w, fmt)
+    with torch.no_grad():  # trained-looking offsets and clipping: code 0 (level -8) occurs
+        lw.v.uniform_(-0.5, 0.5, generator=gen)
+        lw.alpha.uniform_(0.6, 1.0, generator=gen)
+        lw.beta.uniform_(0.6, 1.0, generator=gen)
+    learned = lw.quantized()
+    assert int((codes_of(learned)["codes"] == 0).sum()) > 0
+    assert len(set(rtn.tensors["super_scales"].tolist())) > 1
+    for q in (rtn, learned):
+        assert gguf_type(q.fmt, q.shape) == ("Q4_K", True)
+        assert np.array_equal(_gguf_q4_k(q), dequantize(q).numpy())
+    huge = quantize(w, fmt)  # a super-scale whose 8x overflows Q4_K's fp16 dmin
+    huge.tensors["super_scales"][0] = 8192.0
+    with pytest.raises(ExportError, match="dmin = 8 \\* super-scale overflows"):
+        blocks_of(huge, "Q4_K")
+
+
+@pytest.mark.parametrize("name,shape", [("w4-g32-sym-s6", (8, 576)), ("w4-g32-sym-s5", (8, 512)),
+                                        ("w4-g64-sym-s6", (8, 512)), ("w3-g48-iz-s6", (8, 768))])
+def test_other_double_quantized_scales_are_refused_saying_what_exports(name, shape):
+    with pytest.raises(ExportError) as err:
+        gguf_type(parse_format(name), shape)
+    message = str(err.value)
+    assert "\n" not in message and name in message and str(shape) in message
+    assert "only as Q4_K, for w4-g32-sym-s6 on rows that are multiples of 256" in message
+    assert "export_dequantized" in message
+
+
 def test_type_choice():
     assert gguf_type(None, (64,)) == ("F32", True)
     assert gguf_type(parse_format("w4-g128"), (64, 48)) == ("F32", True)  # rows not a multiple of 32

@@ -1,7 +1,8 @@
 """A Llama-family package as a GGUF file for llama.cpp, its quantized blocks kept where they fit.
 
 Each weight gets the llama.cpp type that its package format maps to (rows must be multiples of 32,
-the block of Q4_0/Q4_1/Q8_0; a format's group must be a multiple of 32 so every block lies in one group):
+the block of Q4_0/Q4_1/Q8_0; a format's group must be a multiple of 32 so every block lies in one group;
+Q4_K's super-block of 256 must likewise start at a row start):
 
 =====================================  ========  =================================================
 package format                         GGUF      how
@@ -15,13 +16,18 @@ package format                         GGUF      how
 other groups, 32-multiple rows         Q8_0      re-quantized from the dequantized weight
 ``fp16``, mixed formats, float         F16       the dequantized weight rounded to fp16
 norms, and rows not a multiple of 32   F32       exact
-double-quantized scales ``-s{S}``      refused   (``ExportError``: a Q4_0/Q4_1 block holds an fp16
-                                                 scale, which cannot hold ``code * super``)
+``w4-g32-sym-s6``, 256-multiple rows   Q4_K      bit-identical: ``d = super``, ``dmin = 8 * super``,
+                                                 ``sc = m = scale code``, ``q = code`` (``d*sc*q - dmin*m``)
+other double-quantized ``-s{S}``, or   refused   (``ExportError``: a Q4_0/Q4_1 block holds an fp16
+``-s6`` rows not a multiple of 256               scale, not ``code * super``; a Q4_K block, one row's)
 =====================================  ========  =================================================
 
 So a plan of 2-4-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only the
 asymmetric ``w8`` and odd group sizes are re-quantized (the docstring of ``gguf_type`` says which).
-Q5_0/Q5_1 and the K-quants have no workbench format to take codes from and are not written.
+Q4_K holds ``w4-g32-sym-s6`` because its 256-weight super-block is the format's: an fp16 ``d`` and
+``dmin``, eight 6-bit scales and mins, 32 4-bit codes per scale. It takes 4.5 bits per weight to
+the package's 4.25: Q4_K also stores the mins and ``dmin``, which here only repeat the scales.
+Q5_0/Q5_1 and the other K-quants have no workbench format to take codes from and are not written.
 
 Q and K projections are permuted the way llama.cpp's ``convert_hf_to_gguf.py`` does
 (``LlamaModel.permute``: the rotary halves interleaved), which transformers' GGUF loader undoes.
@@ -50,10 +56,12 @@ import torch
 from uqcit.export.hf import ExportError, as_loaded, dequantized_state, refuse_rotations, tied_output_key
 from uqcit.package.format import LoadedPackage
 from uqcit.runtime.modules import QuantEmbedding, QuantLinear
-from uqcit.tensor.formats import FLOAT_BITS, QuantFormat, parse_format
+from uqcit.tensor.formats import FLOAT_BITS, SUPER_BLOCK, QuantFormat, parse_format
+from uqcit.tensor.packing import unpack
 from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
-BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block
+BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block, and per Q4_K sub-block
+Q4_K_FORMAT = "w4-g32-sym-s6"  # the one double-quantized format a K-quant holds as stored
 DEQUANTIZED = "the hf export (uqcit.export.hf.export_dequantized, float weights) carries it"
 LLAMA_FAMILY = ("llama", "mistral")  # transformers model types with llama.cpp's "llama" graph
 
@@ -62,7 +70,10 @@ def _file_types() -> dict[str, int]:
     import gguf
 
     lft = gguf.LlamaFileType
-    return {"F32": lft.ALL_F32, "F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1, "Q8_0": lft.MOSTLY_Q8_0}
+    # Q4_K: MOSTLY_Q4_K_M, the file type llama.cpp's model loader infers for a file whose most common
+    # type is Q4_K (llama_model_loader, when general.file_type is absent); it is only a label.
+    return {"F32": lft.ALL_F32, "F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1,
+            "Q8_0": lft.MOSTLY_Q8_0, "Q4_K": lft.MOSTLY_Q4_K_M}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +93,16 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     >>> from uqcit.tensor.formats import parse_format
     >>> gguf_type(parse_format("w4-g128"), (64, 64)), gguf_type(parse_format("w8-g32"), (64, 64))
     (('Q4_1', True), ('Q8_0', False))
+    >>> gguf_type(parse_format("w4-g32-sym-s6"), (64, 512))
+    ('Q4_K', True)
 
-    Formats with double-quantized scales (``scale_bits``) have no GGUF type here: ``ExportError``.
+    Other formats with double-quantized scales (``scale_bits``), and ``w4-g32-sym-s6`` on rows that
+    are not a multiple of 256, have no GGUF type here: ``ExportError``.
     """
     if fmt is not None and fmt.scale_bits is not None:
-        raise _no_type(f"format {fmt.name}", fmt)
+        if _q4_k_fits(fmt, shape):
+            return "Q4_K", True
+        raise _no_type(f"format {fmt.name} of shape {tuple(shape)}", fmt)
     if len(shape) != 2 or shape[-1] % BLOCK:
         return "F32", True
     if fmt is None or fmt.bits == FLOAT_BITS or fmt.mixed:
@@ -99,13 +115,22 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
 
 
 # Bits per weight of each GGML type the exporter writes (a block's codes plus its fp16 scale/offset).
-TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "F16": 16.0, "F32": 32.0}
+# Q4_K: 144 bytes per 256 weights (fp16 d and dmin, 12 bytes of 6-bit scales and mins, 128 of codes).
+TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "Q4_K": 4.5, "F16": 16.0, "F32": 32.0}
+
+
+def _q4_k_fits(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
+    """Whether Q4_K holds ``fmt`` on ``shape`` as stored: ``w4-g32-sym-s6`` on 2-D rows of whole
+    super-blocks (a super-scale covers 256 weights of the flattened tensor; a Q4_K block, of a row)."""
+    return (fmt.name == Q4_K_FORMAT and len(shape) == 2 and shape[-1] > 0
+            and shape[-1] % SUPER_BLOCK == 0)
 
 
 def _no_type(where: str, fmt: QuantFormat) -> ExportError:
     """The refusal of a double-quantized format, one wording wherever it is met."""
     return ExportError(f"{where}: its group scales are {fmt.scale_bits}-bit codes under fp16 super-scales, "
-                       f"which no GGUF type written here holds; {DEQUANTIZED}")
+                       f"which GGUF holds only as Q4_K, for {Q4_K_FORMAT} on rows that are multiples of "
+                       f"{SUPER_BLOCK}; {DEQUANTIZED}")
 
 
 def gguf_formats(names) -> list[str]:
@@ -113,7 +138,8 @@ def gguf_formats(names) -> list[str]:
     codes carried exactly (``gguf_type``) and the GGML type as many bits per weight as the package
     stores. Allow only these to the allocator for a GGUF target,
     ``AllocateConfig(formats=tuple(gguf_formats(sensitivity.formats)))``, and its bits/weight budget
-    is the file's. (Other exact formats export too, but larger: ``w2-g128`` rides in Q4_1 blocks.)
+    is the file's. (Other exact formats export too, but larger: ``w2-g128`` rides in Q4_1 blocks,
+    ``w4-g32-sym-s6`` at 4.25 bits in Q4_K at 4.5, on rows that are multiples of 256.)
 
     >>> gguf_formats(["w2-g128", "w4-g32-sym", "w4-g32", "w4-g32-iz", "w4-g128-sym", "w8-g32-sym", "fp16",
     ...               "w4-g32-sym-s6"])
@@ -122,17 +148,21 @@ def gguf_formats(names) -> list[str]:
     out = []
     for name in names:
         fmt = parse_format(name)
-        if fmt.scale_bits is not None:  # refused by the export
+        try:  # rows of whole Q4_K super-blocks: the most any type asks
+            qtype, exact = gguf_type(fmt, (SUPER_BLOCK, SUPER_BLOCK))
+        except ExportError:  # refused by the export
             continue
-        qtype, exact = gguf_type(fmt, (BLOCK, BLOCK))
-        if exact and fmt.bits_for(BLOCK * BLOCK) == TYPE_BITS[qtype] * BLOCK * BLOCK:
+        if exact and fmt.bits_for(SUPER_BLOCK ** 2) == TYPE_BITS[qtype] * SUPER_BLOCK ** 2:
             out.append(name)
     return out
 
 
 def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
     """The llama.cpp blocks of ``q`` (a [rows, cols] tensor, ``cols % 32 == 0``) from its own codes:
-    uint8 ``[rows, cols // 32 * block_bytes]``. ``qtype`` is Q4_0, Q4_1 or Q8_0 as ``gguf_type`` chose."""
+    uint8 ``[rows, cols // 32 * block_bytes]`` (Q4_K: ``cols // 256 * 144``). ``qtype`` is Q4_0, Q4_1,
+    Q8_0 or Q4_K as ``gguf_type`` chose."""
+    if qtype == "Q4_K":
+        return _q4_k_blocks(q)
     fmt, (rows, cols) = q.fmt, q.shape
     codes = codes_of(q)["codes"].to(torch.int32).view(-1, BLOCK)  # [blocks, 32]
     group = torch.arange(codes.shape[0]) * BLOCK // fmt.group_size
@@ -152,6 +182,42 @@ def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
         qs = (nib[:, :16] | (nib[:, 16:] << 4)).to(torch.uint8).numpy()
         out = np.concatenate([head, qs], axis=1)
     return np.ascontiguousarray(out.reshape(rows, -1))
+
+
+def _q4_k_dmin(q: QuantizedTensor) -> torch.Tensor:
+    """fp16 ``dmin = 8 * super`` of each super-block of a ``w4-g32-sym-s6`` tensor (exact: a power of
+    two times an fp16 value), or ``ExportError`` where it overflows fp16 (super-scales above 8188)."""
+    dmin = q.tensors["super_scales"] * 8
+    if not bool(torch.isfinite(dmin).all()):
+        raise ExportError(f"a {q.fmt.name} tensor of shape {q.shape} has super-scales up to "
+                          f"{float(q.tensors['super_scales'].float().max()):g}; Q4_K's fp16 dmin = 8 * super-scale "
+                          f"overflows above 8188; {DEQUANTIZED}")
+    return dmin
+
+
+def _q4_k_blocks(q: QuantizedTensor) -> np.ndarray:
+    """Q4_K blocks of a ``w4-g32-sym-s6`` tensor whose rows are whole super-blocks (``gguf_type``).
+
+    A block is fp16 ``d``, fp16 ``dmin``, 12 bytes of eight 6-bit scales ``sc`` and mins ``m``, 128
+    bytes of 4-bit ``q``; weight ``j`` of sub-block ``i`` reads ``d*sc[i]*q - dmin*m[i]``. Here
+    ``d = super``, ``dmin = 8 * super``, ``sc = m = scale code``, ``q = code``: the package's own
+    ``(code - 8) * scale code * super``, every product exact in float32 (at most 4 + 6 + 11 bits).
+    The 12 bytes: bytes 0-3 hold ``sc[0:4]`` in their low 6 bits, 4-7 ``m[0:4]``; sub-blocks 4-7
+    have their low 4 bits in bytes 8-11 (``sc`` low nibble, ``m`` high) and their top 2 bits in the
+    top 2 bits of bytes 0-3 (``sc``) and 4-7 (``m``). The 128 bytes are four runs of 32: run ``r``
+    holds sub-block ``2r`` in its low nibbles and ``2r + 1`` in its high nibbles.
+    """
+    rows, cols = q.shape
+    n = q.numel // SUPER_BLOCK
+    codes = codes_of(q)["codes"].to(torch.int32).view(n, 4, 2, BLOCK)  # [super-block, run, nibble, 32]
+    sc = unpack(q.tensors["scale_codes"], q.fmt.scale_bits, n * 8).to(torch.int32).view(n, 8)
+    lo, hi = sc[:, :4], sc[:, 4:]
+    six = (lo & 0x3F) | ((hi >> 4) << 6)  # bytes 0-3, and (m == sc) bytes 4-7
+    scales = torch.cat([six, six, (hi & 0x0F) | ((hi & 0x0F) << 4)], dim=1)
+    qs = (codes[:, :, 0] | (codes[:, :, 1] << 4)).view(n, 4 * BLOCK)
+    head = torch.stack([q.tensors["super_scales"], _q4_k_dmin(q)], dim=1).numpy().view(np.uint8)  # [n, 4]
+    out = np.concatenate([head, torch.cat([scales, qs], dim=1).to(torch.uint8).numpy()], axis=1)
+    return np.ascontiguousarray(out.reshape(rows, cols // SUPER_BLOCK * 144))
 
 
 def permute_rows(rows: int, n_head: int) -> torch.Tensor:
@@ -195,7 +261,9 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
                  and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
     for name, q in quantized.items():  # before anything is written
         if q.fmt.scale_bits is not None:
-            raise _no_type(f"module {name} ({q.fmt.name})", q.fmt)
+            if not _q4_k_fits(q.fmt, q.shape):
+                raise _no_type(f"module {name} ({q.fmt.name}) of shape {q.shape}", q.fmt)
+            _q4_k_dmin(q)
     state = dequantized_state(model)
     tied = tied_output_key(model, state)
 
@@ -222,7 +290,7 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
         if key.endswith(("q_proj.weight", "k_proj.weight")):
             order = permute_rows(weight.shape[0], n_head if "q_proj" in key else n_kv)
         qtype = gguf.GGMLQuantizationType[qname]
-        if qname in ("Q4_0", "Q4_1", "Q8_0") and same:
+        if qname in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") and same:
             data = blocks_of(q, qname)
             if order is not None:
                 data = data[order.numpy()]
