@@ -71,9 +71,6 @@ class QuantizeConfig(StageConfig):
     lr: float = 0.0  # signround: first step size (decays linearly to 0); 0 means 1/iters
     clip_min: float = 0.5  # signround: smallest learned clipping factor of a group's range
     micro_batch: int = 8  # signround: calibration sequences per step
-    # signround: the block error it minimizes: "mse" of the residual stream (the paper's), or
-    # "normed": as the next layer's norm reads it (uqcit.stages.signround.normed_error)
-    loss: Literal["mse", "normed"] = "mse"
     # gptq and signround: an embedding tied to the LM head is rounded with error feedback against
     # the head's inputs (the final hidden states of the model with its blocks quantized): the
     # head's logits, not the lookup, carry most of a tied matrix's error. Off: round to nearest.
@@ -93,7 +90,6 @@ class QuantizeConfig(StageConfig):
         self.check(self.lr >= 0, "lr", "must be >= 0 (0: 1/iters)")
         self.check(0 < self.clip_min <= 1, "clip_min", "must be in (0, 1]")
         self.check(self.micro_batch >= 1, "micro_batch", "must be >= 1")
-        self.check(self.loss in ("mse", "normed"), "loss", "must be 'mse' or 'normed'")
         self.check(self.calib_source in ("corpus", "self", "mix"), "calib_source",
                    "must be 'corpus', 'self' or 'mix'")
 
@@ -329,7 +325,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         stack, blocks = learned_blocks
         learned, rounding = signround_blocks(out, stack, blocks, batch, iters=config.iters, lr=config.lr,
                                              clip_min=config.clip_min, micro_batch=config.micro_batch,
-                                             seed=config.seed, loss=config.loss, progress=progress)
+                                             seed=config.seed, progress=progress)
         seconds["signround"] = time.perf_counter() - t0
         for n, q in learned.items():
             quantize_one(by_name[n], None, q)
