@@ -1,4 +1,5 @@
 """Streamed quantize jobs write the very package the in-memory path writes (uqcit.stream.job)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -6,46 +7,67 @@ import pytest
 from uqcit.core.keys import ConfigError
 from uqcit.pipeline import Session, export_session
 from uqcit.recipe import builtin_recipe
+from uqcit.stages.plan import PlanConfig
 from uqcit.stages.quantize import QuantizeConfig
 from uqcit.stream import compress_streamed
 
 CALIB = dict(calib_samples=6, calib_seq_len=32)  # 6 = one full micro-batch of 4 and a short one
+# Learned rounding on micro-batches of 2, 2 and 1 sequences: 5 steps drawn among them per block.
+SIGNROUND = dict(method="signround", iters=5, micro_batch=2, calib_samples=5, calib_seq_len=32)
+# Block linears at w3-g64-iz (learned by signround) but the mixed-format down projections and
+# untied head (rounded to nearest on activation importance).
+MIXED = PlanConfig(preset="uniform", bits=3, group_size=64, int_zeros=True,
+                   overrides={r"re:.*mlp\.down_proj|lm_head": "w4-g128+w8@0.3"})
 
 
-def in_memory(src: Path, recipe, out: Path) -> Path:
+def in_memory(src: Path, recipe, out: Path) -> Session:
     session = Session.from_model(str(src), progress=False)
     session.run(recipe, skip=("eval",))
     export_session(session, out, recipe=recipe, model_name=str(src))
-    return out
+    return session
 
 
-@pytest.mark.parametrize("family, recipe, quantize", [
-    ("llama", "rtn-w4-g128", None),  # tied head: RTN once, stored once
-    ("mistral", "rtn-w3-g128", QuantizeConfig(method="gptq", **CALIB)),  # untied head: GPTQ from the stream
-    ("mistral", "uqcit-default", QuantizeConfig(method="gptq", sequential=True, importance="activation", **CALIB)),
+@pytest.mark.parametrize("family, recipe, stages", [
+    ("llama", "rtn-w4-g128", ()),  # tied head: RTN once, stored once
+    ("mistral", "rtn-w3-g128", (QuantizeConfig(method="gptq", **CALIB),)),  # untied head: GPTQ from the stream
+    ("mistral", "uqcit-default", (QuantizeConfig(method="gptq", sequential=True, importance="activation", **CALIB),)),
+    # signround-2.5's plan (w2-g64-iz blocks, w3-g128-iz embedding): every block linear learns its rounding
+    ("llama", "signround-2.5", (QuantizeConfig(**SIGNROUND),)),  # tied head: the embedding rounded to nearest
+    ("mistral", "signround-2.5", (QuantizeConfig(head_feedback=True, **SIGNROUND),)),  # no tied head to feed back
+    ("mistral", "signround-2.5", (MIXED, QuantizeConfig(**{**SIGNROUND, "importance": "activation", "micro_batch": 4}))),
 ])
-def test_streamed_package_equals_in_memory_byte_for_byte(tmp_path, save_tiny, package_files, family, recipe, quantize):
+def test_streamed_package_equals_in_memory_byte_for_byte(tmp_path, save_tiny, package_files, family, recipe, stages):
     src = save_tiny(family, tmp_path / "src")
     recipe = builtin_recipe(recipe)
-    if quantize is not None:
-        recipe = recipe.with_stage(quantize)
-    expected = package_files(in_memory(src, recipe, tmp_path / "memory"))
+    for stage in stages:
+        recipe = recipe.with_stage(stage)
+    session = in_memory(src, recipe, tmp_path / "memory")
+    expected = package_files(tmp_path / "memory")
     report = compress_streamed(src, recipe, tmp_path / "streamed", progress=False)
     got = package_files(tmp_path / "streamed")
     assert sorted(got) == sorted(expected)
     assert [name for name in expected if got[name] != expected[name]] == []
     assert report.blocks == 4 and report.resumed_at == 0 and len(report.block_seconds) == 4
     assert not (tmp_path / ".streamed.stream").exists()  # the run folder goes once the package is in place
+    if recipe.stage("quantize").method == "signround":  # the blocks did learn their rounding
+        result = session.results["quantize"]
+        assert len(result.rounding) == 4 and "learned" in {r.kept for r in result.rounding}
+        assert {m.method for m in result.stored} == {"signround", "rtn"}  # the embedding (and mixed formats): RTN
+        assert json.loads(got["uqcit_metadata.json"])["method"].startswith("signround-")
 
 
 def test_a_stage_that_cannot_stream_is_refused_before_any_work(tmp_path, save_tiny):
     src = save_tiny("llama", tmp_path / "src")
     with pytest.raises(ConfigError, match=r"\['sensitivity', 'allocate'\] cannot run streamed"):
         compress_streamed(src, builtin_recipe("alloc-gptq-3.25"), tmp_path / "out", progress=False)
-    with pytest.raises(ConfigError, match="'signround' cannot run streamed"):
-        compress_streamed(src, builtin_recipe("rtn-w4-g128").with_stage(QuantizeConfig(method="signround")),
-                          tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
+    # The tiny llama's head is tied to its embedding: signround-2.5's head_feedback needs the whole model.
+    with pytest.raises(ConfigError, match=r"^method 'signround' with head_feedback=True on a quantized embedding "
+                                          r"tied to the head cannot run streamed yet: set head_feedback to false"):
+        compress_streamed(src, builtin_recipe("signround-2.5"), tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match=r"importance='activation' streams only with micro_batch=4"):
+        compress_streamed(src, builtin_recipe("signround-2.5").with_stage(MIXED).with_stage(QuantizeConfig(
+            **{**SIGNROUND, "importance": "activation"})), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.stream").exists()
 
 
 def test_a_folder_without_safetensors_is_refused(tmp_path, save_tiny):

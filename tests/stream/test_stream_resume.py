@@ -18,10 +18,15 @@ def stop_after(k: int):
     return hook
 
 
-def test_an_interrupted_job_resumes_at_the_next_block_with_the_same_package(tmp_path, save_tiny, package_files):
-    src = save_tiny("mistral", tmp_path / "src")
+@pytest.mark.parametrize("quantize", [
     # Sequential GPTQ with an untied head: both activation streams (quantized and float) resume.
-    quantize = QuantizeConfig(method="gptq", sequential=True, calib_samples=6, calib_seq_len=32)
+    QuantizeConfig(method="gptq", sequential=True, calib_samples=6, calib_seq_len=32),
+    # Learned rounding: both streams and the random generator's state resume.
+    QuantizeConfig(method="signround", iters=5, micro_batch=2, calib_samples=5, calib_seq_len=32),
+])
+def test_an_interrupted_job_resumes_at_the_next_block_with_the_same_package(tmp_path, save_tiny, package_files,
+                                                                           quantize):
+    src = save_tiny("mistral", tmp_path / "src")
     recipe = builtin_recipe("rtn-w3-g128").with_stage(quantize)
     whole = compress_streamed(src, recipe, tmp_path / "whole", progress=False)
     run = tmp_path / "run"

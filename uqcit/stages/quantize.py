@@ -31,8 +31,7 @@ from uqcit.inputs.selftext import self_generate
 from uqcit.stages.clusters import apply_clusters_to_importance
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
-from uqcit.tensor.learned import supports as supports_learned
-from uqcit.stages.signround import signround_blocks
+from uqcit.stages.signround import learnable_blocks, signround_blocks
 from uqcit.stages.importance import activation_source
 from uqcit.stages.plan import LEVEL_COLORS, BitPlan
 from uqcit.tensor.quant import QuantizedTensor, dequantize, quant_error, quant_params, quantize, quantize_with
@@ -317,7 +316,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                 seconds["calibration"] += time.perf_counter() - t0
         del replay  # the stored block inputs
     rounding = []
-    learned_blocks = _learned_blocks(out, levels, entries, plan, named) if config.method == "signround" else None
+    learned_blocks = learnable_blocks(out, levels, plan) if config.method == "signround" else None
     if learned_blocks:
         # Learned rounding: the block stack's planned linears, block by block (uqcit.stages.signround).
         t0 = time.perf_counter()
@@ -392,20 +391,6 @@ def _tied_heads(levels, plan) -> dict[str, str]:
         if fmt is not None and fmt.bits != FLOAT_BITS and m.kind != "embedding":
             heads[m.tied_to] = m.name
     return heads
-
-
-def _learned_blocks(model, levels, entries, plan, named) -> tuple[str, dict[int, dict]] | None:
-    """The block stack and, per block, the planned linears whose rounding can be learned
-    (plain integer formats); ``None`` when there are none or they span several stacks."""
-    names = {e.name for e in entries if e.kind != "embedding"
-             and supports_learned(plan.format_for(e.name), tuple(weight_matrix(named[e.name]).shape))}
-    stack, index = _block_stack(model, levels, names)
-    if stack is None or not index:
-        return None
-    blocks: dict[int, dict] = {}
-    for n, b in index.items():
-        blocks.setdefault(b, {})[n] = plan.format_for(n)
-    return stack, blocks
 
 
 def _online_rotation_bits(model: torch.nn.Module) -> int:

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, block_output
-from uqcit.runtime.modules import QuantLinear, linear_weight, replace_module, weight_matrix
+from uqcit.runtime.modules import QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
 from uqcit.tensor.formats import QuantFormat
-from uqcit.tensor.learned import LearnedWeight
+from uqcit.tensor.learned import LearnedWeight, supports
 from uqcit.tensor.quant import QuantizedTensor
 
 
@@ -59,6 +60,23 @@ class _FakeQuantLinear(nn.Module):
         return F.linear(x, self.learned(), self.bias)
 
 
+def learnable_blocks(model: nn.Module, levels, plan) -> tuple[str, dict[int, dict[str, QuantFormat]]] | None:
+    """The block stack's name and, per block index, the planned linears whose rounding can be
+    learned (plain integer formats whose groups tile the weight) with their formats; ``None``
+    when there are none or they sit in several stacks. ``model`` may be a meta-device skeleton
+    (only shapes are read)."""
+    pattern = levels.ruleset.block_pattern
+    names = [m.name for m in levels.modules if m.tied_to is None and m.kind != "embedding"
+             and plan.format_for(m.name) is not None
+             and supports(plan.format_for(m.name), tuple(weight_matrix(model.get_submodule(m.name)).shape))]
+    found = block_stack(model, names, pattern)
+    blocks: dict[int, dict[str, QuantFormat]] = {}
+    for n in names:
+        if block_of(n, pattern) is not None:
+            blocks.setdefault(block_of(n, pattern), {})[n] = plan.format_for(n)
+    return (found[0], blocks) if found is not None and blocks else None
+
+
 def signround_blocks(model: nn.Module, stack_name: str, blocks: dict[int, dict[str, QuantFormat]],
                      batch: torch.Tensor, *, iters: int, lr: float, clip_min: float = 0.5,
                      micro_batch: int = 8, seed: int = 0, progress: bool = True,
@@ -67,61 +85,105 @@ def signround_blocks(model: nn.Module, stack_name: str, blocks: dict[int, dict[s
 
     Modules are left in ``model`` as they were (the caller swaps in the quantized modules);
     returns each module's ``QuantizedTensor`` and one ``BlockRounding`` per block.
-    ``lr <= 0`` means ``1 / iters``.
+    ``lr <= 0`` means ``1 / iters``. Each block is ``signround_block``; the streamed job
+    (``uqcit.stream.job``) runs the same function on blocks read one at a time.
     """
     from tqdm.auto import tqdm
 
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     stack = model.get_submodule(stack_name)
+    # BlockReplay records the blocks' inputs and arguments; the loop below replays them itself.
     replay = BlockReplay(model, stack, batch, micro_batch=micro_batch, progress=progress)
-    float_stream = [h.clone() for h in replay.hidden]
-    gen = torch.Generator().manual_seed(seed)
-    step_lr = lr if lr > 0 else 1.0 / max(iters, 1)
+    quantized, calls = replay.hidden, replay.calls
+    floats = [h.clone() for h in quantized]
+    gen = torch.Generator().manual_seed(seed)  # one generator across blocks: same seed, same codes
     out: dict[str, QuantizedTensor] = {}
     reports: list[BlockRounding] = []
     last = max(blocks) if blocks else -1
     for b in tqdm(range(last + 1), desc="signround blocks", unit="block", disable=not progress):
-        t0 = time.perf_counter()
-        target = replay.run(b, float_stream)
-        names = blocks.get(b, {})
-        if names:
-            qs, report = _learn_block(model, replay, b, names, target, iters, step_lr, clip_min, gen)
-            out.update(qs)
-            reports.append(dataclasses.replace(report, seconds=time.perf_counter() - t0))
-            # The next block's quantized stream comes from this block quantized as stored.
-            originals = {n: model.get_submodule(n) for n in qs}
-            for n, q in qs.items():
-                replace_module(model, n, _decoded_linear(originals[n], q))
-            replay.advance(b)
-            for n, m in originals.items():
-                replace_module(model, n, m)
-        else:
-            replay.advance(b)
-        float_stream = target
+        prefix = f"{stack_name}.{b}."
+        formats = {n[len(prefix):]: fmt for n, fmt in blocks.get(b, {}).items()}
+        qs, report = signround_block(stack[b], formats, calls[b], floats, quantized, gen, iters=iters, lr=lr,
+                                     clip_min=clip_min, index=b, prefix=prefix)
+        calls[b] = []  # its arguments are not needed any more
+        out.update(qs)
+        if report is not None:
+            reports.append(report)
     return out, reports
 
 
-def _learn_block(model: nn.Module, replay: BlockReplay, b: int, names: dict[str, QuantFormat],
-                 target: list[torch.Tensor], iters: int, lr: float, clip_min: float,
-                 gen: torch.Generator) -> tuple[dict[str, QuantizedTensor], BlockRounding]:
-    block = replay.stack[b]
+def signround_block(block: nn.Module, formats: dict[str, QuantFormat], calls: list[tuple[tuple, dict]],
+                    floats: list[torch.Tensor], quantized: list[torch.Tensor], gen: torch.Generator, *,
+                    iters: int, lr: float, clip_min: float = 0.5, index: int = 0, prefix: str = "",
+                    ) -> tuple[dict[str, QuantizedTensor], BlockRounding | None]:
+    """One block of the loop: learn the rounding of ``formats`` (module name inside ``block`` ->
+    format) and move both streams of block inputs past ``block``.
+
+    ``floats`` and ``quantized`` hold one input per micro-batch (the float model's, and the
+    model's with the blocks before quantized), ``calls`` the block's other arguments per
+    micro-batch (``BlockReplay.calls``). On return ``floats`` holds the float block's outputs
+    (the target) and ``quantized`` the outputs of the block with the learned modules as
+    stored; ``block`` is as it was. ``gen`` draws the micro-batches of the steps, in order.
+    Returns the ``QuantizedTensor`` of each module by ``prefix + name`` and the block's
+    ``BlockRounding`` (``None`` without modules). ``lr <= 0`` means ``1 / iters``.
+
+    >>> block = nn.Sequential(nn.Linear(64, 64))
+    >>> x = [torch.randn(4, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    >>> floats, quantized = [h.clone() for h in x], [h.clone() for h in x]
+    >>> qs, report = signround_block(block, {"0": QuantFormat(bits=3, group_size=32)}, [((), {})] * 3, floats,
+    ...                              quantized, torch.Generator().manual_seed(0), iters=20, lr=0.0, prefix="mlp.")
+    >>> sorted(qs), report.modules, torch.equal(floats[0], block(x[0]))
+    (['mlp.0'], ('mlp.0',), True)
+    >>> report.mse_learned < report.mse_rtn, torch.equal(quantized[0], _decoded_linear(block[0], qs["mlp.0"])(x[0]))
+    (True, True)
+    """
+    t0 = time.perf_counter()
+    _advance(block, calls, floats)  # the float block's outputs: the target, and the next float inputs
+    qs: dict[str, QuantizedTensor] = {}
+    report = None
+    if formats:
+        step_lr = lr if lr > 0 else 1.0 / max(iters, 1)
+        learned, mse_rtn, mse_learned, kept = _learn_block(block, formats, calls, quantized, floats, iters,
+                                                           step_lr, clip_min, gen)
+        report = BlockRounding(index, tuple(prefix + n for n in formats), mse_rtn, mse_learned, kept,
+                               time.perf_counter() - t0)
+        qs = {prefix + n: q for n, q in learned.items()}
+        # The next block's quantized stream comes from this block quantized as stored.
+        originals = {n: block.get_submodule(n) for n in learned}
+        for n, q in learned.items():
+            replace_module(block, n, _decoded_linear(originals[n], q))
+        try:
+            _advance(block, calls, quantized)
+        finally:
+            for n, m in originals.items():
+                replace_module(block, n, m)
+    else:
+        _advance(block, calls, quantized)
+    return qs, report
+
+
+def _learn_block(block: nn.Module, formats: dict[str, QuantFormat], calls: list[tuple[tuple, dict]],
+                 inputs: list[torch.Tensor], target: list[torch.Tensor], iters: int, lr: float,
+                 clip_min: float, gen: torch.Generator) -> tuple[dict[str, QuantizedTensor], float, float, str]:
+    """The trained rounding of ``formats``' modules in ``block``; its output MSE before and
+    after training and which rounding was kept."""
     frozen = [p for p in block.parameters() if p.requires_grad]  # the float block's own
-    originals = {n: model.get_submodule(n) for n in names}
-    learned = {n: LearnedWeight(weight_matrix(m), names[n]) for n, m in originals.items()}
+    originals = {n: block.get_submodule(n) for n in formats}
+    learned = {n: LearnedWeight(weight_matrix(m), formats[n]) for n, m in originals.items()}
     for n, m in originals.items():
-        replace_module(model, n, _FakeQuantLinear(learned[n], linear_weight(m)[1]))
+        replace_module(block, n, _FakeQuantLinear(learned[n], linear_weight(m)[1]))
     params = [p for lw in learned.values() for p in lw.parameters()]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        mse_rtn = _block_mse(replay, b, target)
+        mse_rtn = _block_mse(block, calls, inputs, target)
         init = [p.detach().clone() for p in params]
         with torch.enable_grad():
             for step in range(iters):
                 mb = int(torch.randint(len(target), (1,), generator=gen))
-                args, kwargs = replay.calls[b][mb]
-                pred = block_output(block(replay.hidden[mb], *args, **kwargs))
+                args, kwargs = calls[mb]
+                pred = block_output(block(inputs[mb], *args, **kwargs))
                 loss = F.mse_loss(pred, target[mb])
                 grads = torch.autograd.grad(loss, params)
                 rate = lr * (1.0 - step / iters)  # linear decay to zero
@@ -130,7 +192,7 @@ def _learn_block(model: nn.Module, replay: BlockReplay, b: int, names: dict[str,
                         p.sub_(rate * torch.sign(g))
                 for lw in learned.values():
                     lw.clamp_(clip_min)
-        mse_learned = _block_mse(replay, b, target)
+        mse_learned = _block_mse(block, calls, inputs, target)
         kept = "learned"
         if mse_learned > mse_rtn:  # never store a rounding worse than the one it started from
             with torch.no_grad():
@@ -140,10 +202,24 @@ def _learn_block(model: nn.Module, replay: BlockReplay, b: int, names: dict[str,
         qs = {n: lw.quantized() for n, lw in learned.items()}
     finally:
         for n, m in originals.items():
-            replace_module(model, n, m)
+            replace_module(block, n, m)
         for p in frozen:
             p.requires_grad_(True)
-    return qs, BlockRounding(b, tuple(names), mse_rtn, mse_learned, kept, 0.0)
+    return qs, mse_rtn, mse_learned, kept
+
+
+def _run(block: nn.Module, calls: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``block`` as it is now on ``hidden`` (one input per micro-batch), no gradients."""
+    with torch.no_grad():
+        return [block_output(block(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
+
+
+def _advance(block: nn.Module, calls: list[tuple[tuple, dict]], hidden: list[torch.Tensor]) -> None:
+    """Replace each input in ``hidden`` by the output of ``block`` as it is now (in place: one
+    micro-batch at a time, so no second copy of the stream)."""
+    with torch.no_grad():
+        for mb, (args, kwargs) in enumerate(calls):
+            hidden[mb] = block_output(block(hidden[mb], *args, **kwargs)).detach()
 
 
 # Micro-batches the keep-or-revert check compares on: a fixed subset, so that more calibration
@@ -151,11 +227,12 @@ def _learn_block(model: nn.Module, replay: BlockReplay, b: int, names: dict[str,
 CHECK_MICRO_BATCHES = 8
 
 
-def _block_mse(replay: BlockReplay, b: int, target: list[torch.Tensor]) -> float:
-    """Mean squared error of block ``b`` (as it is now) on the quantized stream, on the first
+def _block_mse(block: nn.Module, calls: list[tuple[tuple, dict]], inputs: list[torch.Tensor],
+               target: list[torch.Tensor]) -> float:
+    """Mean squared error of ``block`` (as it is now) on ``inputs``, on the first
     ``CHECK_MICRO_BATCHES`` micro-batches."""
     n = min(len(target), CHECK_MICRO_BATCHES)
-    outs = replay.run(b, replay.hidden[:n])
+    outs = _run(block, calls[:n], inputs[:n])
     total = sum(float(F.mse_loss(o, t, reduction="sum")) for o, t in zip(outs, target[:n]))
     return total / sum(t.numel() for t in target[:n])
 

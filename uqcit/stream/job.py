@@ -1,14 +1,18 @@
 """The quantize job, one decoder block at a time: for models larger than memory.
 
 ``compress_streamed(folder, recipe, out)`` runs a recipe's ``levels``, ``plan`` and ``quantize``
-(``rtn`` or ``gptq``, one-shot or sequential) on a local safetensors model folder without
-loading it: the levels and the plan come from the meta-device skeleton (shapes and names
+(``rtn``, ``gptq`` one-shot or sequential, or ``signround``) on a local safetensors model folder
+without loading it: the levels and the plan come from the meta-device skeleton (shapes and names
 only); the calibration text runs through the embedding once and then, block by block, through
 each block whose float weights are read from the shards just for it (``LazyCheckpoint``),
 quantized, written as its package layer folder and freed. The embedding, the final norm and
 the head are read at the end. Peak memory: one block in float, the calibration activations
-(``samples x seq_len x hidden`` floats, twice for sequential GPTQ with an untied head or
-activation importance), the tokenizer and the modules outside the blocks at the end.
+(``samples x seq_len x hidden`` floats, twice for signround, and for sequential GPTQ with an
+untied head or activation importance), the tokenizer and the modules outside the blocks at the end.
+
+``signround`` carries the float model's and the quantized model's block inputs and runs the
+in-memory loop's step (``uqcit.stages.signround.signround_block``) on each block, its random
+generator carried on from block to block (and through a resume).
 
 The package is the one the in-memory path writes for the same recipe, file for file
 (``tests/stream/test_job.py``): the same statistics reach the same rounding code, in the same
@@ -65,13 +69,16 @@ from uqcit.stages.importance import activation_source
 from uqcit.stages.levels import LevelsConfig, analyze_levels
 from uqcit.stages.plan import build_plan
 from uqcit.stages.quantize import ModuleQuant, QuantizeConfig, QuantizeResult, round_weight, runtime_module
+from uqcit.stages.signround import learnable_blocks, signround_block
 from uqcit.stream.checkpoint import RunState, open_run
 from uqcit.stream.source import LazyCheckpoint, free
 from uqcit.tensor.formats import FLOAT_BITS
-from uqcit.tensor.quant import quant_error
+from uqcit.tensor.quant import QuantizedTensor, quant_error
 
 MICRO_BATCH = 4  # calibration sequences per forward: collect_input_stats' default, so sums add up alike
 STREAMABLE = ("levels", "plan", "quantize", "eval")  # "eval" is skipped: it needs the whole float model
+STREAMED_METHODS = ("rtn", "gptq", "signround")  # QuantizeConfig.method
+RNG = "rng"  # the checkpoint's entry for signround's random generator state
 
 
 @dataclasses.dataclass(repr=False)
@@ -161,13 +168,16 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
     if job.needs_calibration:
         t0 = time.perf_counter()
         batch = stage_calibration(qcfg, tokenizer, None, what=f"quantize with method={qcfg.method!r}")
-        calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside)  # recomputed on resume
+        # recomputed on resume
+        calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside, job.micro_batch)
         # accelerate's mover: the masks and rotary tensors nested in each block call's kwargs
         job.calls = [(h.to(device), send_to_device(kwargs, device)) for h, kwargs in calls]
         streams = run.load_streams()
         if streams is None:  # a fresh run: the streams start as the embeddings
             first = [h for h, _ in job.calls]
             streams = {"q": first, "f": [h.clone() for h in first]} if job.float_stream else {"q": first}
+        elif RNG in streams:  # signround's micro-batch draws go on where the checkpoint left them
+            job.gen.set_state(streams.pop(RNG)[0])
         job.streams = {k: [h.to(device) for h in hs] for k, hs in streams.items()}
         seconds["calibration"] += time.perf_counter() - t0
     for b in tqdm(range(start, job.n_blocks), desc="blocks", unit="block", disable=not progress):
@@ -180,7 +190,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
         free(work)
         del work
         run.state.add_block(records, parts.modules, parts.float_tensors)
-        run.save(b + 1, {k: [h.cpu() for h in hs] for k, hs in job.streams.items()})
+        run.save(b + 1, job.checkpoint())
         block_seconds.append(time.perf_counter() - t0)
         if on_block is not None:
             on_block(b)
@@ -227,17 +237,18 @@ def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
     plan_cfg, qcfg = recipe.stage("plan"), recipe.stage("quantize")
     if plan_cfg is None or qcfg is None:
         raise ConfigError(f"recipe {recipe.name!r}: a streamed job needs a 'plan' and a 'quantize' stage")
-    if qcfg.method not in ("rtn", "gptq"):
+    if qcfg.method not in STREAMED_METHODS:
         raise ConfigError(f"recipe {recipe.name!r}: QuantizeConfig.method {qcfg.method!r} cannot run streamed "
-                          "yet; use 'rtn' or 'gptq', or run without --stream")
+                          f"yet; use {' / '.join(map(repr, STREAMED_METHODS))}, or run without --stream")
     return recipe.stage("levels") or LevelsConfig(), plan_cfg, qcfg
 
 
-def _block_calls(skeleton, ckpt: LazyCheckpoint, stack, batch: torch.Tensor, want: dict[str, bool]):
-    """Per calibration micro-batch: the first block's input and the keyword arguments every block
-    gets (mask, positions, rotary embeddings); and the statistics of ``want``'s modules that run
-    before the blocks (an embedding's token counts). Only the modules before the blocks hold
-    weights meanwhile: the outer ones minus the head, read and freed here."""
+def _block_calls(skeleton, ckpt: LazyCheckpoint, stack, batch: torch.Tensor, want: dict[str, bool],
+                 micro_batch: int = MICRO_BATCH):
+    """Per calibration micro-batch of ``micro_batch`` sequences: the first block's input and the
+    keyword arguments every block gets (mask, positions, rotary embeddings); and the statistics of
+    ``want``'s modules that run before the blocks (an embedding's token counts). Only the modules
+    before the blocks hold weights meanwhile: the outer ones minus the head, read and freed here."""
     head = skeleton.get_output_embeddings()
     before = _outer_modules(skeleton, stack) - ({id(head)} if head is not None else set())
     loaded = [m for m in skeleton.modules() if id(m) in before and not list(m.children())]
@@ -253,9 +264,9 @@ def _block_calls(skeleton, ckpt: LazyCheckpoint, stack, batch: torch.Tensor, wan
     handle = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with InputStatsCollector(skeleton, {n: h for n, h in want.items() if n in names}) as col, torch.no_grad():
-            for s in range(0, batch.shape[0], MICRO_BATCH):
+            for s in range(0, batch.shape[0], micro_batch):
                 try:
-                    skeleton(input_ids=batch[s:s + MICRO_BATCH], use_cache=False)
+                    skeleton(input_ids=batch[s:s + micro_batch], use_cache=False)
                 except _Caught:
                     pass
                 col.end_batch()
@@ -305,14 +316,40 @@ class _Job:
         # Statistics of the modules outside the blocks, from the float model (as quantize_model's
         # one pass): name -> with a Hessian. One-shot collects every one with Hessians if any GPTQ.
         self.outside = {n: (n in self.gptq if self.sequential else bool(self.gptq)) for n in sorted(outside)}
-        self.needs_calibration = bool(self.gptq or self.act)
-        self.float_stream = self.sequential and bool(set(self.act.values()) | outside)
+        # signround: per block, the modules whose rounding is learned (by name) and their formats
+        found = learnable_blocks(skeleton, levels, plan) if config.method == "signround" else None
+        self.learned = found[1] if found is not None else {}
+        self._refuse_signround(config)
+        self.micro_batch = config.micro_batch if self.learned else MICRO_BATCH
+        self.gen = torch.Generator().manual_seed(config.seed)  # signround_blocks' one generator
+        self.needs_calibration = bool(self.gptq or self.act or self.learned)
+        self.float_stream = bool(self.learned) or (self.sequential and bool(set(self.act.values()) | outside))
         self.calls: list[tuple[torch.Tensor, dict]] = []
         self.streams: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, Any] = {}  # statistics of modules quantized later (the head)
 
     def _inside(self) -> list[str]:
         return [e.name for e in self.entries if e.name.startswith(self.stack_name + ".")]
+
+    def _refuse_signround(self, config: QuantizeConfig) -> None:
+        """What signround cannot stream yet: a tied head's error feedback, and activation statistics
+        on micro-batches other than those of ``quantize_model``'s one pass."""
+        if config.method != "signround":
+            return
+        heads = {m.tied_to for m in self.levels.modules if m.tied_to is not None and m.kind != "embedding"}
+        if config.head_feedback and any(e.name in heads and self.plan.format_for(e.name).bits != FLOAT_BITS
+                                        for e in self.entries):
+            raise ConfigError("method 'signround' with head_feedback=True on a quantized embedding tied to the head "
+                              "cannot run streamed yet: set head_feedback to false, or run without --stream")
+        if self.learned and self.act and config.micro_batch != MICRO_BATCH:
+            raise ConfigError(f"method 'signround' with importance='activation' streams only with "
+                              f"micro_batch={MICRO_BATCH}: set it, or run without --stream")
+
+    def checkpoint(self) -> dict[str, list[torch.Tensor]]:
+        """What a resumed job needs besides the finished blocks: the streams on the CPU and, for
+        signround, the random generator's state."""
+        out = {k: [h.cpu() for h in hs] for k, hs in self.streams.items()}
+        return {**out, RNG: [self.gen.get_state()]} if self.learned else out
 
     def block(self, b: int, work: torch.nn.Module):
         """Calibrate, quantize and advance block ``b`` (``work``, its float weights loaded on the CPU;
@@ -323,7 +360,15 @@ class _Job:
         rel = {e.name: e.name[len(prefix):] for e in names}
         stats: dict[str, Any] = {}  # importance statistics (one-shot: the Hessians' too)
         hess: dict[str, Any] = stats
-        if self.needs_calibration:
+        learned: dict[str, QuantizedTensor] = {}
+        if self.learned:  # as signround_blocks; importance statistics one-shot, on the float stream
+            want = {rel[n]: False for n in self.act.values() if n in rel}
+            stats = self._run(work, "f", want, prefix, advance=False) if want else stats
+            cfg, formats = self.config, {rel[n]: fmt for n, fmt in self.learned.get(b, {}).items()}
+            learned, _ = signround_block(work, formats, [((), kw) for _, kw in self.calls], self.streams["f"],
+                                         self.streams["q"], self.gen, iters=cfg.iters, lr=cfg.lr,
+                                         clip_min=cfg.clip_min, index=b, prefix=prefix)
+        elif self.needs_calibration:
             if self.sequential:  # as BlockReplay: Hessians on the quantized stream, the rest one-shot
                 if self.float_stream:
                     stats = self._run(work, "f", {rel[n]: False for n in self.act.values() if n in rel}, prefix)
@@ -331,7 +376,7 @@ class _Job:
             else:
                 wanted = sorted(rel[n] for n in (self.gptq | set(self.act.values())) if n in rel)
                 stats.update(self._run(work, "q", {n: bool(self.gptq) for n in wanted}, prefix))
-        records = [self._quantize(work, e, rel[e.name], stats, hess) for e in names]
+        records = [self._quantize(work, e, rel[e.name], stats, hess, learned.get(e.name)) for e in names]
         if self.sequential:  # the quantized block's outputs feed the next block's Hessians
             self._run(work, "q", {}, prefix)
         work.to("cpu")  # the package is written from the CPU
@@ -352,17 +397,22 @@ class _Job:
                 col.end_batch()
         return {prefix + n: s for n, s in col.stats().items()}
 
-    def _quantize(self, root: torch.nn.Module, entry, rel: str, stats, hess) -> ModuleQuant:
-        """One module, as ``quantize_model``'s ``quantize_one`` rounds it; replaced in ``root``."""
+    def _quantize(self, root: torch.nn.Module, entry, rel: str, stats, hess,
+                  learned: QuantizedTensor | None = None) -> ModuleQuant:
+        """One module, as ``quantize_model``'s ``quantize_one`` rounds it (or stores ``learned``,
+        its learned rounding); replaced in ``root``."""
         t0 = time.perf_counter()
         cfg, fmt = self.config, self.plan.format_for(entry.name)
         module = root.get_submodule(rel)
         weight = weight_matrix(module)
-        importance = None
-        if entry.name in self.act:
-            importance = channel_importance(stats[self.act[entry.name]], weight)
-        hessian = hess[entry.name].hessian if entry.name in self.gptq else None
-        q, method, out_error = round_weight(weight, fmt, cfg, hessian=hessian, importance=importance)
+        if learned is not None:
+            q, method, out_error = learned, "signround", None
+        else:
+            importance = None
+            if entry.name in self.act:
+                importance = channel_importance(stats[self.act[entry.name]], weight)
+            hessian = hess[entry.name].hessian if entry.name in self.gptq else None
+            q, method, out_error = round_weight(weight, fmt, cfg, hessian=hessian, importance=importance)
         replace_module(root, rel, runtime_module(module, q))
         err = quant_error(weight, q)
         return ModuleQuant(entry.name, entry.level, entry.kind, tuple(q.shape), q.numel, q.fmt.name,
