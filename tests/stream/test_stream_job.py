@@ -34,6 +34,11 @@ def in_memory(src: Path, recipe, out: Path) -> Session:
     # signround-2.5's plan (w2-g64-iz blocks, w3-g128-iz embedding): every block linear learns its rounding
     ("llama", "signround-2.5", (QuantizeConfig(**SIGNROUND),)),  # tied head: the embedding rounded to nearest
     ("mistral", "signround-2.5", (QuantizeConfig(head_feedback=True, **SIGNROUND),)),  # no tied head to feed back
+    # The tiny llama's head is tied: the embedding rounded by GPTQ against the head's inputs, the
+    # stream of block inputs (float one-shot; quantized sequential and signround) through the final norm.
+    ("llama", "gptq-4.25", (QuantizeConfig(method="gptq", head_feedback=True, **CALIB),)),
+    ("llama", "gptq-4.25", (QuantizeConfig(method="gptq", sequential=True, head_feedback=True, **CALIB),)),
+    ("llama", "signround-2.5", (QuantizeConfig(head_feedback=True, **SIGNROUND),)),  # on its micro-batches of 2
     ("mistral", "signround-2.5", (MIXED, QuantizeConfig(**{**SIGNROUND, "importance": "activation", "micro_batch": 4}))),
 ])
 def test_streamed_package_equals_in_memory_byte_for_byte(tmp_path, save_tiny, package_files, family, recipe, stages):
@@ -49,10 +54,14 @@ def test_streamed_package_equals_in_memory_byte_for_byte(tmp_path, save_tiny, pa
     assert [name for name in expected if got[name] != expected[name]] == []
     assert report.blocks == 4 and report.resumed_at == 0 and len(report.block_seconds) == 4
     assert not (tmp_path / ".streamed.stream").exists()  # the run folder goes once the package is in place
-    if recipe.stage("quantize").method == "signround":  # the blocks did learn their rounding
-        result = session.results["quantize"]
+    result, qcfg = session.results["quantize"], recipe.stage("quantize")
+    fed = qcfg.head_feedback and family == "llama"  # a tied embedding rounded against the head's inputs
+    if fed:
+        assert [m.method for m in result.stored if m.kind == "embedding"] == ["gptq"]
+    if qcfg.method == "signround":  # the blocks did learn their rounding
         assert len(result.rounding) == 4 and "learned" in {r.kept for r in result.rounding}
-        assert {m.method for m in result.stored} == {"signround", "rtn"}  # the embedding (and mixed formats): RTN
+        # the embedding (and mixed formats): to nearest, or GPTQ with head feedback
+        assert {m.method for m in result.stored} == {"signround", "gptq" if fed else "rtn"}
         assert json.loads(got["uqcit_metadata.json"])["method"].startswith("signround-")
 
 
@@ -60,10 +69,6 @@ def test_a_stage_that_cannot_stream_is_refused_before_any_work(tmp_path, save_ti
     src = save_tiny("llama", tmp_path / "src")
     with pytest.raises(ConfigError, match=r"\['sensitivity', 'allocate'\] cannot run streamed"):
         compress_streamed(src, builtin_recipe("alloc-gptq-3.25"), tmp_path / "out", progress=False)
-    # The tiny llama's head is tied to its embedding: signround-2.5's head_feedback needs the whole model.
-    with pytest.raises(ConfigError, match=r"^method 'signround' with head_feedback=True on a quantized embedding "
-                                          r"tied to the head cannot run streamed yet: set head_feedback to false"):
-        compress_streamed(src, builtin_recipe("signround-2.5"), tmp_path / "out", progress=False)
     with pytest.raises(ConfigError, match=r"importance='activation' streams only with micro_batch=4"):
         compress_streamed(src, builtin_recipe("signround-2.5").with_stage(MIXED).with_stage(QuantizeConfig(
             **{**SIGNROUND, "importance": "activation"})), tmp_path / "out", progress=False)

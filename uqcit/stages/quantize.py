@@ -329,11 +329,14 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         for n, q in learned.items():
             quantize_one(by_name[n], None, q)
     head_stats = {}
-    head_of = _tied_heads(levels, plan) if config.head_feedback and config.method != "rtn" else {}
+    head_of = feedback_heads(levels, plan, config)
     if head_of:
         t0 = time.perf_counter()
         batch = calibration_ids("quantize with head_feedback=True")
-        head_stats = collect_input_stats(out, batch, sorted(set(head_of.values())), progress=progress)
+        # On signround's micro-batches when it ran: the streamed job reads these inputs off its
+        # stream of block inputs, grouped so, and the Hessian's sums then add up alike.
+        grouping = {"micro_batch": config.micro_batch} if learned_blocks else {}
+        head_stats = collect_input_stats(out, batch, sorted(set(head_of.values())), progress=progress, **grouping)
         seconds["calibration"] += time.perf_counter() - t0
     rest = [e for e in entries if e.name not in done]
     for entry in tqdm(rest, desc="quantize", unit="module", disable=not progress or not rest):
@@ -383,8 +386,13 @@ def _calibration(model, tokenizer, calibration, config: QuantizeConfig, what: st
     return torch.cat([corpus, text])
 
 
-def _tied_heads(levels, plan) -> dict[str, str]:
-    """Planned integer-format embeddings tied to an LM head: embedding name -> head name."""
+def feedback_heads(levels, plan, config: QuantizeConfig) -> dict[str, str]:
+    """The planned integer-format embeddings ``config`` rounds against the inputs of the LM head
+    tied to them (``head_feedback`` with ``gptq`` or ``signround``): embedding name -> head name.
+    Those inputs are the final norm's outputs on the model with the modules rounded before the
+    embedding (``quantize_model``; the streamed job reads them off its stream)."""
+    if not config.head_feedback or config.method == "rtn":
+        return {}
     heads = {}
     for m in levels.modules:
         fmt = plan.format_for(m.tied_to) if m.tied_to is not None else None

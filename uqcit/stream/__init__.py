@@ -5,7 +5,7 @@ Its names load on first use, so ``uqcit --help`` (which adds ``--stream``) does 
 """
 from __future__ import annotations
 
-_EXPORTS = {"compress_streamed": "uqcit.stream.job", "StreamReport": "uqcit.stream.job",
+_EXPORTS = {"compress_streamed": "uqcit.stream.job", "StreamReport": "uqcit.stream.report",
             "LazyCheckpoint": "uqcit.stream.source"}
 __all__ = sorted(_EXPORTS)
 

@@ -14,6 +14,10 @@ untied head or activation importance), the tokenizer and the modules outside the
 in-memory loop's step (``uqcit.stages.signround.signround_block``) on each block, its random
 generator carried on from block to block (and through a resume).
 
+With ``head_feedback`` (``gptq`` or ``signround``), an embedding tied to the head is rounded at the
+end by GPTQ against the head's inputs: the stream of block inputs through the final norm, the
+pass ``quantize_model`` makes for it (``feedback_heads``).
+
 The package is the one the in-memory path writes for the same recipe, file for file
 (``tests/stream/test_job.py``): the same statistics reach the same rounding code, in the same
 order. What the in-memory job adds and this one does not: the evaluation (it needs the whole
@@ -43,7 +47,6 @@ arguments.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import resource
 import shutil
@@ -56,7 +59,6 @@ import torch
 from uqcit.core.keys import ConfigError
 from uqcit.core.names import layer_dir
 from uqcit.core.record import module_records
-from uqcit.core.results import Result, html_table
 from uqcit.inputs.calibration import InputStatsCollector, block_output, channel_importance
 from uqcit.inputs.corpus import stage_calibration
 from uqcit.package.canonical import created_stamp
@@ -68,9 +70,12 @@ from uqcit.runtime.modules import QuantLinear, block_stack, replace_module, weig
 from uqcit.stages.importance import activation_source
 from uqcit.stages.levels import LevelsConfig, analyze_levels
 from uqcit.stages.plan import build_plan
-from uqcit.stages.quantize import ModuleQuant, QuantizeConfig, QuantizeResult, round_weight, runtime_module
+from uqcit.stages.quantize import (
+    ModuleQuant, QuantizeConfig, QuantizeResult, feedback_heads, round_weight, runtime_module,
+)
 from uqcit.stages.signround import learnable_blocks, signround_block
 from uqcit.stream.checkpoint import RunState, open_run
+from uqcit.stream.report import StreamReport
 from uqcit.stream.source import LazyCheckpoint, free
 from uqcit.tensor.formats import FLOAT_BITS
 from uqcit.tensor.quant import QuantizedTensor, quant_error
@@ -79,54 +84,6 @@ MICRO_BATCH = 4  # calibration sequences per forward: collect_input_stats' defau
 STREAMABLE = ("levels", "plan", "quantize", "eval")  # "eval" is skipped: it needs the whole float model
 STREAMED_METHODS = ("rtn", "gptq", "signround")  # QuantizeConfig.method
 RNG = "rng"  # the checkpoint's entry for signround's random generator state
-
-
-@dataclasses.dataclass(repr=False)
-class StreamReport(Result):
-    """What a streamed job wrote and what it cost, block by block."""
-
-    model: str
-    method: str
-    package: str
-    bpw: float
-    package_bytes: int
-    float_bytes: int  # the source model's parameters in float32 (from shapes; never all in memory)
-    blocks: int
-    resumed_at: int  # the first block this run computed (0: a fresh run)
-    block_seconds: list[float]  # per block computed by this run
-    seconds: dict[str, float]
-    peak_rss_bytes: int  # this process's peak resident memory (ru_maxrss) when the job ended
-    device: str = "cpu"  # where the statistics and GPTQ ran
-
-    def summary(self) -> str:
-        return (f"{self.model} → {self.method} (streamed, {self.blocks} blocks): {self.bpw:.3f} bits/weight, "
-                f"{self.package_bytes / 2**20:.1f} MiB package from {self.float_bytes / 2**20:.1f} MiB float, "
-                f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def rows(self) -> list[tuple[str, str]]:
-        rows = [("method", self.method), ("bits/weight", f"{self.bpw:.3f}"),
-                ("package bytes", f"{self.package_bytes:,}"), ("float32 parameter bytes", f"{self.float_bytes:,}"),
-                ("blocks (resumed at)", f"{self.blocks} ({self.resumed_at})"), ("device", self.device),
-                ("peak RSS", f"{self.peak_rss_bytes / 2**20:.0f} MiB")]
-        return rows + [(f"time: {k}", f"{v:.1f} s") for k, v in self.seconds.items()]
-
-    def format_table(self) -> str:
-        w = max(len(k) for k, _ in self.rows())
-        return "\n".join(f"{k.ljust(w)}  {v}" for k, v in self.rows())
-
-    def _repr_html_(self) -> str:
-        return f"<p><b>StreamReport</b>: {self.summary()}</p>" + html_table(("", ""), self.rows())
-
-    def figure(self):
-        import plotly.graph_objects as go
-
-        x = list(range(self.resumed_at, self.resumed_at + len(self.block_seconds)))
-        fig = go.Figure(go.Bar(x=x, y=self.block_seconds, uid="stream-blocks"))
-        fig.update_layout(title="Seconds per block", xaxis_title="block", height=320)
-        return fig
 
 
 def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.PathLike, *,
@@ -319,10 +276,17 @@ class _Job:
         # signround: per block, the modules whose rounding is learned (by name) and their formats
         found = learnable_blocks(skeleton, levels, plan) if config.method == "signround" else None
         self.learned = found[1] if found is not None else {}
-        self._refuse_signround(config)
+        if self.learned and self.act and config.micro_batch != MICRO_BATCH:
+            raise ConfigError(f"method 'signround' with importance='activation' streams only with "
+                              f"micro_batch={MICRO_BATCH}: set it, or run without --stream")
         self.micro_batch = config.micro_batch if self.learned else MICRO_BATCH
         self.gen = torch.Generator().manual_seed(config.seed)  # signround_blocks' one generator
-        self.needs_calibration = bool(self.gptq or self.act or self.learned)
+        # Tied embeddings rounded against the head's inputs, read at the end off the stream "q"; a
+        # model without a final norm to run it through is refused now rather than after the blocks.
+        self.head_of = feedback_heads(levels, plan, config)
+        if self.head_of:
+            self._final(sorted(set(self.head_of.values())))
+        self.needs_calibration = bool(self.gptq or self.act or self.learned or self.head_of)
         self.float_stream = bool(self.learned) or (self.sequential and bool(set(self.act.values()) | outside))
         self.calls: list[tuple[torch.Tensor, dict]] = []
         self.streams: dict[str, list[torch.Tensor]] = {}
@@ -330,20 +294,6 @@ class _Job:
 
     def _inside(self) -> list[str]:
         return [e.name for e in self.entries if e.name.startswith(self.stack_name + ".")]
-
-    def _refuse_signround(self, config: QuantizeConfig) -> None:
-        """What signround cannot stream yet: a tied head's error feedback, and activation statistics
-        on micro-batches other than those of ``quantize_model``'s one pass."""
-        if config.method != "signround":
-            return
-        heads = {m.tied_to for m in self.levels.modules if m.tied_to is not None and m.kind != "embedding"}
-        if config.head_feedback and any(e.name in heads and self.plan.format_for(e.name).bits != FLOAT_BITS
-                                        for e in self.entries):
-            raise ConfigError("method 'signround' with head_feedback=True on a quantized embedding tied to the head "
-                              "cannot run streamed yet: set head_feedback to false, or run without --stream")
-        if self.learned and self.act and config.micro_batch != MICRO_BATCH:
-            raise ConfigError(f"method 'signround' with importance='activation' streams only with "
-                              f"micro_batch={MICRO_BATCH}: set it, or run without --stream")
 
     def checkpoint(self) -> dict[str, list[torch.Tensor]]:
         """What a resumed job needs besides the finished blocks: the streams on the CPU and, for
@@ -411,7 +361,7 @@ class _Job:
             importance = None
             if entry.name in self.act:
                 importance = channel_importance(stats[self.act[entry.name]], weight)
-            hessian = hess[entry.name].hessian if entry.name in self.gptq else None
+            hessian = hess[entry.name].hessian if entry.name in self.gptq or entry.name in self.head_of else None
             q, method, out_error = round_weight(weight, fmt, cfg, hessian=hessian, importance=importance)
         replace_module(root, rel, runtime_module(module, q))
         err = quant_error(weight, q)
@@ -421,19 +371,27 @@ class _Job:
 
     def outer(self, ckpt: LazyCheckpoint, state: RunState):
         """The modules outside the blocks, read now: statistics of the head on the streams, then the
-        embedding and head quantized and tied as ``quantize_model`` ties them."""
+        embedding and head quantized and tied as ``quantize_model`` ties them.
+
+        ``quantize_model`` takes an untied head's statistics from the float model, and a tied head's
+        for its embedding's feedback from the model with the blocks' modules rounded before the
+        embedding: one-shot GPTQ none (its stream "q" ran the float blocks), sequential GPTQ's
+        and signround's those its stream "q" ran (later ones are rounded after the head's pass)."""
         sk = self.skeleton
         for m in self._outer_leaves():
             prefix = _prefix_of(sk, m)
             ckpt.load_into(m, prefix, tied=_tied_keys(ckpt, m, prefix))
         self._place_outer(self.device)
         sk.tie_weights()
-        stats = {**self.stats, **self._head_stats()} if self.needs_calibration else {}
+        after = {n: h for n, h in self.outside.items() if n not in self.stats}
+        stats = {**self.stats, **self._head_stats(after, "f" if self.float_stream else "q")}
+        fed = self._head_stats({h: True for h in sorted(set(self.head_of.values()))}, "q")
+        hess = {**stats, **{e: fed[h] for e, h in self.head_of.items()}}  # by the embedding's name
         rest = [e for e in self.entries if not e.name.startswith(self.stack_name + ".")]
         records = [ModuleQuant(**{**r, "shape": tuple(r["shape"])}) for r in state.records]
         done = {r.name: r for r in records}
         for e in rest:
-            done[e.name] = self._quantize(sk, e, e.name, stats, stats)
+            done[e.name] = self._quantize(sk, e, e.name, stats, hess)
         self._place_outer("cpu")  # the quantized modules too, before any is tied to another
         qtensors = {e.name: sk.get_submodule(e.name).qtensor for e in rest}
         records = [done[e.name] for e in self.entries]
@@ -463,23 +421,27 @@ class _Job:
             if not any(t.is_meta for t in (*m.parameters(), *m.buffers())):
                 m.to(device)
 
-    def _head_stats(self) -> dict[str, Any]:
-        """Input statistics of the modules after the stack (the head), on the float stream."""
-        after = sorted(set(self.outside) - set(self.stats))
-        if not after:
-            return {}
+    def _final(self, names: list[str]):
+        """The final norm and the head, checked to be the one module ``names``: the stream's hidden
+        states through the norm are the head's inputs, as in the model's forward pass."""
         norm = getattr(self.skeleton.get_submodule(self.stack_name.rpartition(".")[0]), "norm", None)
         head = self.skeleton.get_output_embeddings()
         if norm is None or head is None:
             raise ConfigError(f"{type(self.skeleton).__name__}: cannot find the final norm and head to "
                               "calibrate them streamed; run it in memory")
-        name = next(n for n, m in self.skeleton.named_modules() if m is head)
-        if after != [name]:
-            raise ConfigError(f"modules {after} outside the blocks need statistics; streaming calibrates the "
+        if names != [next(n for n, m in self.skeleton.named_modules() if m is head)]:
+            raise ConfigError(f"modules {names} outside the blocks need statistics; streaming calibrates the "
                               "head only: run it in memory")
-        hidden = self.streams["f" if self.float_stream else "q"]
-        with InputStatsCollector(self.skeleton, {name: self.outside[name]}) as col, torch.no_grad():
-            for h in hidden:
+        return norm, head
+
+    def _head_stats(self, want: dict[str, bool], stream: str) -> dict[str, Any]:
+        """Input statistics of the head (``want``: its name -> with a Hessian) on a stream, micro-batch
+        by micro-batch as ``collect_input_stats`` sums them."""
+        if not want:
+            return {}
+        norm, head = self._final(sorted(want))
+        with InputStatsCollector(self.skeleton, want) as col, torch.no_grad():
+            for h in self.streams[stream]:
                 head(norm(h))
                 col.end_batch()
         return col.stats()
