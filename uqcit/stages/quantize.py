@@ -71,8 +71,9 @@ class QuantizeConfig(StageConfig):
     clip_min: float = 0.5  # signround: smallest learned clipping factor of a group's range
     micro_batch: int = 8  # signround: calibration sequences per step
     # gptq and signround: an embedding tied to the LM head is rounded with error feedback against
-    # the head's inputs (the final hidden states of the model with its blocks quantized): the
-    # head's logits, not the lookup, carry most of a tied matrix's error. Off: round to nearest.
+    # the head's inputs (the final hidden states; with signround or sequential gptq those of the
+    # model with its blocks quantized, with one-shot gptq the float model's): the head's logits,
+    # not the lookup, carry most of a tied matrix's error. Off: round to nearest.
     head_feedback: bool = False
     # Where calibration text comes from: lee_background after the evaluation span ("corpus"),
     # text the float model samples itself from short prompts ("self": no domain of its own), or
