@@ -96,6 +96,7 @@ CANDIDATES = [
     # Groups of 24 with 6-bit scale codes and 2-bit zero points (2.396 bits/weight) in place of
     # groups of 48 with fp16 scales (2.375).
     Candidate(2.5, "w2-g24-iz-s6", "fp16", rotation="none", iters=100, calib_samples=128),
+    Candidate(2.5, "w2-g32-iz-s6", "w3-g128-iz", rotation="none", iters=100, calib_samples=128),
     # Ablation: the first recipe after a Hadamard rotation of the residual stream (on SmolLM2 the
     # rotation roughly doubles learned rounding's block output error; docs/evaluation.md).
     Candidate(3.30, "w3-g64-iz", "fp16"),
