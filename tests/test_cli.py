@@ -81,7 +81,7 @@ CASES = [
     ("recipe-a-list", lambda t: _compress(t, recipe=_file(t, "r.json", "[1, 2]")), "not a recipe"),
     ("recipe-stages-of-numbers", lambda t: _compress(
         t, recipe=_file(t, "r.json", '{"type": "recipe", "name": "x", "stages": [1]}')), "not a recipe"),
-    ("bits-5", lambda t: _compress(t, recipe=_recipe(t, LEVELS, dict(PLAN4, bits=5), QUANT)), "bits"),
+    ("bits-7", lambda t: _compress(t, recipe=_recipe(t, LEVELS, dict(PLAN4, bits=7), QUANT)), "bits"),
     ("group-size-0", lambda t: _compress(t, recipe=_recipe(t, LEVELS, dict(PLAN4, group_size=0), QUANT)),
      "group_size"),
     ("bad-format-string", lambda t: _compress(t, recipe=_recipe(t, LEVELS, dict(SENS, formats=["w4-gx"]),

@@ -104,7 +104,7 @@ def test_configs_are_immutable_and_hold_no_dict():
     ("QuantizeConfig(block_size=0)", "QuantizeConfig.block_size must be >= 1, got 0"),
     ("QuantizeConfig(method='awq')", "QuantizeConfig.method must be one of ['rtn', 'gptq', 'signround'], got 'awq'"),
     ("PlanConfig(group_size=0)", "PlanConfig.group_size must be >= 1, got 0"),
-    ("PlanConfig(bits=5)", "PlanConfig.bits must be one of"),
+    ("PlanConfig(bits=7)", "PlanConfig.bits must be one of (2, 3, 4, 5, 6, 8, 16)"),
     ("PlanConfig(overrides={'x': 'w9'})", "PlanConfig.overrides: override 'x'"),
     ("PlanConfig(level_patterns={'3': '10-80'})", "PlanConfig.level_patterns['3']"),
     ("AllocateConfig(target_bpw=0)", "AllocateConfig.target_bpw must be positive, got 0"),

@@ -33,7 +33,8 @@ def _package(tmp_path_factory, bits: int, symmetric: bool) -> LoadedPackage:
 
 
 # (bits, symmetric) -> the llama.cpp type and whether the package's codes are carried bit for bit
-CASES = {(4, True): ("Q4_0", True), (4, False): ("Q4_1", True), (8, True): ("Q8_0", True), (8, False): ("Q8_0", False)}
+CASES = {(4, True): ("Q4_0", True), (4, False): ("Q4_1", True), (5, True): ("Q5_0", True),
+         (5, False): ("Q5_1", True), (8, True): ("Q8_0", True), (8, False): ("Q8_0", False)}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES), ids=lambda c: f"w{c[0]}-g32{'-sym' if c[1] else ''}")
@@ -56,9 +57,9 @@ def _hf_key(name: str) -> str:
 
 def _tolerance(qname: str, exact: bool, ref: np.ndarray, pkg_q) -> float:
     """How far a GGUF block type may sit from the package's dequantized weight."""
-    if qname in ("F32", "Q4_0") or (qname == "Q8_0" and exact):
+    if qname in ("F32", "Q4_0", "Q5_0") or (qname == "Q8_0" and exact):
         return 0.0  # the same codes times the same fp16 scale, in float32
-    if qname == "Q4_1":  # m = fp16(-zero * scale): half an fp16 ulp of the largest offset
+    if qname in ("Q4_1", "Q5_1"):  # m = fp16(-zero * scale): half an fp16 ulp of the largest offset
         scale = pkg_q.tensors["scales"].float()
         return float((pkg_q.tensors["zeros"].float() * scale).abs().max()) * 2.0 ** -11
     if qname == "Q8_0":  # re-quantized: half a step of amax / 127 per block, plus the fp16 scale rounding
@@ -109,10 +110,10 @@ def test_transformers_gguf_loader_gives_the_package_logits(exported):
     model = AutoModelForCausalLM.from_pretrained(out.path.parent, gguf_file=out.path.name).eval()
     with torch.no_grad():
         got, ref = model(IDS).logits, pkg.model(IDS).logits
-    # Exact types: float32 rounding only. Q4_1's fp16 offset m moves each weight by <= 2**-11 of it;
-    # the re-quantized Q8_0 (w8 with zero points) by up to half a step of its block's amax / 127.
+    # Exact types: float32 rounding only. Q4_1's and Q5_1's fp16 offset m moves each weight by <= 2**-11
+    # of it; the re-quantized Q8_0 (w8 with zero points) by up to half a step of its block's amax / 127.
     qname, exact = CASES[(bits, sym)]
-    atol = 1e-5 if qname != "Q4_1" and exact else 5e-3 if exact else 2e-2
+    atol = 1e-5 if qname not in ("Q4_1", "Q5_1") and exact else 5e-3 if exact else 2e-2
     torch.testing.assert_close(got, ref, rtol=0, atol=atol)
     tok = AutoTokenizer.from_pretrained(out.path.parent, gguf_file=out.path.name)
     assert tok("hello world").input_ids == pkg.tokenizer("hello world").input_ids
@@ -120,7 +121,8 @@ def test_transformers_gguf_loader_gives_the_package_logits(exported):
 
 def test_blocks_carry_the_codes_bit_for_bit():
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
-    for name, qname in (("w4-g64-sym", "Q4_0"), ("w2-g32-sym", "Q4_0"), ("w3-g128", "Q4_1"), ("w8-g32-sym", "Q8_0")):
+    for name, qname in (("w4-g64-sym", "Q4_0"), ("w2-g32-sym", "Q4_0"), ("w3-g128", "Q4_1"), ("w8-g32-sym", "Q8_0"),
+                        ("w6-g32-sym", "Q8_0"), ("w6-g64-sym", "Q8_0")):
         q = quantize(w, parse_format(name))
         assert gguf_type(q.fmt, q.shape) == (qname, True)
         qtype = gguf.GGMLQuantizationType[qname]
@@ -164,14 +166,76 @@ def test_q4_k_blocks_carry_double_quantized_scales_bit_for_bit():
         blocks_of(huge, "Q4_K")
 
 
+@pytest.mark.parametrize("name", ["w5-g32-sym", "w5-g128-sym", "w5-g32", "w5-g64-iz"])
+def test_q5_blocks_carry_the_codes(name):
+    """gguf-py's Q5_0 decode is the package's weight bit for bit; its Q5_1 decode is exactly
+    ``code * scale + fp16(-zero * scale)``, within half an fp16 ulp of that offset of the package's."""
+    from uqcit.tensor.quant import codes_of, dequantize, scales_of, zero_points
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.01, 3.0, 256)
+    w[0, :128] = w[0, :128].abs() + 0.5  # all-positive groups: zero point 0, so Q5_1's m = 0 is exact
+    q = quantize(w, parse_format(name))
+    qname = "Q5_0" if q.fmt.symmetric else "Q5_1"
+    assert gguf_type(q.fmt, q.shape) == (qname, True)
+    blocks = blocks_of(q, qname)
+    assert blocks.dtype == np.uint8 and blocks.shape == (8, 256 // 32 * (22 if q.fmt.symmetric else 24))
+    got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qname]).astype(np.float32).reshape(q.shape)
+    codes = codes_of(q)["codes"]
+    assert bool((codes >= 16).any()) and bool((codes < 16).any())  # the fifth bit (qh) is set and clear
+    ref = dequantize(q).numpy()
+    if q.fmt.symmetric:
+        assert np.array_equal(got, ref)
+        return
+    group = torch.arange(q.numel) // q.fmt.group_size
+    scale, zero = scales_of(q)[group], zero_points(q)[group]
+    m = (-zero * scale).half().float()
+    assert np.array_equal(got.reshape(-1), (codes.float() * scale + m).numpy())  # the stated formula, exactly
+    assert np.array_equal(got[0, :128], ref[0, :128])
+    tol = float((zero * scale).abs().max()) * 2.0 ** -11 + float(np.abs(ref).max()) * 2.0 ** -23
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+def test_q6_k_blocks_carry_double_quantized_6_bit_codes_bit_for_bit():
+    from uqcit.tensor.learned import LearnedWeight
+    from uqcit.tensor.packing import unpack
+    from uqcit.tensor.quant import codes_of, dequantize
+
+    gen = torch.Generator().manual_seed(2)
+    # Column magnitudes from 0.01 to 3: the super-scales and scale codes differ from block to block.
+    w = torch.randn(4, 512, generator=gen) * torch.linspace(0.01, 3.0, 512)
+    for name in ("w6-g16-sym-s7", "w6-g64-sym-s5", "w6-g128-sym-s4"):
+        fmt = parse_format(name)
+        rtn = quantize(w, fmt)
+        lw = LearnedWeight(w, fmt)
+        with torch.no_grad():  # trained-looking offsets and clipping: code 0 (level -32) occurs
+            lw.v.uniform_(-0.5, 0.5, generator=gen)
+            lw.alpha.uniform_(0.6, 1.0, generator=gen)
+            lw.beta.uniform_(0.6, 1.0, generator=gen)
+        learned = lw.quantized()
+        assert int((codes_of(learned)["codes"] == 0).sum()) > 0
+        scale_codes = unpack(rtn.tensors["scale_codes"], fmt.scale_bits, w.numel() // fmt.group_size)
+        assert int(scale_codes.max()) == (1 << fmt.scale_bits) - 1 and len(set(scale_codes.tolist())) > 1
+        assert len(set(rtn.tensors["super_scales"].tolist())) > 1
+        for q in (rtn, learned):
+            assert gguf_type(q.fmt, q.shape) == ("Q6_K", True)
+            blocks = blocks_of(q, "Q6_K")
+            assert blocks.dtype == np.uint8 and blocks.shape == (4, 2 * 210)
+            got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K).astype(np.float32)
+            assert np.array_equal(got.reshape(q.shape), dequantize(q).numpy()), name
+
+
 @pytest.mark.parametrize("name,shape", [("w4-g32-sym-s6", (8, 576)), ("w4-g32-sym-s5", (8, 512)),
-                                        ("w4-g64-sym-s6", (8, 512)), ("w3-g48-iz-s6", (8, 768))])
+                                        ("w4-g64-sym-s6", (8, 512)), ("w3-g48-iz-s6", (8, 768)),
+                                        ("w6-g16-sym-s8", (8, 512)), ("w6-g16-s6", (8, 512)),
+                                        ("w6-g8-sym-s6", (8, 512)), ("w6-g16-sym-s7", (8, 576)),
+                                        ("w6-g16-sym-s7+w8@0.1", (8, 512)), ("w5-g32-sym-s6", (8, 512))])
 def test_other_double_quantized_scales_are_refused_saying_what_exports(name, shape):
     with pytest.raises(ExportError) as err:
         gguf_type(parse_format(name), shape)
     message = str(err.value)
     assert "\n" not in message and name in message and str(shape) in message
-    assert "only as Q4_K, for w4-g32-sym-s6 on rows that are multiples of 256" in message
+    assert ("only as Q4_K, for w4-g32-sym-s6, and as Q6_K, for symmetric 6-bit groups of 16 to 256 weights "
+            "with scale codes of at most 7 bits (e.g. w6-g16-sym-s7), on rows that are multiples of 256") in message
     assert "export_dequantized" in message
 
 
@@ -181,6 +245,14 @@ def test_type_choice():
     assert gguf_type(parse_format("w4-g16"), (64, 64)) == ("Q8_0", False)  # group splits a block
     assert gguf_type(parse_format("w2-g128+w16@0.1"), (64, 64)) == ("F16", False)
     assert gguf_type(parse_format("fp16"), (64, 64)) == ("F16", True)
+    assert gguf_type(parse_format("w5-g32-sym"), (64, 48)) == ("F32", True)
+    assert gguf_type(parse_format("w5-g48-sym"), (64, 96)) == ("Q8_0", False)  # a group splits a Q5 block
+    assert gguf_type(parse_format("w5-g64-iz"), (64, 64)) == ("Q5_1", True)
+    assert gguf_type(parse_format("w6-g32"), (64, 64)) == ("Q8_0", False)  # zero points: re-quantized
+    assert gguf_type(parse_format("w6-g16-sym-s7"), (64, 256)) == ("Q6_K", True)
+    assert gguf_type(parse_format("w6-g256-sym-s4"), (64, 256)) == ("Q6_K", True)
+    with pytest.raises(ValueError, match="not carried exactly as Q5_0"):
+        blocks_of(quantize(torch.randn(4, 64), parse_format("w5-g32")), "Q5_0")  # Q5_1's, not Q5_0's
 
 
 def test_permutation_matches_llama_cpp():

@@ -39,6 +39,14 @@ CASES = [
     (QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6), (24, 576)),  # double-quantized scales
     (QuantFormat(bits=3, group_size=48, int_zeros=True, scale_bits=6), (40, 192)),
     (QuantFormat(bits=4, group_size=30, scale_bits=5), (17, 45)),
+    (QuantFormat(bits=5, group_size=32, symmetric=True), (24, 96)),  # 5 bits: 8 codes in 5 bytes
+    (QuantFormat(bits=5, group_size=128), (40, 200)),  # groups straddle rows, chunk-aligned
+    (QuantFormat(bits=5, group_size=40, int_zeros=True), (17, 45)),  # rows start mid-byte
+    (QuantFormat(bits=6, group_size=64), (40, 192)),  # 6 bits: 4 codes in 3 bytes
+    (QuantFormat(bits=6, group_size=12, symmetric=True), (9, 36)),  # rows of 9 chunks of 4
+    (QuantFormat(bits=6, group_size=30, int_zeros=True), (11, 37)),
+    (QuantFormat(bits=6, group_size=16, symmetric=True, scale_bits=7), (8, 512)),
+    (QuantFormat(bits=5, group_size=32, int_zeros=True, scale_bits=6), (24, 576)),
 ]
 
 
@@ -54,6 +62,16 @@ def test_packed_matmul_equals_matmul_on_dequantized_weight(fmt, shape):
         got = packed.packed_matmul(x, q)
         assert got.dtype == torch.float32 and got.shape == (rows, shape[0])
         assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_every_integer_width_has_a_kernel_path():
+    from uqcit.tensor.formats import INT_BITS
+
+    assert packed.KERNEL_BITS == INT_BITS
+    if packed.available():  # chunk-aligned rows and groups take the phase layout, others the any-alignment loop
+        for bits, shape, phased in ((5, (4, 96), 1), (6, (4, 36), 1), (5, (4, 36), 0), (6, (4, 45), 0)):
+            q = quantize(seeded(*shape), QuantFormat(bits=bits, group_size=shape[1]))
+            assert packed.PackedKernel(q)._phased == phased, (bits, shape)
 
 
 def test_unsupported_formats_are_declined():

@@ -30,6 +30,9 @@ FORMATS = [
     QuantFormat(bits=4, group_size=32, high_bits=8, high_fraction=0.3),
     QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6),  # double-quantized scales
     QuantFormat(bits=3, group_size=48, int_zeros=True, scale_bits=6),
+    QuantFormat(bits=5, group_size=32, symmetric=True),  # 5- and 6-bit codes straddle bytes
+    QuantFormat(bits=6, group_size=48, int_zeros=True),
+    QuantFormat(bits=5, group_size=32, high_bits=8, high_fraction=0.2),
 ]
 
 

@@ -26,7 +26,7 @@ from uqcit.tensor.quant import (
 )
 
 FORMATS = ["w4-g32-sym-s6", "w3-g64-iz-s6", "w3-g48-iz-s6", "w2-g16-s4", "w8-g128-sym-s8", "w4-g32-s5",
-           "w3-g32-s7+w8@0.1", "w2-g64-sym-s6+w16@0.05"]
+           "w3-g32-s7+w8@0.1", "w2-g64-sym-s6+w16@0.05", "w5-g32-sym-s6", "w5-g64-iz-s6", "w6-g16-sym-s7"]
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -73,7 +73,7 @@ def test_stored_bits_are_the_planned_bits_and_dequantize_reads_them(name, shape)
         assert torch.equal(again.tensors[key], t), key
 
 
-@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g48-iz-s6", "w2-g16-s4"])
+@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g48-iz-s6", "w2-g16-s4", "w5-g32-s6", "w6-g16-sym-s7"])
 def test_encoding_follows_the_stated_rules(name):
     fmt = parse_format(name)
     w = torch.randn(7, 200, generator=_gen(3))
@@ -109,7 +109,7 @@ def test_encoding_follows_the_stated_rules(name):
     assert torch.equal(dequantize(q)[2, :64], torch.zeros(64))
 
 
-@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g64-s6", "w3-g48-iz-s6"])
+@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g64-s6", "w3-g48-iz-s6", "w5-g64-iz-s6", "w6-g16-sym-s7"])
 def test_weights_on_a_representable_grid_come_back_exactly(name):
     # Power-of-two super-scales make every code * super an fp16 value; each group reaches its top
     # level and each super-block holds a group with the top scale code: quantize finds that grid.
@@ -151,7 +151,7 @@ def test_rtn_error_of_6_bit_scales_is_close_to_fp16_scales_and_beats_larger_grou
     assert parse_format("w4-g32-sym-s6").bits_for(w.numel()) == parse_format("w4-g64-sym").bits_for(w.numel())
 
 
-@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g48-iz-s6", "w3-g32-s6+w8@0.1"])
+@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g48-iz-s6", "w3-g32-s6+w8@0.1", "w5-g32-iz-s6"])
 @pytest.mark.parametrize("grid_search", [False, True])
 def test_gptq_stores_the_weights_it_rounded_onto_the_decoded_grid(name, grid_search):
     fmt = parse_format(name)
@@ -170,7 +170,7 @@ def test_gptq_stores_the_weights_it_rounded_onto_the_decoded_grid(name, grid_sea
     assert out_err(w_hat) < out_err(rtn)
 
 
-@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g48-iz-s6", "w2-g64-s4"])
+@pytest.mark.parametrize("name", ["w4-g32-sym-s6", "w3-g48-iz-s6", "w2-g64-s4", "w5-g32-iz-s6", "w6-g16-sym-s7"])
 def test_learned_rounding_decodes_to_its_forward_weight(name):
     fmt = parse_format(name)
     w = torch.randn(6, 192, generator=_gen(11))

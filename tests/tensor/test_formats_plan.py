@@ -13,14 +13,16 @@ def tiny_llama_levels():
 
 
 @pytest.mark.parametrize("name", ["w4-g128", "w2-g64-sym", "w3-g32", "w8-g128", "fp16",
-                                  "w2-g128+w16@0.1", "w4-g128+w8@0.46"])
+                                  "w2-g128+w16@0.1", "w4-g128+w8@0.46", "w5-g32-sym", "w5-g64-iz",
+                                  "w6-g16-sym-s7", "w6-g128+w8@0.1"])
 def test_format_names_round_trip(name):
     assert parse_format(name).name == name
 
 
 def test_format_rejects_bad_values():
-    with pytest.raises(ValueError, match="bits"):
-        QuantFormat(bits=5)
+    for bits in (1, 7, 9):
+        with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 5, 6, 8, 16\)"):
+            QuantFormat(bits=bits)
     with pytest.raises(ValueError, match="high_fraction"):
         QuantFormat(bits=2, high_bits=16, high_fraction=1.5)
     with pytest.raises(ValueError, match="cannot read format"):
@@ -33,6 +35,10 @@ def test_bits_for_counts_codes_scales_zeros_and_mask():
     assert QuantFormat(bits=4, group_size=128, symmetric=True).bits_for(1000) == 4000 + 8 * 16
     # 3 bits pack to whole bytes: 1,001 codes -> 376 bytes.
     assert QuantFormat(bits=3, group_size=1001).bits_for(1001) == 376 * 8 + 32
+    # 5 bits: 1,001 codes -> 626 bytes. 6 bits in 16 groups of 64: 750 code bytes, 16 fp16 scales,
+    # 16 six-bit zero points in 12 bytes.
+    assert QuantFormat(bits=5, group_size=1001, symmetric=True).bits_for(1001) == 626 * 8 + 16
+    assert QuantFormat(bits=6, group_size=64, int_zeros=True).bits_for(1000) == 750 * 8 + 16 * 16 + 12 * 8
     # Mixed: 100 fp16 weights, 900 int2 in 8 groups, 1-bit mask of 1,000 -> 125 bytes.
     f = QuantFormat(bits=2, group_size=128, high_bits=16, high_fraction=0.1)
     assert f.bits_for(1000) == 100 * 16 + (900 * 2 + 8 * 32) + 125 * 8
@@ -90,6 +96,20 @@ def test_plan_overrides_and_uniform(tiny_llama_levels):
         build_plan(levels, PlanConfig(overrides={"re:nothing": "w4-g128"}))
     with pytest.raises(ValueError, match="names no weight-bearing module"):
         build_plan(levels, PlanConfig(overrides={"nope": "w4-g128"}))
+
+
+def test_uniform_plans_at_5_and_6_bits(tiny_llama_levels):
+    from uqcit.core.keys import ConfigError
+
+    levels = tiny_llama_levels
+    for name in ("w5-g32-sym", "w6-g64-iz"):
+        f = parse_format(name)
+        plan = build_plan(levels, PlanConfig(preset="uniform", bits=f.bits, group_size=f.group_size,
+                                             symmetric=f.symmetric, int_zeros=f.int_zeros))
+        assert plan.name == f"rtn-{name}"
+        assert {plan.format_for(m.name).name for m in levels.modules} == {name}
+    with pytest.raises(ConfigError, match=r"bits must be one of \(2, 3, 4, 5, 6, 8, 16\)"):
+        PlanConfig(bits=7)
 
 
 def test_plan_kind_overrides_and_integer_zero_points(tiny_llama_levels):

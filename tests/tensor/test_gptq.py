@@ -47,6 +47,8 @@ FORMATS = [
     QuantFormat(bits=4, group_size=32, symmetric=True),
     QuantFormat(bits=2, group_size=64, high_bits=16, high_fraction=0.1),
     QuantFormat(bits=3, group_size=128, high_bits=8, high_fraction=0.3),
+    QuantFormat(bits=5, group_size=64),
+    QuantFormat(bits=6, group_size=32, symmetric=True),
 ]
 
 
@@ -58,7 +60,7 @@ def test_identity_hessian_gives_exactly_the_rtn_codes(fmt):
         assert same_tensors(q, quantize(w, fmt))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_gptq_beats_rtn_on_correlated_inputs(bits):
     x = correlated_inputs()
     h = x.T @ x / x.shape[0]

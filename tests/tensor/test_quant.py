@@ -40,6 +40,12 @@ FORMATS = [
     QuantFormat(bits=2, group_size=5, high_bits=8, high_fraction=0.5),
     QuantFormat(bits=3, group_size=64, int_zeros=True),
     QuantFormat(bits=2, group_size=5, high_bits=8, high_fraction=0.5, int_zeros=True),
+    QuantFormat(bits=5, group_size=32, symmetric=True),  # 5 bits: 8 codes in 5 bytes
+    QuantFormat(bits=5, group_size=48, int_zeros=True),  # 5-bit zero points, packed too
+    QuantFormat(bits=6, group_size=64),  # 6 bits: 4 codes in 3 bytes
+    QuantFormat(bits=6, group_size=7, symmetric=True),
+    QuantFormat(bits=5, group_size=32, high_bits=16, high_fraction=0.1),
+    QuantFormat(bits=6, group_size=16, high_bits=8, high_fraction=0.3, int_zeros=True),
 ]
 SHAPES = [(1,), (3,), (7, 5), (64, 96), (33, 129), (10, 3, 13), (1000,)]
 
@@ -70,6 +76,25 @@ def test_bits_per_weight_matches_hand_count():
     assert fmt.high_count(301) == 30
     assert q.tensors["high_values"].numel() == 30
     assert q.stored_bits == 8 * math.ceil(271 * 2 / 8) + 5 * 32 + 8 * math.ceil(301 / 8) + 30 * 16
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [5, 6])
+def test_5_and_6_bit_codes_pack_into_the_bit_stream_and_dequantize(bits, symmetric):
+    w = gaussian(3, 101, seed=7)  # 303 codes: the last chunk (8 codes at 5 bits, 4 at 6) is partial
+    q = quantize(w, QuantFormat(bits=bits, group_size=32, symmetric=symmetric))
+    assert q.tensors["codes"].numel() == math.ceil(303 * bits / 8)  # 190 bytes at 5 bits, 228 at 6
+    codes = codes_of(q)["codes"]
+    group = torch.arange(303) // 32
+    s = q.tensors["scales"].float()[group]
+    offset = torch.full_like(s, 2.0 ** (bits - 1)) if symmetric else q.tensors["zeros"].float()[group]
+    expected = torch.clamp(torch.round(w.reshape(-1) / s) + offset, 1 if symmetric else 0, (1 << bits) - 1)
+    assert torch.equal(codes.float(), expected)
+    assert int(codes.max()) == (1 << bits) - 1  # the top bit is used
+    assert torch.equal(dequantize(q).reshape(-1), (expected - offset) * s)
+    # The stored bytes are packing.py's little-endian stream: code i at stream bits [i * bits, (i + 1) * bits).
+    stream = int.from_bytes(bytes(q.tensors["codes"].tolist()), "little")
+    assert [(stream >> (i * bits)) & ((1 << bits) - 1) for i in range(303)] == codes.tolist()
 
 
 # --- exact re-quantization -----------------------------------------------------------------
@@ -125,13 +150,13 @@ def _assert_requantizes(x: torch.Tensor, fmt: QuantFormat, importance: torch.Ten
 
 formats = st.builds(
     QuantFormat,
-    bits=st.sampled_from([2, 3, 4, 8, 16]),
+    bits=st.sampled_from([2, 3, 4, 5, 6, 8, 16]),
     group_size=st.sampled_from([1, 2, 3, 5, 8, 16, 64]),
     symmetric=st.booleans(),
 )
 mixed_formats = st.builds(
     QuantFormat,
-    bits=st.sampled_from([2, 3, 4, 8]),
+    bits=st.sampled_from([2, 3, 4, 5, 6, 8]),
     group_size=st.sampled_from([1, 3, 8, 16]),
     symmetric=st.booleans(),
     high_bits=st.sampled_from([8, 16]),
@@ -185,11 +210,11 @@ def test_requantize_gaussian_checks_every_group(fmt):
 def test_error_decreases_with_bits(symmetric):
     w = gaussian(256, 256, seed=1)
     errors = [quant_error(w, quantize(w, QuantFormat(bits=b, group_size=64, symmetric=symmetric)))["rel_fro"]
-              for b in (2, 3, 4, 8)]
-    assert errors[0] > errors[1] > errors[2] > errors[3] > 0
-    assert errors[3] < 0.01  # 8 bits per group of 64 Gaussians: well under 1%
+              for b in (2, 3, 4, 5, 6, 8)]
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] > 0
+    assert errors[-1] < 0.01  # 8 bits per group of 64 Gaussians: well under 1%
     fp16 = quant_error(w, quantize(w, QuantFormat(bits=16)))["rel_fro"]
-    assert fp16 < errors[3]
+    assert fp16 < errors[-1]
 
 
 def test_mixed_precision_beats_its_low_part():
@@ -234,7 +259,7 @@ def test_symmetric_codes_never_use_the_lowest_level():
     w = gaussian(64, 64, seed=6)
     w[0, :32] *= 1e-3  # subnormal fp16 scales: the scale may step below the exact one
     w[1, :32] = torch.linspace(-6.1774e-04, 6.1155e-05, 32)
-    for bits in (2, 3, 4, 8):
+    for bits in (2, 3, 4, 5, 6, 8):
         q = quantize(w, QuantFormat(bits=bits, group_size=32, symmetric=True))
         codes = codes_of(q)["codes"]
         assert int(codes.min()) >= 1
@@ -243,7 +268,7 @@ def test_symmetric_codes_never_use_the_lowest_level():
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_constant_and_zero_groups_are_exact(bits, symmetric):
     # Groups of 4: constant positive, constant negative, zero, and one ordinary group.
     w = torch.tensor([0.3125] * 4 + [-7.5] * 4 + [0.0] * 4 + [0.1, -0.2, 0.3, 0.4] + [1e-3] * 3)

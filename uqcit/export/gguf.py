@@ -1,8 +1,8 @@
 """A Llama-family package as a GGUF file for llama.cpp, its quantized blocks kept where they fit.
 
 Each weight gets the llama.cpp type that its package format maps to (rows must be multiples of 32,
-the block of Q4_0/Q4_1/Q8_0; a format's group must be a multiple of 32 so every block lies in one group;
-Q4_K's super-block of 256 must likewise start at a row start):
+the block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; a format's group must be a multiple of 32 so every block lies
+in one group; the K-quants' super-block of 256 must likewise start at a row start):
 
 =====================================  ========  =================================================
 package format                         GGUF      how
@@ -10,24 +10,34 @@ package format                         GGUF      how
 ``w2/w3/w4-g{32k}-sym``                Q4_0      bit-identical: ``d = scale``, ``q = code - 2**(b-1) + 8``
 ``w2/w3/w4-g{32k}`` (zero points)      Q4_1      ``d = scale``, ``q = code``, ``m = fp16(-zero * scale)``:
                                                  exact but for the fp16 rounding of ``m``
-``w8-g{32k}-sym``                      Q8_0      bit-identical: ``d = scale``, ``q = code - 128``
-``w8-g{32k}`` (zero points)            Q8_0      re-quantized (gguf's ``quants.quantize``) from the
+``w5-g{32k}-sym``                      Q5_0      bit-identical: ``d = scale``, ``q = code`` (``d * (q - 16)``)
+``w5-g{32k}`` (zero points)            Q5_1      ``d = scale``, ``q = code``, ``m = fp16(-zero * scale)``
+                                                 (``d * q + m``): exact but for the fp16 rounding of ``m``
+``w6/w8-g{32k}-sym``                   Q8_0      bit-identical: ``d = scale``, ``q = code - 2**(b-1)``
+``w6/w8-g{32k}`` (zero points)         Q8_0      re-quantized (gguf's ``quants.quantize``) from the
                                                  dequantized weight: Q8_0 has no zero point
 other groups, 32-multiple rows         Q8_0      re-quantized from the dequantized weight
 ``fp16``, mixed formats, float         F16       the dequantized weight rounded to fp16
 norms, and rows not a multiple of 32   F32       exact
 ``w4-g32-sym-s6``, 256-multiple rows   Q4_K      bit-identical: ``d = super``, ``dmin = 8 * super``,
                                                  ``sc = m = scale code``, ``q = code`` (``d*sc*q - dmin*m``)
+``w6-g{16j}-sym-s{4..7}``, 16j | 256,  Q6_K      bit-identical: ``d = super``, ``scale = scale code`` (its
+256-multiple rows                                group's), ``q = code`` (``d * scale * (q - 32)``)
 other double-quantized ``-s{S}``, or   refused   (``ExportError``: a Q4_0/Q4_1 block holds an fp16
-``-s6`` rows not a multiple of 256               scale, not ``code * super``; a Q4_K block, one row's)
+rows not a multiple of 256                       scale, not ``code * super``; a K-quant block, one row's)
 =====================================  ========  =================================================
 
-So a plan of 2-4-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only the
-asymmetric ``w8`` and odd group sizes are re-quantized (the docstring of ``gguf_type`` says which).
-Q4_K holds ``w4-g32-sym-s6`` because its 256-weight super-block is the format's: an fp16 ``d`` and
-``dmin``, eight 6-bit scales and mins, 32 4-bit codes per scale. It takes 4.5 bits per weight to
-the package's 4.25: Q4_K also stores the mins and ``dmin``, which here only repeat the scales.
-Q5_0/Q5_1 and the other K-quants have no workbench format to take codes from and are not written.
+So a plan of 2-6-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only
+asymmetric ``w6``/``w8`` and odd group sizes are re-quantized (the docstring of ``gguf_type`` says which).
+2-4-bit codes would fit Q5 blocks too; Q4_0/Q4_1 hold them in less. Q5_0 and Q5_1 are Q4_0 and Q4_1
+with a fifth bit per code in a 32-bit ``qh`` field. Q4_K holds ``w4-g32-sym-s6`` because its 256-weight
+super-block is the format's: an fp16 ``d`` and ``dmin``, eight 6-bit scales and mins, 32 4-bit codes
+per scale. It takes 4.5 bits per weight to the package's 4.25: Q4_K also stores the mins and ``dmin``,
+which here only repeat the scales. Q6_K's super-block is an fp16 ``d`` over sixteen signed 8-bit
+scales of 16 6-bit codes each: symmetric 6-bit groups of 16 to 256 weights with scale codes of at
+most 7 bits (at most 127, and ``d * scale * (q - 32)`` exact in float32: 11 + 7 + 6 bits) are its
+blocks as stored, ``w6-g16-sym-s7`` at 6.5 bits in 6.5625 (8-bit codes would overflow its int8
+scales and float32's 24 bits: refused). Q5_K and the other K-quants are not written.
 
 Q and K projections are permuted the way llama.cpp's ``convert_hf_to_gguf.py`` does
 (``LlamaModel.permute``: the rotary halves interleaved), which transformers' GGUF loader undoes.
@@ -60,8 +70,11 @@ from uqcit.tensor.formats import FLOAT_BITS, SUPER_BLOCK, QuantFormat, parse_for
 from uqcit.tensor.packing import unpack
 from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
-BLOCK = 32  # elements per Q4_0/Q4_1/Q8_0 block, and per Q4_K sub-block
-Q4_K_FORMAT = "w4-g32-sym-s6"  # the one double-quantized format a K-quant holds as stored
+BLOCK = 32  # elements per Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 block, and per Q4_K sub-block
+Q4_K_FORMAT = "w4-g32-sym-s6"  # the one double-quantized format Q4_K holds as stored
+Q6_K_SUB = 16  # weights per Q6_K sub-block (one int8 scale each)
+Q6_K_SCALE_BITS = 7  # widest scale code that Q6_K's int8 scales hold, exactly in float32 products
+CENTRE = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 0}  # x = d * (q - CENTRE) (Q8_0: q a signed int8)
 DEQUANTIZED = "the hf export (uqcit.export.hf.export_dequantized, float weights) carries it"
 LLAMA_FAMILY = ("llama", "mistral")  # transformers model types with llama.cpp's "llama" graph
 
@@ -73,7 +86,8 @@ def _file_types() -> dict[str, int]:
     # Q4_K: MOSTLY_Q4_K_M, the file type llama.cpp's model loader infers for a file whose most common
     # type is Q4_K (llama_model_loader, when general.file_type is absent); it is only a label.
     return {"F32": lft.ALL_F32, "F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1,
-            "Q8_0": lft.MOSTLY_Q8_0, "Q4_K": lft.MOSTLY_Q4_K_M}
+            "Q5_0": lft.MOSTLY_Q5_0, "Q5_1": lft.MOSTLY_Q5_1, "Q8_0": lft.MOSTLY_Q8_0, "Q4_K": lft.MOSTLY_Q4_K_M,
+            "Q6_K": lft.MOSTLY_Q6_K}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,43 +107,59 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     >>> from uqcit.tensor.formats import parse_format
     >>> gguf_type(parse_format("w4-g128"), (64, 64)), gguf_type(parse_format("w8-g32"), (64, 64))
     (('Q4_1', True), ('Q8_0', False))
-    >>> gguf_type(parse_format("w4-g32-sym-s6"), (64, 512))
-    ('Q4_K', True)
+    >>> gguf_type(parse_format("w5-g64-sym"), (64, 64)), gguf_type(parse_format("w6-g32-sym"), (64, 64))
+    (('Q5_0', True), ('Q8_0', True))
+    >>> gguf_type(parse_format("w4-g32-sym-s6"), (64, 512)), gguf_type(parse_format("w6-g16-sym-s7"), (64, 512))
+    (('Q4_K', True), ('Q6_K', True))
 
-    Other formats with double-quantized scales (``scale_bits``), and ``w4-g32-sym-s6`` on rows that
-    are not a multiple of 256, have no GGUF type here: ``ExportError``.
+    Other formats with double-quantized scales (``scale_bits``), and those two on rows that are not
+    a multiple of 256, have no GGUF type here: ``ExportError``.
     """
     if fmt is not None and fmt.scale_bits is not None:
-        if _q4_k_fits(fmt, shape):
-            return "Q4_K", True
-        raise _no_type(f"format {fmt.name} of shape {tuple(shape)}", fmt)
+        k_quant = _k_quant(fmt, shape)
+        if k_quant is None:
+            raise _no_type(f"format {fmt.name} of shape {tuple(shape)}", fmt)
+        return k_quant, True
     if len(shape) != 2 or shape[-1] % BLOCK:
         return "F32", True
     if fmt is None or fmt.bits == FLOAT_BITS or fmt.mixed:
         return "F16", fmt is not None and fmt.bits == FLOAT_BITS
     if fmt.group_size % BLOCK:
         return "Q8_0", False
-    if fmt.bits == 8:
-        return "Q8_0", fmt.symmetric
-    return ("Q4_0" if fmt.symmetric else "Q4_1"), True
+    if fmt.bits <= 5:  # 4-bit blocks for 2-4-bit codes, 5-bit ones for 5; _0 centred, _1 with an offset m
+        return f"Q{max(fmt.bits, 4)}_{0 if fmt.symmetric else 1}", True
+    return "Q8_0", fmt.symmetric  # 6 and 8 bits: int8 blocks hold centred codes, not zero points
 
 
 # Bits per weight of each GGML type the exporter writes (a block's codes plus its fp16 scale/offset).
-# Q4_K: 144 bytes per 256 weights (fp16 d and dmin, 12 bytes of 6-bit scales and mins, 128 of codes).
-TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q8_0": 8.5, "Q4_K": 4.5, "F16": 16.0, "F32": 32.0}
+# Q5_0/Q5_1: Q4_0/Q4_1 and a 32-bit qh per 32 weights. Q4_K: 144 bytes per 256 weights (fp16 d and
+# dmin, 12 bytes of 6-bit scales and mins, 128 of codes). Q6_K: 210 bytes per 256 (128 of low nibbles,
+# 64 of top 2 bits, 16 int8 scales, fp16 d).
+TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
+             "F16": 16.0, "F32": 32.0}
 
 
-def _q4_k_fits(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
-    """Whether Q4_K holds ``fmt`` on ``shape`` as stored: ``w4-g32-sym-s6`` on 2-D rows of whole
-    super-blocks (a super-scale covers 256 weights of the flattened tensor; a Q4_K block, of a row)."""
-    return (fmt.name == Q4_K_FORMAT and len(shape) == 2 and shape[-1] > 0
-            and shape[-1] % SUPER_BLOCK == 0)
+def _k_quant(fmt: QuantFormat, shape: tuple[int, ...]) -> str | None:
+    """The K-quant that holds double-quantized ``fmt`` on ``shape`` as stored, or None: Q4_K for
+    ``w4-g32-sym-s6``; Q6_K for symmetric 6-bit groups that tile its 16-weight sub-blocks and its
+    super-block, with scale codes of at most 7 bits. Both need 2-D rows of whole super-blocks (a
+    super-scale covers 256 weights of the flattened tensor; a K-quant block, of a row)."""
+    if fmt.mixed or len(shape) != 2 or shape[-1] <= 0 or shape[-1] % SUPER_BLOCK:
+        return None
+    if fmt.name == Q4_K_FORMAT:
+        return "Q4_K"
+    if (fmt.bits == 6 and fmt.symmetric and fmt.scale_bits <= Q6_K_SCALE_BITS
+            and fmt.group_size % Q6_K_SUB == 0 and SUPER_BLOCK % fmt.group_size == 0):
+        return "Q6_K"
+    return None
 
 
 def _no_type(where: str, fmt: QuantFormat) -> ExportError:
     """The refusal of a double-quantized format, one wording wherever it is met."""
     return ExportError(f"{where}: its group scales are {fmt.scale_bits}-bit codes under fp16 super-scales, "
-                       f"which GGUF holds only as Q4_K, for {Q4_K_FORMAT} on rows that are multiples of "
+                       f"which GGUF holds only as Q4_K, for {Q4_K_FORMAT}, and as Q6_K, for symmetric 6-bit "
+                       f"groups of {Q6_K_SUB} to {SUPER_BLOCK} weights with scale codes of at most "
+                       f"{Q6_K_SCALE_BITS} bits (e.g. w6-g16-sym-s7), on rows that are multiples of "
                        f"{SUPER_BLOCK}; {DEQUANTIZED}")
 
 
@@ -139,16 +169,17 @@ def gguf_formats(names) -> list[str]:
     stores. Allow only these to the allocator for a GGUF target,
     ``AllocateConfig(formats=tuple(gguf_formats(sensitivity.formats)))``, and its bits/weight budget
     is the file's. (Other exact formats export too, but larger: ``w2-g128`` rides in Q4_1 blocks,
-    ``w4-g32-sym-s6`` at 4.25 bits in Q4_K at 4.5, on rows that are multiples of 256.)
+    ``w6-g32-sym`` in Q8_0, ``w4-g32-sym-s6`` at 4.25 bits in Q4_K at 4.5 and ``w6-g16-sym-s7`` at 6.5
+    in Q6_K at 6.5625, on rows that are multiples of 256.)
 
     >>> gguf_formats(["w2-g128", "w4-g32-sym", "w4-g32", "w4-g32-iz", "w4-g128-sym", "w8-g32-sym", "fp16",
-    ...               "w4-g32-sym-s6"])
-    ['w4-g32-sym', 'w4-g32', 'w8-g32-sym', 'fp16']
+    ...               "w4-g32-sym-s6", "w5-g32-sym", "w5-g32", "w5-g32-iz", "w6-g32-sym", "w6-g16-sym-s7"])
+    ['w4-g32-sym', 'w4-g32', 'w8-g32-sym', 'fp16', 'w5-g32-sym', 'w5-g32']
     """
     out = []
     for name in names:
         fmt = parse_format(name)
-        try:  # rows of whole Q4_K super-blocks: the most any type asks
+        try:  # rows of whole K-quant super-blocks: the most any type asks
             qtype, exact = gguf_type(fmt, (SUPER_BLOCK, SUPER_BLOCK))
         except ExportError:  # refused by the export
             continue
@@ -159,28 +190,40 @@ def gguf_formats(names) -> list[str]:
 
 def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
     """The llama.cpp blocks of ``q`` (a [rows, cols] tensor, ``cols % 32 == 0``) from its own codes:
-    uint8 ``[rows, cols // 32 * block_bytes]`` (Q4_K: ``cols // 256 * 144``). ``qtype`` is Q4_0, Q4_1,
-    Q8_0 or Q4_K as ``gguf_type`` chose."""
+    uint8 ``[rows, cols // 32 * block_bytes]`` (K-quants: ``cols // 256 * block_bytes``). ``qtype`` must
+    be the type ``gguf_type`` carries ``q`` in exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K).
+
+    A Q4_0/Q4_1 block is fp16 ``d`` (Q4_1: and fp16 ``m``) and 16 bytes whose low nibbles are codes
+    0-15, high nibbles codes 16-31; Q5_0/Q5_1 put a little-endian 32-bit ``qh`` holding the fifth bit
+    of code ``j`` at bit ``j`` between the two; Q8_0 is fp16 ``d`` and 32 int8 ``q``.
+    """
+    if gguf_type(q.fmt, q.shape) != (qtype, True):
+        raise ValueError(f"a {q.fmt.name} tensor of shape {q.shape} is not carried exactly as {qtype} "
+                         f"(gguf_type: {gguf_type(q.fmt, q.shape)})")
     if qtype == "Q4_K":
         return _q4_k_blocks(q)
+    if qtype == "Q6_K":
+        return _q6_k_blocks(q)
     fmt, (rows, cols) = q.fmt, q.shape
     codes = codes_of(q)["codes"].to(torch.int32).view(-1, BLOCK)  # [blocks, 32]
     group = torch.arange(codes.shape[0]) * BLOCK // fmt.group_size
     scale = q.tensors["scales"][group]  # fp16 [blocks]
-    d = scale.numpy().view(np.uint8).reshape(-1, 2)
+    head = scale.numpy().view(np.uint8).reshape(-1, 2)  # d
+    if qtype in CENTRE:  # symmetric: the code's centre 2**(b-1) moved to the type's
+        qs = codes - (1 << (fmt.bits - 1)) + CENTRE[qtype]
+    else:  # Q4_1/Q5_1: x = d * q + m
+        qs = codes
+        m = (-zero_points(q)[group] * scale.to(torch.float32)).to(torch.float16)
+        head = np.concatenate([head, m.numpy().view(np.uint8).reshape(-1, 2)], axis=1)
     if qtype == "Q8_0":
-        qs = (codes - 128).to(torch.int8).numpy().view(np.uint8)
-        out = np.concatenate([d, qs], axis=1)
+        body = qs.to(torch.int8).numpy().view(np.uint8)
     else:
-        if qtype == "Q4_0":
-            nib = codes - (1 << (fmt.bits - 1)) + 8
-            head = d
-        else:  # Q4_1: x = d * q + m
-            nib = codes
-            m = (-zero_points(q)[group] * scale.to(torch.float32)).to(torch.float16)
-            head = np.concatenate([d, m.numpy().view(np.uint8).reshape(-1, 2)], axis=1)
-        qs = (nib[:, :16] | (nib[:, 16:] << 4)).to(torch.uint8).numpy()
-        out = np.concatenate([head, qs], axis=1)
+        nib = qs & 15
+        body = (nib[:, :16] | (nib[:, 16:] << 4)).to(torch.uint8).numpy()
+        if qtype in ("Q5_0", "Q5_1"):
+            qh = np.packbits((qs >> 4).to(torch.uint8).numpy(), axis=1, bitorder="little")  # [blocks, 4]
+            body = np.concatenate([qh, body], axis=1)
+    out = np.concatenate([head, body], axis=1)
     return np.ascontiguousarray(out.reshape(rows, -1))
 
 
@@ -218,6 +261,31 @@ def _q4_k_blocks(q: QuantizedTensor) -> np.ndarray:
     head = torch.stack([q.tensors["super_scales"], _q4_k_dmin(q)], dim=1).numpy().view(np.uint8)  # [n, 4]
     out = np.concatenate([head, torch.cat([scales, qs], dim=1).to(torch.uint8).numpy()], axis=1)
     return np.ascontiguousarray(out.reshape(rows, cols // SUPER_BLOCK * 144))
+
+
+def _q6_k_blocks(q: QuantizedTensor) -> np.ndarray:
+    """Q6_K blocks of a symmetric 6-bit tensor with double-quantized scales whose rows are whole
+    super-blocks (``gguf_type``).
+
+    A block is 128 bytes ``ql`` (the codes' low 4 bits), 64 bytes ``qh`` (their top 2 bits), 16 int8
+    scales (one per sub-block of 16 weights) and fp16 ``d``; weight ``j`` of sub-block ``i`` reads
+    ``d * scale[i] * (q - 32)``. Here ``d = super``, ``scale[i]`` = the scale code of the group holding
+    sub-block ``i``, ``q = code``: the package's own ``(code - 32) * scale code * super``, every product
+    exact in float32 (at most 6 + 7 + 11 bits). Each half of 128 weights has 64 ``ql`` bytes, byte ``l``
+    holding weight ``l`` in its low nibble and ``l + 64`` in its high one, and 32 ``qh`` bytes, byte
+    ``l`` holding the top bits of weights ``l``, ``l + 32``, ``l + 64``, ``l + 96`` at bits 0, 2, 4, 6.
+    """
+    rows, cols = q.shape
+    n, gs = q.numel // SUPER_BLOCK, q.fmt.group_size
+    codes = codes_of(q)["codes"].to(torch.int32).view(n, 2, 128)  # [super-block, half, 128]
+    low, top = codes & 15, (codes >> 4).view(n, 2, 4, 32)
+    ql = (low[..., :64] | (low[..., 64:] << 4)).view(n, 128)
+    qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).view(n, 64)
+    sc = unpack(q.tensors["scale_codes"], q.fmt.scale_bits, q.numel // gs).to(torch.int32)
+    scales = sc[torch.arange(n * SUPER_BLOCK // Q6_K_SUB) * Q6_K_SUB // gs].view(n, 16)  # codes < 128: int8
+    body = torch.cat([ql, qh, scales], dim=1).to(torch.uint8).numpy()
+    d = q.tensors["super_scales"].numpy().view(np.uint8).reshape(n, 2)
+    return np.ascontiguousarray(np.concatenate([body, d], axis=1).reshape(rows, cols // SUPER_BLOCK * 210))
 
 
 def permute_rows(rows: int, n_head: int) -> torch.Tensor:
@@ -261,9 +329,11 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
                  and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
     for name, q in quantized.items():  # before anything is written
         if q.fmt.scale_bits is not None:
-            if not _q4_k_fits(q.fmt, q.shape):
+            k_quant = _k_quant(q.fmt, q.shape)
+            if k_quant is None:
                 raise _no_type(f"module {name} ({q.fmt.name}) of shape {q.shape}", q.fmt)
-            _q4_k_dmin(q)
+            if k_quant == "Q4_K":
+                _q4_k_dmin(q)
     state = dequantized_state(model)
     tied = tied_output_key(model, state)
 
@@ -290,7 +360,7 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
         if key.endswith(("q_proj.weight", "k_proj.weight")):
             order = permute_rows(weight.shape[0], n_head if "q_proj" in key else n_kv)
         qtype = gguf.GGMLQuantizationType[qname]
-        if qname in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") and same:
+        if qname not in ("F16", "F32") and same:  # the package's own blocks
             data = blocks_of(q, qname)
             if order is not None:
                 data = data[order.numpy()]

@@ -20,11 +20,12 @@ one scale per row. The kernel is ~100 lines of C compiled once with the system C
 (``cc -O3 -fopenmp``) into the workbench cache and loaded with ``ctypes``; where no compiler
 works, ``available()`` is False and ``QuantLinear`` keeps the pure-torch path.
 
-Integer formats of 2, 3, 4 and 8 bits (symmetric or not, fp16 or double-quantized scales) are
-supported; mixed formats (a masked high-precision subset) and fp16 pass-through are not
-(``supports`` says which). Double-quantized scales (``scale_bits``) are decoded once into a
-float32 buffer (``quant.scales_of``, 32 bits a group in memory) that the kernel reads instead
-of the fp16 scales: their exact values, which fp16 cannot hold.
+Integer formats of every width the workbench stores (2, 3, 4, 5, 6 and 8 bits; symmetric or not,
+fp16 or double-quantized scales) are supported; mixed formats (a masked high-precision subset) and
+fp16 pass-through are not (``supports`` says which). 5- and 6-bit codes straddle bytes, as 3-bit
+ones do: their chunks (8 codes in 5 bytes, 4 in 3) are read whole. Double-quantized scales
+(``scale_bits``) are decoded once into a float32 buffer (``quant.scales_of``, 32 bits a group in
+memory) that the kernel reads instead of the fp16 scales: their exact values, which fp16 cannot hold.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -49,7 +50,6 @@ import torch
 
 from uqcit.core.io import atomic_write_with
 from uqcit.core.paths import home
-from uqcit.tensor.formats import FLOAT_BITS
 from uqcit.tensor.quant import QuantizedTensor, scales_of, zero_points
 
 _C_SOURCE = r"""
@@ -89,8 +89,23 @@ void uq_init(void) {
     HALF_READY = 1;
 }
 
+/* Codes that straddle bytes: n chunks of P codes in B bytes from p (3 bits: 8 codes in 3 bytes,
+   5 bits: 8 in 5, 6 bits: 4 in 3), code j of chunk i times xph[j * stride + c + i]. Called with
+   constant widths, so each is inlined into its own unrolled loop. */
+static inline float chunk_dot(const uint8_t *p, int bits, int per, int nb, int64_t n, const float *xph,
+                              int64_t c, int64_t stride, float off) {
+    const uint64_t mask = (1u << bits) - 1;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t w = 0;
+        for (int b = 0; b < nb; b++) w |= (uint64_t)p[nb * i + b] << (8 * b);
+        for (int j = 0; j < per; j++) acc += ((float)((w >> (bits * j)) & mask) - off) * xph[j * stride + c + i];
+    }
+    return acc;
+}
+
 /* Dot product of one segment [f, f + len) of a row with x, in phase layout: xph[j * (K / P) + i]
-   is x[P * i + j], P the codes per chunk (4-bit: 2 per byte, 2-bit: 4, 3-bit: 8 per 3 bytes),
+   is x[P * i + j], P the codes per chunk (4-bit: 2 per byte, 2-bit: 4, 3- and 5-bit: 8, 6-bit: 4),
    and c the chunk index of the segment start within the row. Each code contributes
    (code - off) * x, so the caller multiplies by the group's scale. */
 static float seg_dot(const uint8_t *codes, int bits, int64_t f, int64_t len, const float *xph,
@@ -143,12 +158,12 @@ static float seg_dot(const uint8_t *codes, int bits, int64_t f, int64_t len, con
             acc += ((float)(b & 3) - off) * x0[i] + ((float)((b >> 2) & 3) - off) * x1[i]
                  + ((float)((b >> 4) & 3) - off) * x2[i] + ((float)(b >> 6) - off) * x3[i];
         }
-    } else {  /* 3 bits: 8 codes in 3 bytes */
-        const uint8_t *p = codes + (f >> 3) * 3;
-        for (int64_t i = 0; i < (len >> 3); i++) {
-            uint32_t w = p[3 * i] | ((uint32_t)p[3 * i + 1] << 8) | ((uint32_t)p[3 * i + 2] << 16);
-            for (int j = 0; j < 8; j++) acc += ((float)((w >> (3 * j)) & 7) - off) * xph[j * stride + c + i];
-        }
+    } else if (bits == 3) {
+        acc = chunk_dot(codes + (f >> 3) * 3, 3, 8, 3, len >> 3, xph, c, stride, off);
+    } else if (bits == 5) {
+        acc = chunk_dot(codes + (f >> 3) * 5, 5, 8, 5, len >> 3, xph, c, stride, off);
+    } else {  /* 6 bits */
+        acc = chunk_dot(codes + (f >> 2) * 3, 6, 4, 3, len >> 2, xph, c, stride, off);
     }
     return acc;
 }
@@ -172,7 +187,7 @@ static float seg_dot_any(const uint8_t *codes, int bits, int64_t f, int64_t len,
 int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const float *scales32,
               const uint16_t *zeros, float sym_offset, int64_t N, int64_t K, int64_t gs,
               const float *x_in, int phased, int64_t T, float *y, int threads) {
-    int64_t per = bits == 3 ? 8 : 8 / bits, stride = K / per;
+    int64_t per = 8 / (bits & -bits), stride = K / per;  /* codes per chunk: lcm(bits, 8) / bits */
     const float *x = x_in;
     float *xph = NULL;
     if (phased && per > 1) {
@@ -211,6 +226,7 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _ERROR: str | None = None
 ENV_DISABLE = "UQCIT_NO_KERNEL"  # set to 1 to force the pure-torch path (for comparisons)
+KERNEL_BITS = (2, 3, 4, 5, 6, 8)  # the code widths seg_dot has a branch for (all of formats.INT_BITS)
 
 
 def _build() -> ctypes.CDLL:
@@ -276,7 +292,7 @@ def unavailable_reason() -> str | None:
 
 def supports(q: QuantizedTensor) -> bool:
     """Whether ``packed_matmul`` handles ``q``'s format (plain integer formats, on CPU)."""
-    return (q.fmt.bits != FLOAT_BITS and not q.fmt.mixed and len(q.shape) == 2
+    return (q.fmt.bits in KERNEL_BITS and not q.fmt.mixed and len(q.shape) == 2
             and q.device.type == "cpu")
 
 
@@ -293,11 +309,12 @@ class PackedKernel:
         if lib is None:
             raise RuntimeError(f"the packed kernel is unavailable: {_ERROR}")
         if not supports(q):
-            raise ValueError(f"the packed kernel handles plain 2/3/4/8-bit CPU tensors, not {q.fmt.name} on {q.device}")
+            raise ValueError(f"the packed kernel handles plain {'/'.join(map(str, KERNEL_BITS))}-bit CPU tensors, "
+                             f"not {q.fmt.name} on {q.device}")
         fmt, t = q.fmt, q.tensors
         self.q = q
         self.out_features, self.in_features = q.shape
-        per = 8 if fmt.bits == 3 else 8 // fmt.bits  # codes per packed chunk
+        per = 8 // (fmt.bits & -fmt.bits)  # codes per packed chunk, lcm(bits, 8) / bits (as the C code)
         # The phase layout (kernel source) needs every row and group to start on a chunk boundary.
         phased = self.in_features % per == 0 and fmt.group_size % per == 0
         scales16 = scales32 = None

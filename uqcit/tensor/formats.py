@@ -1,6 +1,6 @@
 """Storage formats for one weight tensor, and what each costs in bits.
 
-A ``QuantFormat`` says how a tensor is stored: group-wise integer codes at 2/3/4/8
+A ``QuantFormat`` says how a tensor is stored: group-wise integer codes at 2/3/4/5/6/8
 bits with fp16 scales (and zero points when asymmetric: fp16 by default, or packed
 ``bits``-wide integers with ``int_zeros``, the convention of GPTQ/AutoRound checkpoints,
 which costs ``bits`` instead of 16 bits per group), or fp16 pass-through; optionally a top fraction of weights (by importance) kept at a
@@ -19,7 +19,7 @@ from typing import Any
 
 from uqcit.core.keys import check_keys
 
-INT_BITS = (2, 3, 4, 8)
+INT_BITS = (2, 3, 4, 5, 6, 8)  # integer code widths (packing.py packs any width from 1 to 8)
 FLOAT_BITS = 16
 HIGH_BITS = (8, 16)
 SCALE_BITS = 16  # scales and zero points are stored as fp16
@@ -39,9 +39,11 @@ class QuantFormat:
     3.296875
     >>> QuantFormat(bits=4, group_size=32, symmetric=True, scale_bits=6).bits_per_weight(576 * 576)
     4.25
+    >>> QuantFormat(bits=5, group_size=32, symmetric=True).bits_per_weight(576 * 576)  # 5-bit codes, 8 in 5 bytes
+    5.5
     """
 
-    bits: int = 4  # 2, 3, 4, 8 (integer codes) or 16 (fp16 pass-through)
+    bits: int = 4  # 2, 3, 4, 5, 6, 8 (integer codes, INT_BITS) or 16 (fp16 pass-through)
     group_size: int = 128  # weights sharing one scale, consecutive in row-major order
     symmetric: bool = False  # symmetric stores no zero point; asymmetric fits skewed groups better
     high_bits: int | None = None  # salient weights' precision: 8 (int8 groups) or 16 (fp16)
