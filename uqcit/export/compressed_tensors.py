@@ -42,8 +42,8 @@ only the scales (and zero points) are repeated, ``G / gcd(G, cols)`` times.
 
 Every refusal is an ``ExportError`` (a ``ValueError``) naming the layer and its format and the
 export that carries it: ``uqcit.export.hf.export_dequantized`` (float weights, compensation folded)
-carries all of it but online rotations, and ``uqcit.export.gguf.export_gguf`` carries 2-4-bit
-groups of multiples of 32 as llama.cpp blocks.
+carries all of it but online rotations, and ``uqcit.export.gguf.export_gguf`` carries 2-5-bit
+groups of multiples of 32 (and symmetric 6- and 8-bit ones) as llama.cpp blocks.
 
 Who loads what (transformers 5.23, compressed-tensors 0.20.1, the pinned set; tested):
 
@@ -91,7 +91,7 @@ from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
 WORD = 32  # compressed-tensors packs codes into int32 words
 PORTABLE_BITS = (2, 4, 8)  # widths whose packing all compressed-tensors releases agree on (b | 32)
-WIDE_BITS = 4  # what widen=True stores 2- and 3-bit codes in
+WIDE_BITS = 4  # what widen=True stores 2- and 3-bit codes in (5- and 6-bit ones: 8)
 CARRIERS = ("the hf export (uqcit.export.hf.export_dequantized, float weights) carries it; "
             "so does `uqcit export PACKAGE --to hf`")
 
@@ -144,12 +144,15 @@ def carried_bits(name: str, fmt: QuantFormat, widen: bool = False) -> int:
                           f"which compressed-tensors cannot express; {CARRIERS}")
     if widen and fmt.bits < WIDE_BITS:
         return WIDE_BITS
+    if widen and fmt.bits not in PORTABLE_BITS:
+        return 8
     if fmt.bits in PORTABLE_BITS:
         return fmt.bits
-    raise ExportError(f"{where}: compressed-tensors releases pack 3-bit codes differently (ten to a word, "
-                      "then a dense stream), so a 3-bit checkpoint would read wrong in some; pass "
-                      "widen=True (`--widen`) to store the same codes in 4 bits, exactly, or use the gguf "
-                      f"export (Q4_0/Q4_1 hold them exactly for groups of multiples of 32); {CARRIERS}")
+    wide, gguf = (WIDE_BITS, "Q4_0/Q4_1") if fmt.bits < WIDE_BITS else (8, "Q5_0/Q5_1 and Q8_0")
+    raise ExportError(f"{where}: compressed-tensors releases pack {fmt.bits}-bit codes differently (they do "
+                      f"not divide a 32-bit word), so a {fmt.bits}-bit checkpoint would read wrong in some; pass "
+                      f"widen=True (`--widen`) to store the same codes in {wide} bits, exactly, or use the gguf "
+                      f"export ({gguf} hold them exactly for groups of multiples of 32); {CARRIERS}")
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

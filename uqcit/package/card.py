@@ -134,7 +134,7 @@ def _usage(meta: PackageMetadata, auto: str | None, asymmetric: bool) -> list[st
            "5.23 with compressed-tensors 0.20 loads them only dequantized, and only when the checkpoint has "
            "one format: `from_pretrained(\"model-ct\", quantization_config=CompressedTensorsConfig("
            "dequantize=True))`. The float export (`--to hf`) always loads.", ""] if asymmetric else []),
-        "With llama.cpp (Llama-family models; 2-4-bit groups of multiples of 32 keep their codes):", "",
+        "With llama.cpp (Llama-family models; 2-5-bit groups of multiples of 32, and symmetric 6- and 8-bit ones, keep their codes):", "",
         "```sh", "uqcit export PACKAGE --to gguf --out model-gguf",
         "llama-cli -m model-gguf/model.gguf -p \"Hello\"", "```", "",
         "As float weights for any other runtime: `uqcit export PACKAGE --to hf --out model-hf`.",
