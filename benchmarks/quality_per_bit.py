@@ -103,6 +103,11 @@ CANDIDATES = [
     # The same format rounded to nearest and by GPTQ (the calibration-generalization comparison).
     Candidate(3.30, "w3-g64-iz", "fp16", method="rtn", rotation="none"),
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16),
+    # Learned rounding, then the fp16 group scales distilled end to end (KL to the float model) on
+    # 512 sequences the float model wrote itself (stage retrain): the model before distillation is
+    # recorded in the same run. Formats with fp16 scales only (6-bit scale codes do not train).
+    Candidate(4.25, "w4-g64-sym", "fp16", rotation="none", iters=100, calib_samples=128, e2e=512),
+    Candidate(3.30, "w3-g64-iz", "fp16", rotation="none", iters=100, calib_samples=128, e2e=512),
 ]
 
 
@@ -151,6 +156,10 @@ def main() -> None:
                 tokenizer=tok, rotation=prefix)
             quant_s = time.perf_counter() - t0
             e2e_log = None
+            before = dataclasses.replace(c, e2e=0)
+            if c.e2e and before.name not in done and before.name not in {p["method"] for p in pending}:
+                # the model before distillation is the candidate without e2e: measured in the same run
+                pending.append(_packaged(before, q, tok, levels, workdir, blocks, rotate_s, quant_s))
             if c.e2e:  # end to end: the fp16 scales distilled against the float model on its own text
                 t1 = time.perf_counter()
                 res = retrain(q.model, ref, tok, RetrainConfig(n_sequences=c.e2e), progress=True)
@@ -158,17 +167,8 @@ def main() -> None:
                 e2e_log = {"seconds": time.perf_counter() - t1, "kept": res.kept, "rejected": res.rejected,
                            "s0": res.s0, "final_s": res.final_s, "trainable_values": res.trainable_values}
                 quant_s += e2e_log["seconds"]
-            block_mods = [m for m in q.stored if m.name in blocks]
-            bpw_blocks = (sum(m.stored_bits for m in block_mods) + q.rotation_bits) / sum(m.numel for m in block_mods)
-            print(f"{c.name}: quantized in {quant_s:.0f} s, bpw_blocks {bpw_blocks:.4f}, bpw {q.bpw:.4f}", flush=True)
-            cand = package_candidate(q, tok, levels, workdir, model=MODEL,
-                                     seconds={"rotate": rotate_s, "quantize": quant_s},
-                                     budget=c.budget, bpw_blocks=bpw_blocks, recipe=dataclasses.asdict(c),
-                                     accounting="peer" if c.embedding == "fp16" else "whole-model",
-                                     rounding=[dataclasses.asdict(r) for r in q.rounding], e2e=e2e_log)
-            cand["method"] = c.name
+            pending.append(_packaged(c, q, tok, levels, workdir, blocks, rotate_s, quant_s, e2e=e2e_log))
             del q
-            pending.append(cand)
             if not args.together or c is todo[-1]:
                 # --together: one reference pass for all candidates (it is half of each evaluation)
                 if args.second_windows:  # the packages on code: does calibration on news generalize?
@@ -181,6 +181,21 @@ def main() -> None:
                 score_and_merge(args.name, pending, tok, ref, eval_cfg, model=MODEL)
                 pending = []
     print((RESULTS / f"{args.name}.md").read_text())
+
+
+def _packaged(c: Candidate, q, tok, levels, workdir: Path, blocks: set[str], rotate_s: float, quant_s: float,
+              e2e: dict | None = None) -> dict:
+    """``q`` exported and loaded back as candidate ``c``, with the peer accounting's bits/weight."""
+    block_mods = [m for m in q.stored if m.name in blocks]
+    bpw_blocks = (sum(m.stored_bits for m in block_mods) + q.rotation_bits) / sum(m.numel for m in block_mods)
+    print(f"{c.name}: quantized in {quant_s:.0f} s, bpw_blocks {bpw_blocks:.4f}, bpw {q.bpw:.4f}", flush=True)
+    cand = package_candidate(q, tok, levels, workdir / c.name, model=MODEL,
+                             seconds={"rotate": rotate_s, "quantize": quant_s},
+                             budget=c.budget, bpw_blocks=bpw_blocks, recipe=dataclasses.asdict(c),
+                             accounting="peer" if c.embedding == "fp16" else "whole-model",
+                             rounding=[dataclasses.asdict(r) for r in q.rounding], e2e=e2e)
+    cand["method"] = c.name
+    return cand
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from torch import nn
 from uqcit.stages import retrain as rt
 from uqcit.stages.quantize import quantize_model
 from uqcit.stages.levels import analyze_levels
-from uqcit.stages.plan import PlanConfig, build_plan
+from uqcit.stages.plan import BitPlan, PlanConfig, build_plan
+from uqcit.tensor.formats import parse_format
 from uqcit.stages.retrain import (LoRALinear, RetrainConfig, ScaleTrainableLinear, banned_tokens, prepare_trainable,
                            retrain, self_generate)
 from uqcit.runtime.modules import QuantLinear
@@ -92,6 +93,25 @@ def test_scales_retraining_changes_only_fp16_scales_and_trains_what_is_stored(ll
     held = text.ids[torch.randperm(12, generator=torch.Generator().manual_seed(cfg.seed + 1))[8:]]
     ref = rt._reference_logprobs(model, held)
     assert rt._gate_value(res.model, held, ref) == pytest.approx(res.log[-1].s, rel=1e-5)
+
+
+def test_double_quantized_scales_train_as_their_codes(llama, text):
+    # -s<k> formats store k-bit scale codes under fp16 super-scales: training moves the codes, the
+    # super-scales and everything else stay, and the model trained on is the model stored.
+    model, tok = llama
+    levels = analyze_levels(model)
+    plan = BitPlan(default=parse_format("w4-g32-sym-s6"), name="s6")
+    q = quantize_model(model, levels, plan, progress=False)
+    before = _stored(q.model)
+    cfg = SMALL.replace(gate=False, lr=5e-2)
+    res = retrain(q.model, model, tok, cfg, data=text, progress=False)
+    after = res.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(".scale_codes") for k in changed)
+    held = text.ids[torch.randperm(12, generator=torch.Generator().manual_seed(cfg.seed + 1))[8:]]
+    ref = rt._reference_logprobs(model, held)
+    assert rt._gate_value(res.model, held, ref) == pytest.approx(res.log[-1].s, rel=1e-5)
+    assert res.log[-1].s < res.s0
 
 
 def test_gate_rolls_back_rejected_windows_exactly(llama, quantized, text, tmp_path):

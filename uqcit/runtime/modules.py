@@ -143,7 +143,9 @@ class _QuantStorage(nn.Module):
         return w
 
     def clear_cache(self) -> None:
+        """Drop what was derived from the buffers (after they change in place)."""
         self._cache = None
+        self._kernel = None  # it may hold decoded scales
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "_QuantStorage":
         stored = {n: self._buffers[n] for n in self._names}

@@ -20,7 +20,9 @@ from torch import nn
 
 from uqcit.runtime.modules import Compensation, QuantEmbedding, QuantLinear, replace_module
 from uqcit.tensor.formats import FLOAT_BITS, parse_format
-from uqcit.tensor.quant import quantize
+from uqcit.tensor.grid import quantize_scales
+from uqcit.tensor.packing import pack
+from uqcit.tensor.quant import quantize, scales_of
 
 Mode = Literal["scales", "masked", "lora"]
 
@@ -28,11 +30,23 @@ Mode = Literal["scales", "masked", "lora"]
 class ScaleTrainableLinear(nn.Module):
     """A ``QuantLinear`` during scale training: fixed codes and zeros, trainable group scales.
 
-    The weight is ``unit · fp16(s0 · exp(g))`` per group, where ``unit = code − zero`` (held as a
-    float copy ``[groups, group_size]`` for speed) and ``g`` (``log_scale``, init 0) is trained;
-    the fp16 rounding is in the forward pass (gradients pass straight through it), so the forward
-    equals the stored module's. ``finish()`` writes the rounded scales back and returns the
-    ``QuantLinear``.
+    The weight is ``unit · stored(s0 · exp(g))`` per group, where ``unit = code − zero`` (held as a
+    float copy ``[groups, group_size]`` for speed), ``g`` (``log_scale``, init 0) is trained and
+    ``stored`` rounds a scale to what the format stores: fp16, or for double-quantized scales
+    (``-s<k>`` formats) the nearest k-bit code (at least 1, as ``quantize`` stores them) times the
+    group's fixed fp16 super-scale. The rounding is in the forward pass (gradients pass straight
+    through it), so the forward equals the stored module's. ``finish()`` writes the stored scales back and returns the ``QuantLinear``.
+
+    >>> from uqcit.tensor.formats import parse_format
+    >>> lin = QuantLinear(quantize(torch.randn(8, 64), parse_format("w4-g32-sym-s6")))
+    >>> x = torch.randn(2, 64)
+    >>> t = ScaleTrainableLinear(lin)
+    >>> torch.allclose(t(x), lin(x), atol=1e-5)
+    True
+    >>> with torch.no_grad():
+    ...     _ = t.log_scale.add_(0.2)
+    >>> torch.allclose(t(x), t.finish()(x), atol=1e-5)
+    True
     """
 
     def __init__(self, qlin: QuantLinear):
@@ -43,20 +57,31 @@ class ScaleTrainableLinear(nn.Module):
         self.base = qlin
         numel, gs = math.prod(qlin.shape), fmt.group_size
         groups = math.ceil(numel / gs)
-        s0 = qlin.scales.detach().float()
+        s0 = scales_of(qlin.qtensor).detach()
         with torch.no_grad():
             flat = qlin.dequantized(torch.float32).reshape(-1)
             padded = torch.zeros(groups * gs, device=flat.device)
             padded[:numel] = flat
-            # code − zero is an integer: dividing out the fp16 scale recovers it exactly.
-            self.register_buffer("unit", (padded.view(groups, gs) / s0.unsqueeze(1)).round(), persistent=False)
+            # code − zero is an integer: dividing out the stored scale recovers it exactly (a zero
+            # scale holds only zeros).
+            safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
+            self.register_buffer("unit", (padded.view(groups, gs) / safe.unsqueeze(1)).round(), persistent=False)
         self.register_buffer("s0", s0, persistent=False)
         self.log_scale = nn.Parameter(torch.zeros(groups, device=s0.device))
         self.numel = numel
 
+    def _stored(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales ``s`` as the format stores them (float32) and, for ``-s<k>`` formats, their codes
+        under the layer's fixed super-scales."""
+        fmt = self.base.fmt
+        if fmt.scale_bits is None:
+            return s.to(torch.float16).float(), None
+        codes, decoded = quantize_scales(s, self.base.super_scales, fmt.group_size, fmt.scale_bits)
+        return decoded, codes
+
     def scale(self) -> torch.Tensor:
         s = self.s0 * self.log_scale.exp()
-        return s + (s.to(torch.float16).float() - s).detach()  # forward: fp16 value; backward: identity
+        return s + (self._stored(s.detach())[0] - s).detach()  # forward: the stored value; backward: identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (self.unit * self.scale().unsqueeze(1)).reshape(-1)[: self.numel].view(self.base.shape)
@@ -65,7 +90,11 @@ class ScaleTrainableLinear(nn.Module):
 
     @torch.no_grad()
     def finish(self) -> QuantLinear:
-        self.base.scales.copy_(self.scale().to(torch.float16))
+        decoded, codes = self._stored(self.s0 * self.log_scale.exp())
+        if codes is None:
+            self.base.scales.copy_(decoded.to(torch.float16))
+        else:
+            self.base.scale_codes.copy_(pack(codes, self.base.fmt.scale_bits))
         self.base.clear_cache()
         return self.base
 
@@ -167,18 +196,15 @@ def make_trainable(model: nn.Module, mode: Mode, *, modules: str | None = None, 
     if mode == "scales":
         owners: dict[int, list[str]] = {}
         for name, m in named:
-            if isinstance(m, (QuantLinear, QuantEmbedding)) and "scales" in m._buffers:
-                owners.setdefault(m.scales.data_ptr(), []).append(name)
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and "codes" in m._buffers:
+                owners.setdefault(m.codes.data_ptr(), []).append(name)
         for name, m in named:
             if not isinstance(m, QuantLinear) or (pattern and not pattern.search(name)):
                 continue
             if m.fmt.bits == FLOAT_BITS or m.fmt.mixed:
                 skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
-            elif m.fmt.scale_bits is not None:
-                skipped.append((name, f"format {m.fmt.name}: its scales are integer codes, not fp16 (train "
-                                      "with mode 'lora', or quantize with fp16 scales)"))
-            elif len(owners.get(m.scales.data_ptr(), [])) > 1:
-                skipped.append((name, f"scales shared with {[o for o in owners[m.scales.data_ptr()] if o != name]}"))
+            elif len(owners.get(m.codes.data_ptr(), [])) > 1:
+                skipped.append((name, f"storage shared with {[o for o in owners[m.codes.data_ptr()] if o != name]}"))
             else:
                 wrapper = ScaleTrainableLinear(m)
                 replace_module(model, name, wrapper)
