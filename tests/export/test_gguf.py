@@ -140,22 +140,31 @@ def _gguf_q4_k(q) -> np.ndarray:
     return gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K).astype(np.float32).reshape(q.shape)
 
 
-def test_q4_k_blocks_carry_double_quantized_scales_bit_for_bit():
+def _trained_looking(w: torch.Tensor, fmt, gen: torch.Generator):
+    """``w`` in ``fmt`` with random learned-rounding offsets and clipping, so that the lowest code
+    (the most negative level) occurs, as it does after training."""
     from uqcit.tensor.learned import LearnedWeight
-    from uqcit.tensor.quant import codes_of, dequantize
+    from uqcit.tensor.quant import codes_of
+
+    lw = LearnedWeight(w, fmt)
+    with torch.no_grad():
+        lw.v.uniform_(-0.5, 0.5, generator=gen)
+        lw.alpha.uniform_(0.6, 1.0, generator=gen)
+        lw.beta.uniform_(0.6, 1.0, generator=gen)
+    learned = lw.quantized()
+    assert int((codes_of(learned)["codes"] == 0).sum()) > 0
+    return learned
+
+
+def test_q4_k_blocks_carry_double_quantized_scales_bit_for_bit():
+    from uqcit.tensor.quant import dequantize
 
     gen = torch.Generator().manual_seed(1)
     fmt = parse_format("w4-g32-sym-s6")
     # Column magnitudes from 0.01 to 3: the super-scales and scale codes differ from block to block.
     w = torch.randn(8, 512, generator=gen) * torch.linspace(0.01, 3.0, 512)
     rtn = quantize(w, fmt)
-    lw = LearnedWeight(w, fmt)
-    with torch.no_grad():  # trained-looking offsets and clipping: code 0 (level -8) occurs
-        lw.v.uniform_(-0.5, 0.5, generator=gen)
-        lw.alpha.uniform_(0.6, 1.0, generator=gen)
-        lw.beta.uniform_(0.6, 1.0, generator=gen)
-    learned = lw.quantized()
-    assert int((codes_of(learned)["codes"] == 0).sum()) > 0
+    learned = _trained_looking(w, fmt, gen)
     assert len(set(rtn.tensors["super_scales"].tolist())) > 1
     for q in (rtn, learned):
         assert gguf_type(q.fmt, q.shape) == ("Q4_K", True)
@@ -196,9 +205,8 @@ def test_q5_blocks_carry_the_codes(name):
 
 
 def test_q6_k_blocks_carry_double_quantized_6_bit_codes_bit_for_bit():
-    from uqcit.tensor.learned import LearnedWeight
     from uqcit.tensor.packing import unpack
-    from uqcit.tensor.quant import codes_of, dequantize
+    from uqcit.tensor.quant import dequantize
 
     gen = torch.Generator().manual_seed(2)
     # Column magnitudes from 0.01 to 3: the super-scales and scale codes differ from block to block.
@@ -206,13 +214,7 @@ def test_q6_k_blocks_carry_double_quantized_6_bit_codes_bit_for_bit():
     for name in ("w6-g16-sym-s7", "w6-g64-sym-s5", "w6-g128-sym-s4"):
         fmt = parse_format(name)
         rtn = quantize(w, fmt)
-        lw = LearnedWeight(w, fmt)
-        with torch.no_grad():  # trained-looking offsets and clipping: code 0 (level -32) occurs
-            lw.v.uniform_(-0.5, 0.5, generator=gen)
-            lw.alpha.uniform_(0.6, 1.0, generator=gen)
-            lw.beta.uniform_(0.6, 1.0, generator=gen)
-        learned = lw.quantized()
-        assert int((codes_of(learned)["codes"] == 0).sum()) > 0
+        learned = _trained_looking(w, fmt, gen)
         scale_codes = unpack(rtn.tensors["scale_codes"], fmt.scale_bits, w.numel() // fmt.group_size)
         assert int(scale_codes.max()) == (1 << fmt.scale_bits) - 1 and len(set(scale_codes.tolist())) > 1
         assert len(set(rtn.tensors["super_scales"].tolist())) > 1
