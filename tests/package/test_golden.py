@@ -49,7 +49,7 @@ MEASURED = ("rel_error", "sqnr_db")  # float32 sums: compared to 6 significant d
 VOLATILE = {"config.json": ("transformers_version",)}
 
 GOLDEN = {
-    "README.md": "2f6763bffed71da424cbe2414f482d64b1d2886c758f7246626605549a5b4da9",
+    "README.md": "3793505d778be94787c7ee650bfde40d67137bfc9943db51d911d7a0a07d8a29",
     "config.json": "5ea1462335df0a44ae7cfca68c13ce5afd0fe456ec6032f9debe165270b66d96",
     "layers/layer_000/ghz_clusters.json": "6e8c24b665329c7c08b13e6ccc652c808884abf6b5991ed0162488735110c493",
     "layers/layer_000/precision_map.json": "4c3bf523fbb370863a954fd7a1d4966016b69df336c6dac84db395ae9115696c",
@@ -72,7 +72,7 @@ GOLDEN = {
     "layers/outer/rotation.safetensors": "db1bf9579dbcc8bd60bc4a5ee7776428bb19e735a35d4a7ef0aa6c3eab3c8e6e",
     "layers/outer/weights.safetensors": "1ec9bea83342f018b22e5a6d2553c481611fbfed4183c9f3e694d9f46d50aa27",
     "modeling_uqcit.py": "6ac86abbe7108469c5f440d7d0e9c6d8bcc94e6cf7d4ba4b8ceacd8348a4ce98",
-    "uqcit_metadata.json": "14cbfc14ccdc16c489bb822fc520e1d6450eec91b127a24485293eb2cf990f94",
+    "uqcit_metadata.json": "9db63c831042625e2fdff8b07d97f78e518a39276b7b980aa9d7c0354c873c6d",
     "validation/benchmarks.json": "a175c432f9e0c9d759315c0e0b025c7bbcf86d960c1f8c5aec81b013ad02c702",
     "validation/noise_profile.json": "3f7552563458be9f8fdb5d1d571d733af559c01be4206ae07ccd3e4e01d830cb",
     "validation/perplexity.json": "a175c432f9e0c9d759315c0e0b025c7bbcf86d960c1f8c5aec81b013ad02c702",
