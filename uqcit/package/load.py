@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from uqcit.core.keys import ConfigError
+from uqcit.inputs.skeleton import fill_meta_buffers
 from uqcit.package.format import METADATA_FILE, LoadedPackage, PackageError, PackageMetadata, read_json, read_metadata
 from uqcit.package.secure.encryption import Unlocker
 from uqcit.package.secure.signing import verify_manifest, verify_package
@@ -166,7 +167,11 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
         _refuse_unlisted_rotations(path, plan, unlock)
     check_data(path, plan, state, rot_state)
 
-    model = build_model(path, plan.model_cls, config)
+    # On the meta device: the float model is never allocated, only what the package holds (a
+    # class whose computed buffers live inside its layers is built in full, as before).
+    model = build_model(path, plan.model_cls, config, "meta")
+    if fill_meta_buffers(model, config):
+        model = build_model(path, plan.model_cls, config)
     built: dict[str, Any] = {}
     modules = meta["modules"]
     for name, entry in modules.items():
@@ -199,8 +204,11 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
                                        f"rebuilt ({exc})") from exc
         replace_module(model, name, new)
 
-    float_state = {key: state[entry.get("tied_to", key)] for key, entry in meta["float_tensors"].items()}
-    model.load_state_dict(float_state, strict=False, assign=False)
+    model.load_state_dict(_float_state(model, meta["float_tensors"], state), strict=False, assign=True)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise PackageError(f"{path / METADATA_FILE}: lists no values for {', '.join(empty[:3])}"
+                           f"{' ...' if len(empty) > 3 else ''} of the model; the package is corrupt")
     if rot_state:
         try:
             apply_online_rotations(model, rot_state)
@@ -214,6 +222,26 @@ def load_package(path: str | os.PathLike, *, progress: bool = True, public_key=N
     # wrote (packed codes) no transformers loader reads back: refuse it, naming the exports that work.
     model.save_pretrained = functools.partial(_refuse_save_pretrained, path)
     return LoadedPackage(model, _tokenizer(path, AutoTokenizer), meta, path, time.perf_counter() - t0)
+
+
+def _float_state(model: torch.nn.Module, entries: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """The package's float tensors for ``load_state_dict(assign=True)``: each in its target's dtype,
+    and given to every name that shares the target (tied weights stay one storage)."""
+    targets = model.state_dict(keep_vars=True)
+    sharing: dict[int, list[str]] = {}
+    for key, t in targets.items():
+        sharing.setdefault(id(t), []).append(key)
+    out: dict[str, torch.Tensor] = {}
+    for key, entry in entries.items():
+        value = state[entry.get("tied_to", key)]
+        if key not in targets:
+            out[key] = value  # load_state_dict ignores it (strict=False), as before
+            continue
+        value = value.to(targets[key].dtype)
+        for name in sharing[id(targets[key])]:
+            out[name] = value
+    return out
 
 
 def _refuse_save_pretrained(path: Path, *args: Any, **kwargs: Any) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from uqcit.inputs.skeleton import fill_meta_buffers
 from uqcit.package.validate import ST_DTYPES
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -72,7 +73,10 @@ class LazyCheckpoint:
         # parameter on the CPU first (a 1.4 GB peak of address space for a 2.6 GB model here).
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        _real_buffers(model, config, self.dtype)
+        unfilled = fill_meta_buffers(model, config, self.dtype)
+        if unfilled:
+            raise ValueError(f"{type(model).__name__}: buffer {unfilled[0]!r} lives in a block; streaming rebuilds "
+                             "only the buffers outside the blocks, so this model runs in memory only")
         model.tie_weights()
         model.eval()
         return model
@@ -113,29 +117,6 @@ class LazyCheckpoint:
             name = (tied or {}).get(key, prefix + key)
             state[key] = self.tensor(name)
         module.load_state_dict(state, assign=True, strict=True)
-
-
-def _real_buffers(model: torch.nn.Module, config, dtype: torch.dtype) -> None:
-    """Give ``model``'s meta buffers their values from the same model built with no blocks and an
-    8-token vocabulary (buffers outside the blocks depend on neither)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    missing = [name for name, b in model.named_buffers() if b.is_meta]
-    if not missing:
-        return
-    small = copy.deepcopy(config)
-    small.num_hidden_layers, small.vocab_size, small.pad_token_id = 0, 8, None
-    if getattr(small, "layer_types", None) is not None:
-        small.layer_types = []
-    buffers = dict(AutoModelForCausalLM.from_config(small, dtype=dtype).named_buffers())
-    for name in missing:
-        if name not in buffers:
-            raise ValueError(f"{type(model).__name__}: buffer {name!r} lives in a block; streaming rebuilds only "
-                             "the buffers outside the blocks, so this model runs in memory only")
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, buffers[name])
 
 
 def _shard_map(folder: Path) -> dict[str, str]:
