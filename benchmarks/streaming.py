@@ -200,8 +200,7 @@ def main() -> None:
     in_memory = run_child("load", [str(src)], limit)
     streamed = run_child("stream", [str(src), str(work / "pkg-synthetic"), args.recipe, name], limit)
     runs = run_child("run-package", [str(work / "pkg-synthetic")], limit)
-    # load_package builds the float model before swapping in the quantized modules: without the cap
-    # when that does not fit (the loader's own limit, reported, not the streamed job's).
+    # Without the cap too when that fails (the loader's own limit, reported, not the streamed job's).
     runs_free = run_child("run-package", [str(work / "pkg-synthetic")], None) if runs["returncode"] else runs
     rep = streamed.get("report", {})
     records.append(base_record(name, rep.get("method", args.recipe), rep, kind="memory-bar",

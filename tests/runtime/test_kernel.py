@@ -47,6 +47,11 @@ CASES = [
     (QuantFormat(bits=6, group_size=30, int_zeros=True), (11, 37)),
     (QuantFormat(bits=6, group_size=16, symmetric=True, scale_bits=7), (8, 512)),
     (QuantFormat(bits=5, group_size=32, int_zeros=True, scale_bits=6), (24, 576)),
+    # lookup tables (w = scale * table[code]): aligned 4-bit codes a byte at a time, the rest one by one
+    (QuantFormat(bits=4, group_size=32, symmetric=True, lut=True), (24, 96)),
+    (QuantFormat(bits=4, group_size=30, symmetric=True, lut=True), (17, 45)),  # rows start mid-byte
+    (QuantFormat(bits=3, group_size=64, symmetric=True, lut=True), (40, 192)),
+    (QuantFormat(bits=2, group_size=12, symmetric=True, lut=True), (11, 37)),
 ]
 
 
@@ -100,6 +105,22 @@ def test_quant_linear_uses_the_kernel_only_for_few_rows():
     assert layer(few.to(torch.bfloat16)).dtype == torch.bfloat16  # other dtypes: dequantize path
     off = QuantLinear(q, layer.bias.detach(), packed_kernel=False)
     assert torch.equal(off(few), F.linear(few, dequantize(q), layer.bias)) and off._kernel is None
+
+
+@needs_kernel
+def test_quant_linear_runs_lookup_tables_on_the_kernel_and_on_dequantize():
+    q = quantize(seeded(48, 128), QuantFormat(bits=3, group_size=32, symmetric=True, lut=True))
+    layer = QuantLinear(q, seeded(48, seed=2))
+    few, many = seeded(2, 128, seed=3), seeded(KERNEL_MAX_ROWS + 1, 128, seed=4)
+    out = layer(few)
+    assert isinstance(layer._kernel, packed.PackedKernel)
+    assert torch.allclose(out, F.linear(few, dequantize(q), layer.bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(many), F.linear(many, dequantize(q), layer.bias))  # the exact path
+    negated = F.linear(few, -dequantize(q), layer.bias)
+    with torch.no_grad():
+        layer.table.neg_()  # the buffers are q's tensors: an edit in place, seen after clear_cache
+    layer.clear_cache()
+    assert torch.allclose(layer(few), negated, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

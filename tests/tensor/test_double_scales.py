@@ -255,10 +255,16 @@ def test_cuda_storage_is_bit_identical_to_cpu(name):
     assert torch.equal(dequantize(gpu).cpu(), dequantize(cpu))
 
 
-def test_scale_training_passes_over_double_quantized_layers(double_package):
+def test_scale_training_trains_double_quantized_layers_as_their_codes(double_package):
     from uqcit.package import load_package
-    from uqcit.runtime.trainable import make_trainable
+    from uqcit.runtime.trainable import ScaleTrainableLinear, make_trainable
 
     model = load_package(double_package[1], progress=False).model
-    with pytest.raises(ValueError, match="mode 'scales' found nothing to train"):
-        make_trainable(model, "scales")  # every layer stores scale codes, none has fp16 scales to train
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    chosen, _ = make_trainable(model, "scales")
+    wrapped = [model.get_submodule(t.name) for t in chosen]
+    assert wrapped and all(isinstance(m, ScaleTrainableLinear) and m.base.fmt.scale_bits for m in wrapped)
+    with torch.no_grad():  # wrapped, untrained: the stored model's output
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)

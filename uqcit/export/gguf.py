@@ -25,6 +25,7 @@ norms, and rows not a multiple of 32   F32       exact
 256-multiple rows                                group's), ``q = code`` (``d * scale * (q - 32)``)
 other double-quantized ``-s{S}``, or   refused   (``ExportError``: a Q4_0/Q4_1 block holds an fp16
 rows not a multiple of 256                       scale, not ``code * super``; a K-quant block, one row's)
+``w{b}-g{G}-lut`` (lookup tables)      refused   (``ExportError``: GGUF's blocks decode integer codes)
 =====================================  ========  =================================================
 
 So a plan of 2-6-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only
@@ -113,8 +114,10 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     (('Q4_K', True), ('Q6_K', True))
 
     Other formats with double-quantized scales (``scale_bits``), and those two on rows that are not
-    a multiple of 256, have no GGUF type here: ``ExportError``.
+    a multiple of 256, have no GGUF type here: ``ExportError``; so have lookup-table formats.
     """
+    if fmt is not None and fmt.lut:
+        raise _no_lut(f"format {fmt.name} of shape {tuple(shape)}", fmt)
     if fmt is not None and fmt.scale_bits is not None:
         k_quant = _k_quant(fmt, shape)
         if k_quant is None:
@@ -161,6 +164,13 @@ def _no_type(where: str, fmt: QuantFormat) -> ExportError:
                        f"groups of {Q6_K_SUB} to {SUPER_BLOCK} weights with scale codes of at most "
                        f"{Q6_K_SCALE_BITS} bits (e.g. w6-g16-sym-s7), on rows that are multiples of "
                        f"{SUPER_BLOCK}; {DEQUANTIZED}")
+
+
+def _no_lut(where: str, fmt: QuantFormat) -> ExportError:
+    """The refusal of a lookup-table format."""
+    return ExportError(f"{where}: its codes index a table of {1 << fmt.bits} fitted levels, which no GGUF type "
+                       f"this export writes holds (they decode integer codes); {DEQUANTIZED}, as does "
+                       f"`uqcit export PACKAGE --to hf`")
 
 
 def gguf_formats(names) -> list[str]:
@@ -328,6 +338,8 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
                  if isinstance(mod, (QuantLinear, QuantEmbedding))
                  and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
     for name, q in quantized.items():  # before anything is written
+        if q.fmt.lut:
+            raise _no_lut(f"module {name} ({q.fmt.name}) of shape {q.shape}", q.fmt)
         if q.fmt.scale_bits is not None:
             k_quant = _k_quant(q.fmt, q.shape)
             if k_quant is None:

@@ -26,6 +26,10 @@ fp16 pass-through are not (``supports`` says which). 5- and 6-bit codes straddle
 ones do: their chunks (8 codes in 5 bytes, 4 in 3) are read whole. Double-quantized scales
 (``scale_bits``) are decoded once into a float32 buffer (``quant.scales_of``, 32 bits a group in
 memory) that the kernel reads instead of the fp16 scales: their exact values, which fp16 cannot hold.
+Lookup-table formats (``w{b}-g{G}-lut``, ``uqcit.tensor.lut``) take a second loop, ``uq_matmul_lut``:
+the table's ``2**b`` levels are decoded to floats once per call and each code is looked up,
+``y[t, n] = sum over groups g: s_g * sum_k table[code_k] * x[t, k]``; it reads codes at any
+alignment (4-bit codes from even positions a byte at a time), without the phase layout.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -181,6 +185,51 @@ static float seg_dot_any(const uint8_t *codes, int bits, int64_t f, int64_t len,
     return acc;
 }
 
+/* Lookup-table codes at any alignment: sum of tab[code] * x[i] over the segment [f, f + len). */
+static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len, const float *x, const float *tab) {
+    uint32_t mask = (1u << bits) - 1;
+    float acc = 0.0f;
+    int64_t i = 0;
+    if (bits == 4 && !(f & 1)) {  /* two codes a byte, the first in the low nibble */
+        const uint8_t *p = codes + (f >> 1);
+        for (; i + 2 <= len; i += 2) {
+            uint8_t b = p[i >> 1];
+            acc += tab[b & 15] * x[i] + tab[b >> 4] * x[i + 1];
+        }
+    }
+    for (; i < len; i++) {
+        int64_t bit = (f + i) * bits;
+        uint32_t w = codes[bit >> 3];
+        if ((bit & 7) + bits > 8) w |= (uint32_t)codes[(bit >> 3) + 1] << 8;
+        acc += tab[(w >> (bit & 7)) & mask] * x[i];
+    }
+    return acc;
+}
+
+/* y[T, N] = x[T, K] @ W^T for W [N, K] stored as lookup-table codes: w = scale_g * table[code], with
+   fp16 scales and a table of 2**bits fp16 levels. */
+int uq_matmul_lut(const uint8_t *codes, int bits, const uint16_t *scales, const uint16_t *table, int64_t N,
+                  int64_t K, int64_t gs, const float *x, int64_t T, float *y, int threads) {
+    float tab[256];
+    for (int i = 0; i < (1 << bits); i++) tab[i] = HALF[table[i]];
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t f0 = n * K;
+        for (int64_t t = 0; t < T; t++) y[t * N + n] = 0.0f;
+        int64_t k = 0;
+        while (k < K) {
+            int64_t g = (f0 + k) / gs;
+            int64_t end = (g + 1) * gs - f0;
+            if (end > K) end = K;
+            float s = HALF[scales[g]];
+            for (int64_t t = 0; t < T; t++)
+                y[t * N + n] += s * seg_dot_lut(codes, bits, f0 + k, end - k, x + t * K + k, tab);
+            k = end;
+        }
+    }
+    return 0;
+}
+
 /* y[T, N] = x[T, K] @ W^T for W [N, K] stored as group-wise codes, the scales fp16 (scales) or
    float32 (scales32, when not NULL). With phased != 0 (every row and group starts on a chunk
    boundary) x is first copied into phase layout (see seg_dot). */
@@ -260,6 +309,8 @@ def _build() -> ctypes.CDLL:
     lib.uq_matmul.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_float, i64, i64, i64, p, ctypes.c_int, i64, p,
                               ctypes.c_int]
     lib.uq_matmul.restype = ctypes.c_int
+    lib.uq_matmul_lut.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, p, i64, p, ctypes.c_int]
+    lib.uq_matmul_lut.restype = ctypes.c_int
     return lib
 
 
@@ -291,7 +342,7 @@ def unavailable_reason() -> str | None:
 
 
 def supports(q: QuantizedTensor) -> bool:
-    """Whether ``packed_matmul`` handles ``q``'s format (plain integer formats, on CPU)."""
+    """Whether ``packed_matmul`` handles ``q``'s format (plain integer and lookup-table formats, on CPU)."""
     return (q.fmt.bits in KERNEL_BITS and not q.fmt.mixed and len(q.shape) == 2
             and q.device.type == "cpu")
 
@@ -314,6 +365,12 @@ class PackedKernel:
         fmt, t = q.fmt, q.tensors
         self.q = q
         self.out_features, self.in_features = q.shape
+        if fmt.lut:  # its own loop: table lookups at any alignment (no phase layout, no offsets)
+            self._fn = lib.uq_matmul_lut
+            self._head = (t["codes"].data_ptr(), fmt.bits, t["scales"].data_ptr(), t["table"].data_ptr(),
+                          self.out_features, self.in_features, fmt.group_size)
+            self._phased = None
+            return
         per = 8 // (fmt.bits & -fmt.bits)  # codes per packed chunk, lcm(bits, 8) / bits (as the C code)
         # The phase layout (kernel source) needs every row and group to start on a chunk boundary.
         phased = self.in_features % per == 0 and fmt.group_size % per == 0
@@ -345,7 +402,8 @@ class PackedKernel:
             xs = xs.to(torch.float32).contiguous()
         rows = xs.shape[0]
         y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
-        if self._fn(*self._head, xs.data_ptr(), self._phased, rows, y.data_ptr(), torch.get_num_threads()):
+        tail = (xs.data_ptr(), rows) if self._phased is None else (xs.data_ptr(), self._phased, rows)
+        if self._fn(*self._head, *tail, y.data_ptr(), torch.get_num_threads()):
             raise MemoryError(f"packed kernel: no memory for a [{rows}, {self.in_features}] input copy")
         return y
 

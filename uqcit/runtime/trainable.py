@@ -52,7 +52,7 @@ class ScaleTrainableLinear(nn.Module):
     def __init__(self, qlin: QuantLinear):
         super().__init__()
         fmt = qlin.fmt
-        if fmt.bits == FLOAT_BITS or fmt.mixed:
+        if fmt.bits == FLOAT_BITS or fmt.mixed or fmt.lut:
             raise ValueError(f"scale training needs a plain integer format, got {fmt.name}")
         self.base = qlin
         numel, gs = math.prod(qlin.shape), fmt.group_size
@@ -201,7 +201,7 @@ def make_trainable(model: nn.Module, mode: Mode, *, modules: str | None = None, 
         for name, m in named:
             if not isinstance(m, QuantLinear) or (pattern and not pattern.search(name)):
                 continue
-            if m.fmt.bits == FLOAT_BITS or m.fmt.mixed:
+            if m.fmt.bits == FLOAT_BITS or m.fmt.mixed or m.fmt.lut:
                 skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
             elif len(owners.get(m.codes.data_ptr(), [])) > 1:
                 skipped.append((name, f"storage shared with {[o for o in owners[m.codes.data_ptr()] if o != name]}"))

@@ -4,11 +4,13 @@ A ``QuantFormat`` says how a tensor is stored: group-wise integer codes at 2/3/4
 bits with fp16 scales (and zero points when asymmetric: fp16 by default, or packed
 ``bits``-wide integers with ``int_zeros``, the convention of GPTQ/AutoRound checkpoints,
 which costs ``bits`` instead of 16 bits per group), or fp16 pass-through; optionally a top fraction of weights (by importance) kept at a
-higher precision, located by a 1-bit mask. With ``scale_bits`` the group scales themselves are
-quantized (double quantization, as llama.cpp's K-quants): each is an unsigned ``scale_bits``-wide
-integer code times one fp16 super-scale per ``SUPER_BLOCK`` consecutive weights. ``bits_for`` is the exact storage
-cost that ``quant.quantize`` produces: the same arithmetic, so planned and stored
-bits agree.
+higher precision, located by a 1-bit mask. With ``lut`` (``w{b}-g{G}-lut``) the codes index a
+per-tensor table of ``2**b`` fp16 levels instead of an integer grid: ``w = scale_g * table[code]``, one
+fp16 absmax scale per group (``uqcit.tensor.lut``; the table's bits are counted). With ``scale_bits``
+the group scales themselves are quantized (double quantization, as llama.cpp's K-quants): each is an
+unsigned ``scale_bits``-wide integer code times one fp16 super-scale per ``SUPER_BLOCK`` consecutive
+weights. ``bits_for`` is the exact storage cost that ``quant.quantize`` produces: the same arithmetic,
+so planned and stored bits agree.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ INT_BITS = (2, 3, 4, 5, 6, 8)  # integer code widths (packing.py packs any width
 FLOAT_BITS = 16
 HIGH_BITS = (8, 16)
 SCALE_BITS = 16  # scales and zero points are stored as fp16
+LUT_BITS = (2, 3, 4)  # code widths of lookup-table formats (a table of 2**bits fp16 levels per tensor)
 SCALE_CODE_BITS = (4, 5, 6, 7, 8)  # widths of double-quantized scale codes
 SUPER_BLOCK = 256  # weights sharing one fp16 super-scale (llama.cpp's K-quant super-block)
 
@@ -41,6 +44,8 @@ class QuantFormat:
     4.25
     >>> QuantFormat(bits=5, group_size=32, symmetric=True).bits_per_weight(576 * 576)  # 5-bit codes, 8 in 5 bytes
     5.5
+    >>> QuantFormat(bits=4, group_size=32, symmetric=True, lut=True).bits_for(64 * 64)  # codes, scales, table
+    18688
     """
 
     bits: int = 4  # 2, 3, 4, 5, 6, 8 (integer codes, INT_BITS) or 16 (fp16 pass-through)
@@ -50,6 +55,7 @@ class QuantFormat:
     high_fraction: float = 0.0  # fraction of weights, by importance, stored at high_bits
     int_zeros: bool = False  # asymmetric: zero points packed as integers of the part's bits, not fp16
     scale_bits: int | None = None  # group scales as codes of this many bits under fp16 super-scales; None: fp16
+    lut: bool = False  # codes index a per-tensor table of 2**bits fp16 levels (symmetric absmax scales only)
 
     def __post_init__(self) -> None:
         if self.bits not in INT_BITS + (FLOAT_BITS,):
@@ -75,6 +81,13 @@ class QuantFormat:
                                  f"got {self.scale_bits}")
             if self.bits == FLOAT_BITS:
                 raise ValueError("scale_bits needs an integer format (fp16 pass-through stores no scales)")
+        if self.lut:
+            if self.bits not in LUT_BITS:
+                raise ValueError(f"lookup-table formats take bits in {LUT_BITS}, got {self.bits}")
+            if not self.symmetric or self.mixed or self.scale_bits is not None:
+                raise ValueError("a lookup-table format is symmetric (absmax scales, no zero point), with fp16 "
+                                 "scales and no high-precision part: QuantFormat(bits, group_size, symmetric=True, "
+                                 "lut=True)")
 
     @property
     def mixed(self) -> bool:
@@ -84,6 +97,8 @@ class QuantFormat:
     def name(self) -> str:
         if self.bits == FLOAT_BITS:
             return "fp16"
+        if self.lut:
+            return f"w{self.bits}-g{self.group_size}-lut"
         base = f"w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
         base += "-iz" if self.int_zeros else ""
         base += f"-s{self.scale_bits}" if self.scale_bits is not None else ""
@@ -104,6 +119,8 @@ class QuantFormat:
         n_high = self.high_count(numel)
         n_low = numel - n_high
         total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric, self.int_zeros, self.scale_bits)
+        if self.lut:
+            total += (1 << self.bits) * SCALE_BITS  # the table: 2**bits fp16 levels
         if self.mixed:
             total += _packed_bits(numel, 1)  # the mask
             if self.high_bits == FLOAT_BITS:
@@ -123,6 +140,8 @@ class QuantFormat:
             del out["int_zeros"]
         if self.scale_bits is None:
             del out["scale_bits"]
+        if not self.lut:
+            del out["lut"]
         return out
 
     @classmethod
@@ -152,6 +171,7 @@ def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_
     return total
 
 
+_LUT_RE = re.compile(r"^w(?P<bits>\d+)-g(?P<group>\d+)-lut$")
 _NAME_RE = re.compile(
     r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?P<iz>-iz)?(?:-s(?P<sb>\d+))?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
 )
@@ -159,18 +179,23 @@ _NAME_RE = re.compile(
 
 def parse_format(name: str) -> QuantFormat:
     """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w3-g64-iz"``, ``"w4-g32-sym-s6"``,
-    ``"w2-g64-sym+w16@0.1"``, ``"fp16"``.
+    ``"w2-g64-sym+w16@0.1"``, ``"w4-g32-lut"``, ``"fp16"``.
 
     >>> parse_format("w3-g64-iz-s6").scale_bits
     6
+    >>> parse_format("w3-g64-lut").lut
+    True
     """
     if name == "fp16":
         return QuantFormat(bits=FLOAT_BITS)
+    m = _LUT_RE.match(name.strip())
+    if m:
+        return QuantFormat(bits=int(m.group("bits")), group_size=int(m.group("group")), symmetric=True, lut=True)
     m = _NAME_RE.match(name.strip())
     if not m:
         raise ValueError(
             f"cannot read format {name!r}; expected e.g. 'w4-g128', 'w3-g64-sym', "
-            "'w4-g32-sym-s6', 'w2-g128+w16@0.1' or 'fp16'"
+            "'w4-g32-sym-s6', 'w2-g128+w16@0.1', 'w4-g32-lut' or 'fp16'"
         )
     high = m.group("high")
     return QuantFormat(

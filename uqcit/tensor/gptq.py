@@ -26,7 +26,11 @@ an ordinary ``QuantizedTensor`` in the same packed layout, with ``fmt.bits_for(n
 that ``dequantize`` and ``QuantLinear`` use unchanged. (Static groups are also what makes
 act-order compatible with consecutive row-major groups.) With double-quantized scales
 (``fmt.scale_bits``) the grid holds the decoded scales (scale code times super-scale), so the
-error feedback rounds onto the grid that is stored.
+error feedback rounds onto the grid that is stored. Lookup-table formats (``fmt.lut``) fix their
+absmax scales and fit their table once, on the original ``W`` with each weight's squared error
+weighted by the Hessian diagonal of its column (``quant.quant_params(table_weight=...)``); the
+loop then rounds each column to the nearest level times its group's scale (``lut.nearest``, as
+``quantize_with`` encodes it).
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -46,6 +50,7 @@ import torch
 
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.grid import IntGrid
+from uqcit.tensor.lut import nearest
 from uqcit.tensor.quant import QuantizedTensor, quant_params, quantize, quantize_with
 
 _DAMP_RETRIES = 3  # a Hessian that is still singular after damp × 10³ is a bug upstream, not noise
@@ -61,7 +66,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
     matter). ``importance`` picks the high-precision weights of a mixed format, as in
     ``quantize``. ``grid_search`` chooses the static grid by clipping search weighted by the
     Hessian diagonal (``quant.quant_params(search=True)``) instead of each group's min/max.
-    ``w`` and ``hessian`` are never modified. fp16 formats are stored directly.
+    Lookup-table formats always fit their table weighted by the Hessian diagonal (``grid_search``
+    changes nothing for them). ``w`` and ``hessian`` are never modified. fp16 formats are stored directly.
     """
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
         raise ValueError(f"w must be a 2-D floating-point [out, in] matrix, got "
@@ -81,8 +87,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
 
     weight = w.detach().to(torch.float32)
     # The static grid, from the original weights.
-    column_weight = hessian.diagonal().to(weight).clamp(min=0).expand_as(weight) if grid_search else None
-    params = quant_params(weight, fmt, importance, search=grid_search, search_weight=column_weight)
+    diag = hessian.diagonal().to(weight).clamp(min=0).expand_as(weight)
+    params = quant_params(weight, fmt, importance, search=grid_search, search_weight=diag if grid_search else None,
+                          table_weight=diag if fmt.lut else None)
     grid = _ElementGrid.of(params)
 
     h = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
@@ -123,14 +130,17 @@ class _ElementGrid:
     """Each weight's own grid, laid out like ``Wᵀ`` ``[in, out]`` (rows are columns of W).
 
     ``code = clamp(round(w / scale) + offset, qmin, qmax)``, ``ŵ = (code − offset) · scale``:
-    the operations of ``grid.encode_int``, so the codes chosen here are the codes stored.
+    the operations of ``grid.encode_int``, so the codes chosen here are the codes stored. With a
+    ``table`` (lookup-table formats) ``code = nearest(w / scale)``, ``ŵ = table[code] · scale``,
+    the operations of ``lut.encode_lut`` and ``lut.dequantize_lut``.
     """
 
     scale: torch.Tensor  # float32; 1 where fp16
-    offset: torch.Tensor  # float32: zero point, or 2**(bits-1) when symmetric
+    offset: torch.Tensor | float  # float32: zero point, or 2**(bits-1) when symmetric (unused with a table)
     qmin: torch.Tensor | float
     qmax: torch.Tensor | float
     fp16: torch.Tensor | None  # bool, True where the weight is stored as fp16 (mixed +w16)
+    table: torch.Tensor | None = None  # fp16 levels, ascending (lookup-table formats); None for integer grids
 
     @classmethod
     def of(cls, params) -> "_ElementGrid":
@@ -154,6 +164,10 @@ class _ElementGrid:
 
         def as_t(x):  # flat row-major [out*in] -> [in, out]
             return x.view(out_f, in_f).t().contiguous() if isinstance(x, torch.Tensor) else x
+
+        if fmt.lut:
+            scales = params.low.scales.to(torch.float32)[torch.arange(numel, device=device) // fmt.group_size]
+            return cls(as_t(scales), 0.0, 0.0, 0.0, None, params.low.table)
 
         if not fmt.mixed:
             s, o, lo, hi = per_element(params.low, fmt.bits, torch.arange(numel, device=device))
@@ -180,11 +194,14 @@ class _ElementGrid:
     def rows(self, index: torch.Tensor) -> "_ElementGrid":
         """The grid with its rows (W's columns) taken in ``index`` order."""
         pick = lambda x: x[index] if isinstance(x, torch.Tensor) else x  # noqa: E731
-        return _ElementGrid(pick(self.scale), pick(self.offset), pick(self.qmin), pick(self.qmax),
-                            pick(self.fp16))
+        return _ElementGrid(pick(self.scale), pick(self.offset), pick(self.qmin), pick(self.qmax), pick(self.fp16),
+                            self.table)
 
     def round_row(self, i: int, w: torch.Tensor) -> torch.Tensor:
         """``w`` (row ``i`` of Wᵀ, i.e. one column of W) rounded onto its grid."""
+        if self.table is not None:
+            s = self.scale[i]
+            return self.table.to(torch.float32)[nearest(w / s, self.table)].mul_(s)
         s, o = self.scale[i], self.offset[i]
         lo = self.qmin[i] if isinstance(self.qmin, torch.Tensor) else self.qmin
         hi = self.qmax[i] if isinstance(self.qmax, torch.Tensor) else self.qmax

@@ -49,11 +49,12 @@ from uqcit.tensor.quant import QuantizedTensor
 
 def supports(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
     """Whether a weight of ``shape`` in ``fmt`` can learn its rounding: plain integer formats
-    whose groups tile the tensor exactly (mixed and fp16 formats keep their own rounding)."""
+    whose groups tile the tensor exactly (mixed, lookup-table and fp16 formats keep their own
+    rounding: the offsets and clipping learned here are an integer grid's)."""
     numel = 1
     for s in shape:
         numel *= s
-    return fmt.bits != FLOAT_BITS and not fmt.mixed and numel % fmt.group_size == 0
+    return fmt.bits != FLOAT_BITS and not fmt.mixed and not fmt.lut and numel % fmt.group_size == 0
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ the high and low weights separately, each compacted in row-major order (``uqcit.
 ``quantize_with`` (encode on them); the two halves are public so that error-feedback rounding
 (``uqcit.tensor.gptq``) can fix the grid from the original weights and encode updated ones on it.
 The integer rule above, for one part, is ``uqcit.tensor.grid``; this module assembles formats from it.
+Lookup-table formats (``fmt.lut``: absmax scales and a fitted table of levels, rounding to the
+nearest level) are ``uqcit.tensor.lut``; ``table_weight`` weights the fit of their table.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -83,6 +85,7 @@ from uqcit.tensor.grid import (  # noqa: F401 (IntGrid, TensorSpec: public here 
     int_layout,
     searched_grid,
 )
+from uqcit.tensor.lut import LutGrid, dequantize_lut, dequantize_lut_at, encode_lut, lut_grid, lut_layout
 from uqcit.tensor.mask import high_mask, mask_rank, select
 from uqcit.tensor.packing import pack, packed_nbytes, unpack
 
@@ -95,6 +98,8 @@ def tensor_layout(numel: int, fmt: QuantFormat) -> dict[str, TensorSpec]:
     """
     if fmt.bits == FLOAT_BITS:
         return {"values": TensorSpec(torch.float16, numel)}
+    if fmt.lut:
+        return lut_layout(numel, fmt.bits, fmt.group_size)
     n_high = fmt.high_count(numel)
     kw = dict(int_zeros=fmt.int_zeros, scale_bits=fmt.scale_bits)
     layout = int_layout("", numel - n_high, fmt.bits, fmt.group_size, fmt.symmetric, **kw)
@@ -115,6 +120,7 @@ class QuantizedTensor:
     instead ``scale_codes``, packed, and ``super_scales``, fp16), ``zeros`` (fp16, or packed with
     ``int_zeros``; asymmetric only); mixed formats add ``mask`` (packed 1-bit, row-major) and either
     ``high_values`` (fp16) or ``high_codes``/``high_scales``/``high_zeros`` (int8 groups);
+    lookup-table formats store ``codes``, ``scales`` and ``table`` (fp16, ``2**bits`` levels);
     fp16 pass-through stores only ``values``. See ``tensor_layout``.
     """
 
@@ -195,12 +201,17 @@ class QuantizedTensor:
 # quantize
 
 
-def quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None) -> QuantizedTensor:
+def quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None, *,
+             table_weight: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize ``w`` (any shape, floating point) into ``fmt``; ``w`` is never modified.
 
     ``importance`` (same shape as ``w``) ranks weights for the high-precision part of a mixed
-    format; it defaults to ``|w|`` and is ignored by other formats.
+    format; it defaults to ``|w|`` and is ignored by other formats. ``table_weight`` (same shape,
+    non-negative) weights each weight's squared error in the table fit of a lookup-table format
+    (e.g. the input Hessian diagonal of its column); None is plain MSE; other formats ignore it.
     """
+    if fmt.lut:
+        return quantize_with(w, quant_params(w, fmt, table_weight=table_weight))
     return _quantize(w, fmt, importance, None)
 
 
@@ -215,22 +226,33 @@ class QuantParams:
 
     shape: tuple[int, ...]
     fmt: QuantFormat
-    low: IntGrid | None  # the integer part (all weights, or the low ones of a mixed format); None for fp16
+    low: IntGrid | LutGrid | None  # the integer part (all weights, or the low ones of a mixed format), or the
+    # scales and table of a lookup-table format; None for fp16
     mask: torch.Tensor | None  # bool [numel], row-major, True = high precision; mixed formats only
     high: IntGrid | None  # the int8 high part of a mixed format; None otherwise (fp16 high values have no grid)
 
 
 def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None = None, *,
-                 search: bool = False, search_weight: torch.Tensor | None = None) -> QuantParams:
-    """The mask and grids ``quantize(w, fmt, importance)`` uses (same rules, same bits).
+                 search: bool = False, search_weight: torch.Tensor | None = None,
+                 table_weight: torch.Tensor | None = None) -> QuantParams:
+    """The mask and grids ``quantize(w, fmt, importance, table_weight=table_weight)`` uses (same
+    rules, same bits).
 
     ``search=True`` chooses each group's range by clipping search instead (``grid.searched_grid``;
     ``search_weight``, shaped like ``w``, weights the squared errors, e.g. by the input Hessian
     diagonal of each weight's column). Same format, same bits; only the scales and zeros differ.
+    Lookup-table formats have no range to search (their levels are fitted, their scales are
+    the absmax): ``search`` and ``search_weight`` leave them alone; ``table_weight`` weights
+    their table fit.
     """
     flat, shape = _flat(w)
     if fmt.bits == FLOAT_BITS:
         return QuantParams(shape, fmt, None, None, None)
+    if fmt.lut:
+        tw = None if table_weight is None else table_weight.detach().reshape(-1).to(flat)
+        if tw is not None and tw.numel() != flat.numel():
+            raise ValueError(f"table_weight has {tw.numel()} elements, w {flat.numel()}")
+        return QuantParams(shape, fmt, lut_grid(flat, fmt.bits, fmt.group_size, tw), None, None)
     gs, sym, sb = fmt.group_size, fmt.symmetric, fmt.scale_bits
     sw = None if search_weight is None else search_weight.detach().reshape(-1).to(flat)
 
@@ -288,6 +310,8 @@ def _quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None
     if fmt.bits == FLOAT_BITS:
         check_fp16_range(flat, "w")
         return QuantizedTensor(shape, fmt, {"values": flat.to(torch.float16)})
+    if fmt.lut:  # params given: quantize() fits the grid through quant_params first
+        return QuantizedTensor(shape, fmt, encode_lut(flat, fmt.bits, gs, params.low))
     if not fmt.mixed:
         return QuantizedTensor(shape, fmt, encode(flat, fmt.bits, None if params is None else params.low, ""))
 
@@ -314,7 +338,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
         return t["values"].view(q.shape).to(dtype)
     numel = q.numel
     kw = dict(int_zeros=fmt.int_zeros, scale_bits=fmt.scale_bits)
-    if not fmt.mixed:
+    if fmt.lut:
+        out = dequantize_lut(t, numel, fmt.bits, fmt.group_size)
+    elif not fmt.mixed:
         out = dequantize_int(t, "", numel, fmt.bits, fmt.group_size, fmt.symmetric, **kw)
     else:
         mask = unpack(t["mask"], 1, numel).view(torch.bool)
@@ -344,6 +370,8 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
         return t["values"][index].to(dtype)
     numel, gs, sym = q.numel, fmt.group_size, fmt.symmetric
     kw = dict(int_zeros=fmt.int_zeros, scale_bits=fmt.scale_bits)
+    if fmt.lut:
+        return dequantize_lut_at(t, numel, fmt.bits, gs, index).to(dtype)
     if not fmt.mixed:
         return dequantize_int_at(t, "", numel, fmt.bits, gs, sym, index, **kw).to(dtype)
     # Locate each element in its compacted part: its rank among the mask's set bits before it.
@@ -385,6 +413,7 @@ def zero_points(q: QuantizedTensor, prefix: str = "") -> torch.Tensor:
     [0.0, 0.0]
     """
     fmt = q.fmt
+    _refuse_lut(q, "zero points")
     bits = fmt.high_bits if prefix == "high_" else fmt.bits
     return group_offsets(q.tensors, prefix, math.ceil(_part_count(q, prefix) / fmt.group_size), bits,
                          fmt.symmetric, fmt.int_zeros)
@@ -400,7 +429,16 @@ def scales_of(q: QuantizedTensor, prefix: str = "") -> torch.Tensor:
     >>> scales_of(quantize(w, parse_format("w2-g4-sym-s4"))).tolist()
     [3.0, 15.0]
     """
+    _refuse_lut(q, "scales")
     return group_scales(q.tensors, prefix, _part_count(q, prefix), q.fmt.group_size, q.fmt.scale_bits)
+
+
+def _refuse_lut(q: QuantizedTensor, what: str) -> None:
+    """Integer-grid readers decline lookup-table tensors: read as ``(code - offset) * scale``,
+    their codes would silently decode to the wrong weights."""
+    if q.fmt.lut:
+        raise ValueError(f"{q.fmt.name} decodes scale * table[code] (uqcit.tensor.lut), not (code - offset) * "
+                         f"scale: its {what} are not an integer grid's; dequantize() reads it")
 
 
 def _part_count(q: QuantizedTensor, prefix: str) -> int:
