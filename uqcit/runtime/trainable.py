@@ -204,7 +204,7 @@ def make_trainable(model: nn.Module, mode: Mode, *, modules: str | None = None, 
             if m.fmt.bits == FLOAT_BITS or m.fmt.mixed or m.fmt.lut:
                 skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
             elif len(owners.get(m.codes.data_ptr(), [])) > 1:
-                skipped.append((name, f"storage shared with {[o for o in owners[m.codes.data_ptr()] if o != name]}"))
+                skipped.append((name, f"scales shared with {[o for o in owners[m.codes.data_ptr()] if o != name]}"))
             else:
                 wrapper = ScaleTrainableLinear(m)
                 replace_module(model, name, wrapper)
