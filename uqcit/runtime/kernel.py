@@ -26,7 +26,7 @@ fp16 pass-through are not (``supports`` says which). 5- and 6-bit codes straddle
 ones do: their chunks (8 codes in 5 bytes, 4 in 3) are read whole. Double-quantized scales
 (``scale_bits``) are decoded once into a float32 buffer (``quant.scales_of``, 32 bits a group in
 memory) that the kernel reads instead of the fp16 scales: their exact values, which fp16 cannot hold.
-Lookup-table formats (``w{b}-g{G}-lut``, ``uqcit.tensor.lut``) take a second loop, ``uq_matmul_lut``:
+Lookup-table formats (``w{b}-g{G}-lut``, ``uqcit.tensor.lut``) pass their table to the same loop:
 the table's ``2**b`` levels are decoded to floats once per call and each code is looked up,
 ``y[t, n] = sum over groups g: s_g * sum_k table[code_k] * x[t, k]``; it reads codes at any
 alignment (4-bit codes from even positions a byte at a time), without the phase layout.
@@ -206,36 +206,15 @@ static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len,
     return acc;
 }
 
-/* y[T, N] = x[T, K] @ W^T for W [N, K] stored as lookup-table codes: w = scale_g * table[code], with
-   fp16 scales and a table of 2**bits fp16 levels. */
-int uq_matmul_lut(const uint8_t *codes, int bits, const uint16_t *scales, const uint16_t *table, int64_t N,
-                  int64_t K, int64_t gs, const float *x, int64_t T, float *y, int threads) {
-    float tab[256];
-    for (int i = 0; i < (1 << bits); i++) tab[i] = HALF[table[i]];
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        int64_t f0 = n * K;
-        for (int64_t t = 0; t < T; t++) y[t * N + n] = 0.0f;
-        int64_t k = 0;
-        while (k < K) {
-            int64_t g = (f0 + k) / gs;
-            int64_t end = (g + 1) * gs - f0;
-            if (end > K) end = K;
-            float s = HALF[scales[g]];
-            for (int64_t t = 0; t < T; t++)
-                y[t * N + n] += s * seg_dot_lut(codes, bits, f0 + k, end - k, x + t * K + k, tab);
-            k = end;
-        }
-    }
-    return 0;
-}
-
 /* y[T, N] = x[T, K] @ W^T for W [N, K] stored as group-wise codes, the scales fp16 (scales) or
    float32 (scales32, when not NULL). With phased != 0 (every row and group starts on a chunk
-   boundary) x is first copied into phase layout (see seg_dot). */
+   boundary) x is first copied into phase layout (see seg_dot). With a table (lookup-table codes,
+   2**bits fp16 levels; phased must be 0) a weight is scale * table[code] instead. */
 int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const float *scales32,
-              const uint16_t *zeros, float sym_offset, int64_t N, int64_t K, int64_t gs,
+              const uint16_t *zeros, float sym_offset, const uint16_t *table, int64_t N, int64_t K, int64_t gs,
               const float *x_in, int phased, int64_t T, float *y, int threads) {
+    float tab[256];
+    if (table) for (int i = 0; i < (1 << bits); i++) tab[i] = HALF[table[i]];
     int64_t per = 8 / (bits & -bits), stride = K / per;  /* codes per chunk: lcm(bits, 8) / bits */
     const float *x = x_in;
     float *xph = NULL;
@@ -259,8 +238,9 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
             float s = scales32 ? scales32[g] : HALF[scales[g]];
             float off = zeros ? HALF[zeros[g]] : sym_offset;
             for (int64_t t = 0; t < T; t++) {
-                float acc = phased ? seg_dot(codes, bits, f0 + k, end - k, x + t * K, k / per, stride, off)
-                                   : seg_dot_any(codes, bits, f0 + k, end - k, x + t * K + k, off);
+                float acc = table ? seg_dot_lut(codes, bits, f0 + k, end - k, x + t * K + k, tab)
+                            : phased ? seg_dot(codes, bits, f0 + k, end - k, x + t * K, k / per, stride, off)
+                                     : seg_dot_any(codes, bits, f0 + k, end - k, x + t * K + k, off);
                 y[t * N + n] += s * acc;
             }
             k = end;
@@ -306,11 +286,9 @@ def _build() -> ctypes.CDLL:
     lib.uq_init.restype = None
     lib.uq_init()
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.uq_matmul.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_float, i64, i64, i64, p, ctypes.c_int, i64, p,
+    lib.uq_matmul.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_float, p, i64, i64, i64, p, ctypes.c_int, i64, p,
                               ctypes.c_int]
     lib.uq_matmul.restype = ctypes.c_int
-    lib.uq_matmul_lut.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, p, i64, p, ctypes.c_int]
-    lib.uq_matmul_lut.restype = ctypes.c_int
     return lib
 
 
@@ -365,11 +343,11 @@ class PackedKernel:
         fmt, t = q.fmt, q.tensors
         self.q = q
         self.out_features, self.in_features = q.shape
-        if fmt.lut:  # its own loop: table lookups at any alignment (no phase layout, no offsets)
-            self._fn = lib.uq_matmul_lut
-            self._head = (t["codes"].data_ptr(), fmt.bits, t["scales"].data_ptr(), t["table"].data_ptr(),
-                          self.out_features, self.in_features, fmt.group_size)
-            self._phased = None
+        self._fn = lib.uq_matmul
+        if fmt.lut:  # table lookups at any alignment: no phase layout, no offsets
+            self._head = (t["codes"].data_ptr(), fmt.bits, t["scales"].data_ptr(), None, None, 0.0,
+                          t["table"].data_ptr(), self.out_features, self.in_features, fmt.group_size)
+            self._phased = 0
             return
         per = 8 // (fmt.bits & -fmt.bits)  # codes per packed chunk, lcm(bits, 8) / bits (as the C code)
         # The phase layout (kernel source) needs every row and group to start on a chunk boundary.
@@ -385,9 +363,8 @@ class PackedKernel:
             # The kernel reads fp16 zero points; packed integer ones are widened once here.
             self._zeros = t["zeros"] if not fmt.int_zeros else zero_points(q).to(torch.float16)
             zeros = self._zeros.data_ptr()
-        self._fn = lib.uq_matmul
         self._head = (t["codes"].data_ptr(), fmt.bits, scales16, scales32, zeros,
-                      float(1 << (fmt.bits - 1)), self.out_features, self.in_features, fmt.group_size)
+                      float(1 << (fmt.bits - 1)), None, self.out_features, self.in_features, fmt.group_size)
         self._phased = int(phased)
 
     def __reduce__(self):  # copies and pickles rebuild from the tensors, never copy raw pointers
@@ -402,8 +379,7 @@ class PackedKernel:
             xs = xs.to(torch.float32).contiguous()
         rows = xs.shape[0]
         y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
-        tail = (xs.data_ptr(), rows) if self._phased is None else (xs.data_ptr(), self._phased, rows)
-        if self._fn(*self._head, *tail, y.data_ptr(), torch.get_num_threads()):
+        if self._fn(*self._head, xs.data_ptr(), self._phased, rows, y.data_ptr(), torch.get_num_threads()):
             raise MemoryError(f"packed kernel: no memory for a [{rows}, {self.in_features}] input copy")
         return y
 
