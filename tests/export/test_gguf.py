@@ -18,7 +18,7 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v"
             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
-def _package(tmp_path_factory, bits: int, symmetric: bool) -> LoadedPackage:
+def _package(tmp_path_factory, bits: int, symmetric: bool, fmt: str | None = None) -> LoadedPackage:
     from uqcit.inputs.tiny import tiny_model
     from uqcit.stages.levels import analyze_levels
     from uqcit.stages.plan import PlanConfig, build_plan
@@ -26,7 +26,8 @@ def _package(tmp_path_factory, bits: int, symmetric: bool) -> LoadedPackage:
 
     model, tok = tiny_model("llama")
     levels = analyze_levels(model)
-    plan = build_plan(levels, PlanConfig(preset="uniform", bits=bits, group_size=32, symmetric=symmetric))
+    plan = build_plan(levels, PlanConfig(preset="uniform", bits=bits, group_size=32, symmetric=symmetric,
+                                         overrides={"re:.*": fmt} if fmt else {}))
     q = quantize_model(model, levels, plan, progress=False)
     path = export_package(q, tok, tmp_path_factory.mktemp("pkg") / "package", source_model="tiny-llama")
     return load_package(path, progress=False)
@@ -122,7 +123,8 @@ def test_transformers_gguf_loader_gives_the_package_logits(exported):
 def test_blocks_carry_the_codes_bit_for_bit():
     w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
     for name, qname in (("w4-g64-sym", "Q4_0"), ("w2-g32-sym", "Q4_0"), ("w3-g128", "Q4_1"), ("w8-g32-sym", "Q8_0"),
-                        ("w6-g32-sym", "Q8_0"), ("w6-g64-sym", "Q8_0")):
+                        ("w6-g32-sym", "Q8_0"), ("w6-g64-sym", "Q8_0"), ("w4-g32-nl", "IQ4_NL"),
+                        ("w4-g64-nl", "IQ4_NL")):
         q = quantize(w, parse_format(name))
         assert gguf_type(q.fmt, q.shape) == (qname, True)
         qtype = gguf.GGMLQuantizationType[qname]
@@ -253,6 +255,8 @@ def test_type_choice():
     assert gguf_type(parse_format("w6-g32"), (64, 64)) == ("Q8_0", False)  # zero points: re-quantized
     assert gguf_type(parse_format("w6-g16-sym-s7"), (64, 256)) == ("Q6_K", True)
     assert gguf_type(parse_format("w6-g256-sym-s4"), (64, 256)) == ("Q6_K", True)
+    assert gguf_type(parse_format("w4-g48-nl"), (64, 96)) == ("Q8_0", False)  # a group splits an IQ4_NL block
+    assert gguf_type(parse_format("w4-g32-nl"), (64, 48)) == ("F32", True)
     with pytest.raises(ValueError, match="not carried exactly as Q5_0"):
         blocks_of(quantize(torch.randn(4, 64), parse_format("w5-g32")), "Q5_0")  # Q5_1's, not Q5_0's
 
@@ -335,3 +339,22 @@ def test_a_float_model_can_be_written_in_float32_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(emb.data), state["model.embed_tokens.weight"].numpy())
     with pytest.raises(ValueError, match="float_type must be 'F16' or 'F32'"):
         export_gguf(LoadedPackage(model, tok, {}, tmp_path, 0.0), tmp_path / "x.gguf", float_type="BF16")
+
+
+def test_iq4_nl_package_runs_in_transformers_gguf_loader(tmp_path_factory):
+    # w4-g32-nl: IQ4_NL's levels with the package's own signed scales, so the file holds the codes
+    from transformers import AutoModelForCausalLM
+
+    pkg = _package(tmp_path_factory, 4, True, "w4-g32-nl")
+    out = export_gguf(pkg, tmp_path_factory.mktemp("gguf") / "model.gguf")
+    matrices = {n: t for n, t in out.types.items() if t != "F32"}
+    assert set(matrices.values()) == {"IQ4_NL"} and all(out.exact.values())
+    reader = gguf.GGUFReader(out.path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_IQ4_NL
+    state = dequantized_state(pkg.model)
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(state["model.layers.0.mlp.down_proj.weight"].shape)
+    assert np.array_equal(got, state["model.layers.0.mlp.down_proj.weight"].numpy())
+    model = AutoModelForCausalLM.from_pretrained(out.path.parent, gguf_file=out.path.name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, pkg.model(IDS).logits, rtol=0, atol=1e-5)

@@ -52,6 +52,7 @@ CASES = [
     (QuantFormat(bits=4, group_size=30, symmetric=True, lut=True), (17, 45)),  # rows start mid-byte
     (QuantFormat(bits=3, group_size=64, symmetric=True, lut=True), (40, 192)),
     (QuantFormat(bits=2, group_size=12, symmetric=True, lut=True), (11, 37)),
+    (QuantFormat(bits=4, group_size=32, symmetric=True, lut=True, nl=True), (24, 96)),  # signed scales
 ]
 
 

@@ -143,8 +143,8 @@ def carried_bits(name: str, fmt: QuantFormat, widen: bool = False) -> int:
         raise ExportError(f"{where}: its group scales are {fmt.scale_bits}-bit codes under fp16 super-scales, "
                           f"which compressed-tensors cannot express; {CARRIERS}")
     if fmt.lut:
-        raise ExportError(f"{where}: its codes index a table of {1 << fmt.bits} fitted levels (a non-uniform "
-                          f"grid), which compressed-tensors cannot express; {CARRIERS}")
+        raise ExportError(f"{where}: its codes index a table of {1 << fmt.bits} levels (a non-uniform grid), "
+                          f"which compressed-tensors cannot express; {CARRIERS}")
     if widen and fmt.bits < WIDE_BITS:
         return WIDE_BITS
     if widen and fmt.bits not in PORTABLE_BITS:

@@ -25,11 +25,14 @@ norms, and rows not a multiple of 32   F32       exact
 256-multiple rows                                group's), ``q = code`` (``d * scale * (q - 32)``)
 other double-quantized ``-s{S}``, or   refused   (``ExportError``: a Q4_0/Q4_1 block holds an fp16
 rows not a multiple of 256                       scale, not ``code * super``; a K-quant block, one row's)
-``w{b}-g{G}-lut`` (lookup tables)      refused   (``ExportError``: GGUF's blocks decode integer codes)
+``w4-g{32k}-nl`` (IQ4_NL's table)     IQ4_NL    bit-identical: ``d = scale`` (signed), ``q = code``
+                                                 (``d * level[q]``); other groups: Q8_0, re-quantized
+``w{b}-g{G}-lut`` (fitted tables)      refused   (``ExportError``: no GGUF type holds a fitted table)
 =====================================  ========  =================================================
 
 So a plan of 2-6-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only
 asymmetric ``w6``/``w8`` and odd group sizes are re-quantized (the docstring of ``gguf_type`` says which).
+IQ4_NL is Q4_0's block with the code indexing llama.cpp's 16 fixed levels instead of ``q - 8``.
 2-4-bit codes would fit Q5 blocks too; Q4_0/Q4_1 hold them in less. Q5_0 and Q5_1 are Q4_0 and Q4_1
 with a fifth bit per code in a 32-bit ``qh`` field. Q4_K holds ``w4-g32-sym-s6`` because its 256-weight
 super-block is the format's: an fp16 ``d`` and ``dmin``, eight 6-bit scales and mins, 32 4-bit codes
@@ -67,7 +70,7 @@ import torch
 from uqcit.export.hf import ExportError, as_loaded, dequantized_state, refuse_rotations, tied_output_key
 from uqcit.package.format import LoadedPackage
 from uqcit.runtime.modules import QuantEmbedding, QuantLinear
-from uqcit.tensor.formats import FLOAT_BITS, SUPER_BLOCK, QuantFormat, parse_format
+from uqcit.tensor.formats import FLOAT_BITS, SCALE_BITS, SUPER_BLOCK, QuantFormat, parse_format
 from uqcit.tensor.packing import unpack
 from uqcit.tensor.quant import QuantizedTensor, codes_of, zero_points
 
@@ -88,7 +91,7 @@ def _file_types() -> dict[str, int]:
     # type is Q4_K (llama_model_loader, when general.file_type is absent); it is only a label.
     return {"F32": lft.ALL_F32, "F16": lft.MOSTLY_F16, "Q4_0": lft.MOSTLY_Q4_0, "Q4_1": lft.MOSTLY_Q4_1,
             "Q5_0": lft.MOSTLY_Q5_0, "Q5_1": lft.MOSTLY_Q5_1, "Q8_0": lft.MOSTLY_Q8_0, "Q4_K": lft.MOSTLY_Q4_K_M,
-            "Q6_K": lft.MOSTLY_Q6_K}
+            "Q6_K": lft.MOSTLY_Q6_K, "IQ4_NL": lft.MOSTLY_IQ4_NL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +116,13 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     >>> gguf_type(parse_format("w4-g32-sym-s6"), (64, 512)), gguf_type(parse_format("w6-g16-sym-s7"), (64, 512))
     (('Q4_K', True), ('Q6_K', True))
 
+    >>> gguf_type(parse_format("w4-g32-nl"), (64, 64))
+    ('IQ4_NL', True)
+
     Other formats with double-quantized scales (``scale_bits``), and those two on rows that are not
-    a multiple of 256, have no GGUF type here: ``ExportError``; so have lookup-table formats.
+    a multiple of 256, have no GGUF type here: ``ExportError``; so have fitted lookup tables (``-lut``).
     """
-    if fmt is not None and fmt.lut:
+    if fmt is not None and fmt.lut and not fmt.nl:
         raise _no_lut(f"format {fmt.name} of shape {tuple(shape)}", fmt)
     if fmt is not None and fmt.scale_bits is not None:
         k_quant = _k_quant(fmt, shape)
@@ -129,6 +135,8 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
         return "F16", fmt is not None and fmt.bits == FLOAT_BITS
     if fmt.group_size % BLOCK:
         return "Q8_0", False
+    if fmt.nl:
+        return "IQ4_NL", True
     if fmt.bits <= 5:  # 4-bit blocks for 2-4-bit codes, 5-bit ones for 5; _0 centred, _1 with an offset m
         return f"Q{max(fmt.bits, 4)}_{0 if fmt.symmetric else 1}", True
     return "Q8_0", fmt.symmetric  # 6 and 8 bits: int8 blocks hold centred codes, not zero points
@@ -138,7 +146,7 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
 # Q5_0/Q5_1: Q4_0/Q4_1 and a 32-bit qh per 32 weights. Q4_K: 144 bytes per 256 weights (fp16 d and
 # dmin, 12 bytes of 6-bit scales and mins, 128 of codes). Q6_K: 210 bytes per 256 (128 of low nibbles,
 # 64 of top 2 bits, 16 int8 scales, fp16 d).
-TYPE_BITS = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
+TYPE_BITS = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
              "F16": 16.0, "F32": 32.0}
 
 
@@ -174,17 +182,19 @@ def _no_lut(where: str, fmt: QuantFormat) -> ExportError:
 
 
 def gguf_formats(names) -> list[str]:
-    """The format names among ``names`` that a GGUF holds bit for bit at the package's own size: the
-    codes carried exactly (``gguf_type``) and the GGML type as many bits per weight as the package
-    stores. Allow only these to the allocator for a GGUF target,
+    """The format names among ``names`` that a GGUF holds bit for bit in no more than the package's
+    size: the codes carried exactly (``gguf_type``) and the GGML type at most as many bits per weight
+    as the package stores (``w4-g32-nl`` stores its table of levels, 256 bits a tensor, which IQ4_NL
+    does not). Allow only these to the allocator for a GGUF target,
     ``AllocateConfig(formats=tuple(gguf_formats(sensitivity.formats)))``, and its bits/weight budget
     is the file's. (Other exact formats export too, but larger: ``w2-g128`` rides in Q4_1 blocks,
     ``w6-g32-sym`` in Q8_0, ``w4-g32-sym-s6`` at 4.25 bits in Q4_K at 4.5 and ``w6-g16-sym-s7`` at 6.5
     in Q6_K at 6.5625, on rows that are multiples of 256.)
 
     >>> gguf_formats(["w2-g128", "w4-g32-sym", "w4-g32", "w4-g32-iz", "w4-g128-sym", "w8-g32-sym", "fp16",
-    ...               "w4-g32-sym-s6", "w5-g32-sym", "w5-g32", "w5-g32-iz", "w6-g32-sym", "w6-g16-sym-s7"])
-    ['w4-g32-sym', 'w4-g32', 'w8-g32-sym', 'fp16', 'w5-g32-sym', 'w5-g32']
+    ...               "w4-g32-sym-s6", "w5-g32-sym", "w5-g32", "w5-g32-iz", "w6-g32-sym", "w6-g16-sym-s7",
+    ...               "w4-g32-nl", "w4-g64-nl"])
+    ['w4-g32-sym', 'w4-g32', 'w8-g32-sym', 'fp16', 'w5-g32-sym', 'w5-g32', 'w4-g32-nl']
     """
     out = []
     for name in names:
@@ -193,7 +203,8 @@ def gguf_formats(names) -> list[str]:
             qtype, exact = gguf_type(fmt, (SUPER_BLOCK, SUPER_BLOCK))
         except ExportError:  # refused by the export
             continue
-        if exact and fmt.bits_for(SUPER_BLOCK ** 2) == TYPE_BITS[qtype] * SUPER_BLOCK ** 2:
+        table = (1 << fmt.bits) * SCALE_BITS if fmt.lut else 0  # the package's levels; IQ4_NL knows them
+        if exact and fmt.bits_for(SUPER_BLOCK ** 2) - table == TYPE_BITS[qtype] * SUPER_BLOCK ** 2:
             out.append(name)
     return out
 
@@ -201,10 +212,10 @@ def gguf_formats(names) -> list[str]:
 def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
     """The llama.cpp blocks of ``q`` (a [rows, cols] tensor, ``cols % 32 == 0``) from its own codes:
     uint8 ``[rows, cols // 32 * block_bytes]`` (K-quants: ``cols // 256 * block_bytes``). ``qtype`` must
-    be the type ``gguf_type`` carries ``q`` in exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K).
+    be the type ``gguf_type`` carries ``q`` in exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K or Q6_K).
 
     A Q4_0/Q4_1 block is fp16 ``d`` (Q4_1: and fp16 ``m``) and 16 bytes whose low nibbles are codes
-    0-15, high nibbles codes 16-31; Q5_0/Q5_1 put a little-endian 32-bit ``qh`` holding the fifth bit
+    0-15, high nibbles codes 16-31 (IQ4_NL: the same, each code an index into its levels); Q5_0/Q5_1 put a little-endian 32-bit ``qh`` holding the fifth bit
     of code ``j`` at bit ``j`` between the two; Q8_0 is fp16 ``d`` and 32 int8 ``q``.
     """
     if gguf_type(q.fmt, q.shape) != (qtype, True):
@@ -219,7 +230,9 @@ def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
     group = torch.arange(codes.shape[0]) * BLOCK // fmt.group_size
     scale = q.tensors["scales"][group]  # fp16 [blocks]
     head = scale.numpy().view(np.uint8).reshape(-1, 2)  # d
-    if qtype in CENTRE:  # symmetric: the code's centre 2**(b-1) moved to the type's
+    if qtype == "IQ4_NL":  # the same table, the same codes
+        qs = codes
+    elif qtype in CENTRE:  # symmetric: the code's centre 2**(b-1) moved to the type's
         qs = codes - (1 << (fmt.bits - 1)) + CENTRE[qtype]
     else:  # Q4_1/Q5_1: x = d * q + m
         qs = codes
@@ -338,7 +351,7 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
                  if isinstance(mod, (QuantLinear, QuantEmbedding))
                  and not (isinstance(mod, QuantLinear) and mod.compensation is not None)}
     for name, q in quantized.items():  # before anything is written
-        if q.fmt.lut:
+        if q.fmt.lut and not q.fmt.nl:
             raise _no_lut(f"module {name} ({q.fmt.name}) of shape {q.shape}", q.fmt)
         if q.fmt.scale_bits is not None:
             k_quant = _k_quant(q.fmt, q.shape)

@@ -6,7 +6,9 @@ bits with fp16 scales (and zero points when asymmetric: fp16 by default, or pack
 which costs ``bits`` instead of 16 bits per group), or fp16 pass-through; optionally a top fraction of weights (by importance) kept at a
 higher precision, located by a 1-bit mask. With ``lut`` (``w{b}-g{G}-lut``) the codes index a
 per-tensor table of ``2**b`` fp16 levels instead of an integer grid: ``w = scale_g * table[code]``, one
-fp16 absmax scale per group (``uqcit.tensor.lut``; the table's bits are counted). With ``scale_bits``
+fp16 absmax scale per group (``uqcit.tensor.lut``; the table's bits are counted). ``nl``
+(``w4-g{G}-nl``) fixes that table to llama.cpp's IQ4_NL levels and signs and searches the scales, so
+the codes run in llama.cpp as IQ4_NL blocks. With ``scale_bits``
 the group scales themselves are quantized (double quantization, as llama.cpp's K-quants): each is an
 unsigned ``scale_bits``-wide integer code times one fp16 super-scale per ``SUPER_BLOCK`` consecutive
 weights. ``bits_for`` is the exact storage cost that ``quant.quantize`` produces: the same arithmetic,
@@ -56,6 +58,7 @@ class QuantFormat:
     int_zeros: bool = False  # asymmetric: zero points packed as integers of the part's bits, not fp16
     scale_bits: int | None = None  # group scales as codes of this many bits under fp16 super-scales; None: fp16
     lut: bool = False  # codes index a per-tensor table of 2**bits fp16 levels (symmetric absmax scales only)
+    nl: bool = False  # lut with IQ4_NL's fixed 16 levels and searched signed scales (llama.cpp's IQ4_NL)
 
     def __post_init__(self) -> None:
         if self.bits not in INT_BITS + (FLOAT_BITS,):
@@ -88,6 +91,9 @@ class QuantFormat:
                 raise ValueError("a lookup-table format is symmetric (absmax scales, no zero point), with fp16 "
                                  "scales and no high-precision part: QuantFormat(bits, group_size, symmetric=True, "
                                  "lut=True)")
+        if self.nl and not (self.lut and self.bits == 4):
+            raise ValueError("nl is IQ4_NL's table of 16 levels: a 4-bit lookup-table format, "
+                             "QuantFormat(bits=4, group_size, symmetric=True, lut=True, nl=True)")
 
     @property
     def mixed(self) -> bool:
@@ -98,7 +104,7 @@ class QuantFormat:
         if self.bits == FLOAT_BITS:
             return "fp16"
         if self.lut:
-            return f"w{self.bits}-g{self.group_size}-lut"
+            return f"w{self.bits}-g{self.group_size}-{'nl' if self.nl else 'lut'}"
         base = f"w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
         base += "-iz" if self.int_zeros else ""
         base += f"-s{self.scale_bits}" if self.scale_bits is not None else ""
@@ -142,6 +148,8 @@ class QuantFormat:
             del out["scale_bits"]
         if not self.lut:
             del out["lut"]
+        if not self.nl:
+            del out["nl"]
         return out
 
     @classmethod
@@ -171,7 +179,7 @@ def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_
     return total
 
 
-_LUT_RE = re.compile(r"^w(?P<bits>\d+)-g(?P<group>\d+)-lut$")
+_LUT_RE = re.compile(r"^w(?P<bits>\d+)-g(?P<group>\d+)-(?P<kind>lut|nl)$")
 _NAME_RE = re.compile(
     r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?P<iz>-iz)?(?:-s(?P<sb>\d+))?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
 )
@@ -179,18 +187,19 @@ _NAME_RE = re.compile(
 
 def parse_format(name: str) -> QuantFormat:
     """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w3-g64-iz"``, ``"w4-g32-sym-s6"``,
-    ``"w2-g64-sym+w16@0.1"``, ``"w4-g32-lut"``, ``"fp16"``.
+    ``"w2-g64-sym+w16@0.1"``, ``"w4-g32-lut"``, ``"w4-g32-nl"``, ``"fp16"``.
 
     >>> parse_format("w3-g64-iz-s6").scale_bits
     6
-    >>> parse_format("w3-g64-lut").lut
-    True
+    >>> parse_format("w3-g64-lut").lut, parse_format("w4-g32-nl").nl
+    (True, True)
     """
     if name == "fp16":
         return QuantFormat(bits=FLOAT_BITS)
     m = _LUT_RE.match(name.strip())
     if m:
-        return QuantFormat(bits=int(m.group("bits")), group_size=int(m.group("group")), symmetric=True, lut=True)
+        return QuantFormat(bits=int(m.group("bits")), group_size=int(m.group("group")), symmetric=True, lut=True,
+                           nl=m.group("kind") == "nl")
     m = _NAME_RE.match(name.strip())
     if not m:
         raise ValueError(

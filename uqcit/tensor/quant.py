@@ -85,7 +85,7 @@ from uqcit.tensor.grid import (  # noqa: F401 (IntGrid, TensorSpec: public here 
     int_layout,
     searched_grid,
 )
-from uqcit.tensor.lut import LutGrid, dequantize_lut, dequantize_lut_at, encode_lut, lut_grid, lut_layout
+from uqcit.tensor.lut import LutGrid, dequantize_lut, dequantize_lut_at, encode_lut, lut_grid, lut_layout, nl_grid
 from uqcit.tensor.mask import high_mask, mask_rank, select
 from uqcit.tensor.packing import pack, packed_nbytes, unpack
 
@@ -252,7 +252,8 @@ def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | N
         tw = None if table_weight is None else table_weight.detach().reshape(-1).to(flat)
         if tw is not None and tw.numel() != flat.numel():
             raise ValueError(f"table_weight has {tw.numel()} elements, w {flat.numel()}")
-        return QuantParams(shape, fmt, lut_grid(flat, fmt.bits, fmt.group_size, tw), None, None)
+        grid = nl_grid(flat, fmt.group_size, tw) if fmt.nl else lut_grid(flat, fmt.bits, fmt.group_size, tw)
+        return QuantParams(shape, fmt, grid, None, None)
     gs, sym, sb = fmt.group_size, fmt.symmetric, fmt.scale_bits
     sw = None if search_weight is None else search_weight.detach().reshape(-1).to(flat)
 
