@@ -12,7 +12,7 @@ from uqcit.stages.plan import uniform_plan
 from uqcit.stages.quantize import QuantizeConfig, quantize_model
 from uqcit.tensor.formats import QuantFormat, parse_format
 from uqcit.tensor.gptq import hessian_error
-from uqcit.tensor.learned import LearnedWeight, supports
+from uqcit.tensor.learned import LearnedTable, LearnedWeight, learned_weight, supports
 from uqcit.tensor.quant import dequantize, quantize
 
 
@@ -49,6 +49,36 @@ def test_learned_weight_starts_at_round_to_nearest():
     assert torch.equal(LearnedWeight(w, fmt)().detach(), dequantize(quantize(w, fmt)))
     assert not supports(QuantFormat(bits=3, group_size=48), (16, 64))  # groups must tile the tensor
     assert not supports(parse_format("w2-g32+w16@0.1"), (16, 64))
+
+
+@pytest.mark.parametrize("fmt", ["w4-g32-nl", "w3-g32-lut", "w2-g64-lut"])
+def test_learned_table_starts_at_the_nearest_level_and_stores_exactly_what_it_trains(fmt):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    lt = learned_weight(w, parse_format(fmt))
+    assert isinstance(lt, LearnedTable) and supports(lt.fmt, (16, 64))
+    start = quantize(w, lt.fmt)
+    assert torch.equal(lt().detach(), dequantize(start))  # v = 0, alpha = 1: quantize's codes
+    with torch.no_grad():
+        lt.v.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+        lt.alpha.fill_(0.9)
+    q = lt.quantized()
+    assert q.stored_bits == q.fmt.bits_for(w.numel()) and torch.equal(q.tensors["table"], start.tensors["table"])
+    assert torch.equal(dequantize(q), lt().detach()) and not torch.equal(dequantize(q), dequantize(start))
+    lt().square().sum().backward()  # the offsets and clipping get gradients through the table
+    assert float(lt.v.grad.abs().sum()) > 0 and float(lt.alpha.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="lookup tables"):
+        LearnedWeight(w, lt.fmt)
+
+
+def test_signround_on_lookup_tables_beats_rounding_to_the_nearest_level(tiny):
+    model, tok, levels, batch = tiny
+    sr = _run(tiny, "w3-g32-lut")
+    rtn = quantize_model(model, levels, sr.plan, progress=False)
+    assert sr.stored_bits == rtn.stored_bits and {m.method for m in sr.stored} == {"signround"}
+    assert all(r.mse_learned < r.mse_rtn and r.kept == "learned" for r in sr.rounding)
+    ev = evaluate_many({"rtn": rtn.model, "sr": sr.model}, tok,
+                       EvalConfig(max_windows=2, window=256, total_tokens=1024), reference=model, progress=False)
+    assert ev["sr"].kl < ev["rtn"].kl
 
 
 def test_signround_beats_rtn_and_gptq_stores_the_planned_bits_and_repeats(tiny):

@@ -2,7 +2,7 @@
 
 For each block of the stack, in order: the float block's outputs on the float model's own
 stream are the target; the block's planned linears become ``LearnedWeight`` fake-quantized
-weights (``uqcit.tensor.learned``), and ``iters`` signed-gradient steps on random calibration
+weights (``uqcit.tensor.learned``; ``LearnedTable`` for lookup-table formats), and ``iters`` signed-gradient steps on random calibration
 micro-batches (inputs: the outputs of the blocks already quantized, so each block learns to
 undo the error that reaches it) minimize the mean squared error of the block's output. The
 learning rate decays linearly to zero (the paper's schedule; ``lr`` defaults to ``1/iters``).
@@ -32,7 +32,7 @@ from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, block_output
 from uqcit.runtime.modules import QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
 from uqcit.tensor.formats import QuantFormat
-from uqcit.tensor.learned import LearnedWeight, supports
+from uqcit.tensor.learned import LearnedTable, LearnedWeight, learned_weight, supports
 from uqcit.tensor.quant import QuantizedTensor
 
 
@@ -49,9 +49,9 @@ class BlockRounding:
 
 
 class _FakeQuantLinear(nn.Module):
-    """A linear layer whose weight is a ``LearnedWeight`` (training only)."""
+    """A linear layer whose weight is a ``LearnedWeight`` or ``LearnedTable`` (training only)."""
 
-    def __init__(self, learned: LearnedWeight, bias: torch.Tensor | None):
+    def __init__(self, learned: LearnedWeight | LearnedTable, bias: torch.Tensor | None):
         super().__init__()
         self.learned = learned
         self.bias = None if bias is None else bias.detach()
@@ -170,7 +170,7 @@ def _learn_block(block: nn.Module, formats: dict[str, QuantFormat], calls: list[
     after training and which rounding was kept."""
     frozen = [p for p in block.parameters() if p.requires_grad]  # the float block's own
     originals = {n: block.get_submodule(n) for n in formats}
-    learned = {n: LearnedWeight(weight_matrix(m), formats[n]) for n, m in originals.items()}
+    learned = {n: learned_weight(weight_matrix(m), formats[n]) for n, m in originals.items()}
     for n, m in originals.items():
         replace_module(block, n, _FakeQuantLinear(learned[n], linear_weight(m)[1]))
     params = [p for lw in learned.values() for p in lw.parameters()]

@@ -36,6 +36,18 @@ True
 >>> q = lw.quantized()  # scale codes under fp16 super-scales, still exactly forward()
 >>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lw.forward().detach())
 (True, True)
+
+Lookup-table formats (``w{b}-g{G}-lut``, ``w4-g{G}-nl``) learn their rounding in ``LearnedTable``:
+the table's levels are numbered ``0 .. 2**b - 1``, a weight's position between its two neighbouring
+levels is read as a fractional level number (linear between them), and the offset ``v`` is added to
+that number before it is rounded, so ``v = 0`` is the nearest level and ``v`` moves a weight to the
+next level up or down exactly as on an integer grid. Each group learns one clipping factor of its
+scale; the table stays the one fitted at the start. ``learned_weight`` picks the class.
+
+>>> lt = learned_weight(w, QuantFormat(bits=4, group_size=32, symmetric=True, lut=True, nl=True))
+>>> q = lt.quantized()
+>>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lt.forward().detach())
+(True, True)
 """
 from __future__ import annotations
 
@@ -44,17 +56,21 @@ import torch
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.grid import FP16_TINY, group_super_scales, super_index
 from uqcit.tensor.packing import pack
-from uqcit.tensor.quant import QuantizedTensor
+from uqcit.tensor.quant import QuantizedTensor, quant_params
 
 
 def supports(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
-    """Whether a weight of ``shape`` in ``fmt`` can learn its rounding: plain integer formats
-    whose groups tile the tensor exactly (mixed, lookup-table and fp16 formats keep their own
-    rounding: the offsets and clipping learned here are an integer grid's)."""
+    """Whether a weight of ``shape`` in ``fmt`` can learn its rounding: plain integer or lookup-table
+    formats whose groups tile the tensor exactly (mixed and fp16 formats keep their own rounding)."""
     numel = 1
     for s in shape:
         numel *= s
-    return fmt.bits != FLOAT_BITS and not fmt.mixed and not fmt.lut and numel % fmt.group_size == 0
+    return fmt.bits != FLOAT_BITS and not fmt.mixed and numel % fmt.group_size == 0
+
+
+def learned_weight(w: torch.Tensor, fmt: QuantFormat) -> "LearnedWeight | LearnedTable":
+    """The trainable rounding of ``w`` in ``fmt``: ``LearnedTable`` for lookup tables, else ``LearnedWeight``."""
+    return LearnedTable(w, fmt) if fmt.lut else LearnedWeight(w, fmt)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +93,10 @@ class LearnedWeight(torch.nn.Module):
 
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
         super().__init__()
-        if not supports(fmt, tuple(w.shape)):
+        if not supports(fmt, tuple(w.shape)) or fmt.lut:
             raise ValueError(f"learned rounding needs a plain integer format whose groups tile the "
-                             f"tensor; {fmt.name} on shape {tuple(w.shape)} does not")
+                             f"tensor; {fmt.name} on shape {tuple(w.shape)} does not (lookup tables: "
+                             f"LearnedTable, or learned_weight for either)")
         self.fmt = fmt
         self.shape = tuple(w.shape)
         self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, fmt.group_size).clone())
@@ -155,3 +172,65 @@ class LearnedWeight(torch.nn.Module):
             zeros = offset.reshape(-1).to(torch.uint8)  # integers in [0, 2**bits - 1]
             tensors["zeros"] = pack(zeros, self.fmt.bits) if self.fmt.int_zeros else zeros.to(torch.float16)
         return QuantizedTensor(self.shape, self.fmt, tensors)
+
+
+class LearnedTable(torch.nn.Module):
+    """Rounding offsets and per-group clipping of one weight ``w`` ``[out, in]`` in a lookup-table
+    ``fmt`` (module docstring). Starts at ``quant.quantize``'s grid and codes: its scales (absmax,
+    or IQ4_NL's searched signed scales) and its table, which stays fixed."""
+
+    def __init__(self, w: torch.Tensor, fmt: QuantFormat):
+        super().__init__()
+        if not fmt.lut or not supports(fmt, tuple(w.shape)):
+            raise ValueError(f"LearnedTable needs a lookup-table format whose groups tile the tensor; "
+                             f"{fmt.name} on shape {tuple(w.shape)} is not one")
+        self.fmt = fmt
+        self.shape = tuple(w.shape)
+        grid = quant_params(w.detach().to(torch.float32), fmt).low
+        self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, fmt.group_size).clone())
+        self.register_buffer("table", grid.table.clone())
+        self.register_buffer("scale0", grid.scales.to(torch.float32).unsqueeze(1))
+        self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+        self.alpha = torch.nn.Parameter(torch.ones(self.w.shape[0], 1))
+
+    def scale(self) -> torch.Tensor:
+        """Per-group float32 scale ``[groups, 1]``: an fp16 value of the sign of the start, differentiable."""
+        raw = self.scale0 * self.alpha
+        stored = raw.detach().to(torch.float16).to(torch.float32)
+        stored = torch.where(stored == 0, torch.sign(self.scale0) * FP16_TINY, stored)  # never a zero scale
+        return raw + (stored - raw).detach()
+
+    def codes(self, scale: torch.Tensor) -> torch.Tensor:
+        """Level numbers (integers forward): the fractional level number of ``w / scale`` plus ``v``, rounded."""
+        t = self.table.to(torch.float32)
+        last = t.numel() - 1
+        u = self.w / scale
+        seg = (torch.searchsorted(t, u.detach().contiguous()) - 1).clamp_(0, last - 1)
+        lo, gap = t[seg], t[seg + 1] - t[seg]
+        position = seg + (u - lo) / gap  # linear between the two neighbouring levels
+        return _round_ste(position + self.v).clamp(0.0, float(last))
+
+    def forward(self) -> torch.Tensor:
+        """The fake-quantized weight ``[out, in]``: ``scale * table[code]``, as ``quantized()`` decodes."""
+        scale = self.scale()
+        code = self.codes(scale)
+        t = self.table.to(torch.float32)
+        index = code.detach().to(torch.int64)
+        slope = t[(index + 1).clamp(max=t.numel() - 1)] - t[index]  # the gradient of the level number
+        level = t[index] + (code - code.detach()) * slope
+        return (level * scale).reshape(self.shape)
+
+    @torch.no_grad()
+    def clamp_(self, clip_min: float) -> None:
+        """Keep the parameters in their ranges after a step."""
+        self.v.clamp_(-0.5, 0.5)
+        self.alpha.clamp_(clip_min, 1.0)
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedTensor:
+        """The packed tensor of the current parameters (``fmt.bits_for(numel)`` bits)."""
+        scale = self.scale()
+        codes = self.codes(scale).reshape(-1).to(torch.uint8)
+        return QuantizedTensor(self.shape, self.fmt, {"codes": pack(codes, self.fmt.bits),
+                                                      "scales": scale.reshape(-1).to(torch.float16),
+                                                      "table": self.table.clone()})
