@@ -105,6 +105,11 @@ CANDIDATES = [
     # The same format rounded to nearest and by GPTQ (the calibration-generalization comparison).
     Candidate(3.30, "w3-g64-iz", "fp16", method="rtn", rotation="none"),
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16),
+    # ... and at the other budgets: the first rungs of the ablation ladder (benchmarks/quality_ablation.py).
+    Candidate(4.25, "w4-g64-sym", "fp16", method="rtn", rotation="none"),
+    Candidate(4.25, "w4-g64-sym", "fp16", method="gptq", rotation="none", calib_samples=16),
+    Candidate(2.5, "w2-g48-iz", "fp16", method="rtn", rotation="none"),
+    Candidate(2.5, "w2-g48-iz", "fp16", method="gptq", rotation="none", calib_samples=16),
     # Learned rounding, then the fp16 group scales distilled end to end (KL to the float model) on
     # 512 sequences the float model wrote itself (stage retrain): the model before distillation is
     # recorded in the same run. Formats with fp16 scales only (6-bit scale codes do not train).

@@ -1,0 +1,99 @@
+"""What each part of the quality work adds, budget by budget: a ladder read from quality_per_bit's records.
+
+No new measurement: every rung is a record of ``benchmarks/results/quality_per_bit.json`` (full
+protocol, peer accounting: block linears quantized, the tied embedding/head at fp16), and the table
+puts them in the order the parts were added, each with its change against the rung before. A rung
+whose record is missing is listed as not measured, with the command that measures it.
+
+    .venv/bin/python benchmarks/quality_ablation.py
+
+Writes benchmarks/results/quality_ablation.json and .md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS  # noqa: E402
+
+from uqcit.core.io import atomic_write  # noqa: E402
+
+# budget -> rungs (what the rung adds, the candidate's record name[, the record it is compared with]);
+# without a third entry a rung is compared with the best rung above it.
+LADDER = {
+    "3.3": [("round to nearest, w3-g64-iz (3-bit zero points)", "rtn-w3-g64-iz"),
+            ("GPTQ error feedback (16 x 256 tokens)", "gptq-w3-g64-iz"),
+            ("learned rounding instead (SignRound, 40 steps, 32 x 256 tokens)", "signround-i40-w3-g64-iz"),
+            ("+ Hadamard rotation of the residual stream (ablation: not kept)", "rot-hadamard-signround-i40-w3-g64-iz",
+             "signround-i40-w3-g64-iz"),
+            ("100 steps, 128 x 256 tokens", "signround-i100-w3-g64-iz-n128"),
+            ("+ end-to-end scale distillation on self-written text (step 3e-3)",
+             "signround-i100-w3-g64-iz-n128-e2e512-lr0.003"),
+            ("... with step 6e-3", "signround-i100-w3-g64-iz-n128-e2e512-lr0.006")],
+    "4.25": [("round to nearest, w4-g64-sym", "rtn-w4-g64-sym"),
+             ("GPTQ error feedback (16 x 256 tokens)", "gptq-w4-g64-sym"),
+             ("learned rounding instead (SignRound, 40 steps, 32 x 256 tokens)", "signround-i40-w4-g64-sym"),
+             ("groups of 32 with 6-bit scale codes (w4-g32-sym-s6, same bits)", "signround-i40-w4-g32-sym-s6"),
+             ("100 steps, 128 x 256 tokens", "signround-i100-w4-g32-sym-s6-n128"),
+             ("+ end-to-end scale distillation (step 3e-3)", "signround-i100-w4-g32-sym-s6-n128-e2e512-lr0.003"),
+             ("... with step 1e-3", "signround-i100-w4-g32-sym-s6-n128-e2e512-lr0.001"),
+             ("fp16 scales in groups of 64 instead (w4-g64-sym), 100 steps, 128 x 256 tokens",
+              "signround-i100-w4-g64-sym-n128", "signround-i100-w4-g32-sym-s6-n128"),
+             ("+ end-to-end scale distillation (step 1e-3)", "signround-i100-w4-g64-sym-n128-e2e512",
+              "signround-i100-w4-g64-sym-n128")],
+    "2.5": [("round to nearest, w2-g48-iz", "rtn-w2-g48-iz"),
+            ("GPTQ error feedback (16 x 256 tokens)", "gptq-w2-g48-iz"),
+            ("learned rounding instead (SignRound, 40 steps, 32 x 256 tokens)", "signround-i40-w2-g48-iz"),
+            ("100 steps, 128 x 256 tokens", "signround-i100-w2-g48-iz-n128"),
+            ("groups of 24 with 6-bit scale codes (w2-g24-iz-s6, +0.02 bits)", "signround-i100-w2-g24-iz-s6-n128"),
+            ("+ end-to-end scale distillation (step 3e-3)", "signround-i100-w2-g24-iz-s6-n128-e2e512-lr0.003")],
+}
+
+
+def main() -> None:
+    records = {r["method"]: r for r in json.loads((RESULTS / "quality_per_bit.json").read_text())}
+    rows = []
+    for budget, ladder in LADDER.items():
+        best = None  # the lowest KL of the rungs above
+        for step, name, *base in ladder:
+            r = records.get(name)
+            row = {"budget": budget, "step": step, "method": name, "measured": r is not None}
+            if r is not None:
+                ref = records[base[0]]["kl"] if base and base[0] in records else None if base else best
+                code = (r.get("second_text") or {}).get("kl")
+                row.update(bpw_blocks=r.get("bpw_blocks"), kl=r["kl"], ppl=r["ppl"], code_kl=code,
+                           windows=r["windows"], seconds=r["seconds"].get("quantize"),
+                           compared_with=base[0] if base else "best above",
+                           change=None if ref is None else r["kl"] / ref - 1)
+                best = r["kl"] if best is None else min(best, r["kl"])
+            rows.append(row)
+    atomic_write(RESULTS / "quality_ablation.json", (json.dumps(rows, indent=2) + "\n").encode())
+    table = _markdown(rows) + "\n"
+    atomic_write(RESULTS / "quality_ablation.md", table.encode())
+    print(table)
+
+
+def _markdown(rows: list[dict]) -> str:
+    out = ["| budget | step | bits/weight (blocks) | KL news | vs the rung before | KL code | quantize s |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r["measured"]:
+            out.append(f"| {r['budget']} | {r['step']} | not measured: `quality_per_bit.py --only {r['method']}` "
+                       "| | | | |")
+            continue
+        change = "" if r["change"] is None else f"{100 * r['change']:+.1f} %"
+        code = "" if r["code_kl"] is None else f"{r['code_kl']:.3f}"
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        out.append(f"| {r['budget']} | {r['step']} | {r['bpw_blocks']:.3f} | {r['kl']:.4f} | {change} | {code} | "
+                   f"{secs} |")
+    return "\n".join(out + ["", "Full protocol (lee_background, 32 x 1024 tokens), peer accounting; KL code: "
+                                "HumanEval prompts and solutions, 8 windows. Each change is against the best rung "
+                                "above it, or the rung its step names. Quantize seconds include end-to-end distillation and its "
+                                "text generation; machines differ between sessions (the records say which)."])
+
+
+if __name__ == "__main__":
+    main()
