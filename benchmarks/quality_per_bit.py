@@ -124,6 +124,9 @@ CANDIDATES = [
     # At 4.25 with 6-bit scale codes 3e-3 overshot (8 of 16 windows rejected): a 3x smaller step.
     Candidate(3.30, "w3-g64-iz", "fp16", rotation="none", iters=100, calib_samples=128, e2e=512, e2e_lr=0.006),
     Candidate(4.25, "w4-g32-sym-s6", "fp16", rotation="none", iters=100, calib_samples=128, e2e=512, e2e_lr=0.001),
+    # Calibration source: half lee_background, half text the float model wrote itself (does the
+    # code-text KL follow the calibration text?).
+    Candidate(3.30, "w3-g64-iz", "fp16", rotation="none", iters=100, calib_samples=128, calib_source="mix"),
     # Learned rounding on non-uniform grids (LearnedTable): a fitted table and IQ4_NL's, in groups of
     # 72 (4.2227 bits/weight with the table; groups of 64 would pass 4.25 by the table's 256 bits).
     Candidate(4.25, "w4-g72-lut", "fp16", rotation="none", iters=100, calib_samples=128),
