@@ -325,3 +325,27 @@ def test_scales_retraining_runs_on_smollm2(smollm2):
     assert len(res.trainables) == 210 and [n for n, _ in res.skipped] == ["lm_head"]
     changed = [k for k, v in res.model.state_dict().items() if not torch.equal(v, q.model.state_dict()[k])]
     assert changed and all(k.endswith(".scales") for k in changed)
+
+
+def test_linear_step_decay_sets_each_step_and_changes_the_result(llama, quantized, text, monkeypatch):
+    import dataclasses
+
+    model, tok = llama
+    cfg = dataclasses.replace(SMALL, lr=0.01, lr_decay="linear", gate=False)
+    seen = []
+    step = rt._train_step
+
+    def spy(student, original, ids, params, masks, optimizer, config):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return step(student, original, ids, params, masks, optimizer, config)
+
+    monkeypatch.setattr(rt, "_train_step", spy)
+    decayed = retrain(quantized.model, model, tok, cfg, data=text, progress=False)
+    total = 2 * 8 // 4  # epochs x sequences / batch
+    assert seen == pytest.approx([0.01 * (1 - k / total) for k in range(total)])
+    monkeypatch.setattr(rt, "_train_step", step)
+    constant = retrain(quantized.model, model, tok, dataclasses.replace(cfg, lr_decay="constant"), data=text,
+                       progress=False)
+    assert [r.s for r in decayed.log] != [r.s for r in constant.log]
+    with pytest.raises(Exception, match="lr_decay"):
+        RetrainConfig(lr_decay="cosine")

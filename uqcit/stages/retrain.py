@@ -98,6 +98,7 @@ class RetrainConfig(StageConfig):
     epochs: int = 1  # passes over the training sequences
     steps_per_window: int = 4  # optimizer steps between two gate checks
     lr: float | None = None  # Adam step size; None: 1e-3 scales (log-scale), 2e-5 masked weights, 5e-4 lora
+    lr_decay: Literal["constant", "linear"] = "constant"  # linear: the step falls to 0 over the training steps
     max_grad_norm: float = 1.0  # clip the global gradient norm (0: off)
     modules: str | None = None  # regex (re.search) on module names to train; None: every eligible module
     lora_rank: int = 8  # lora: adapter rank r
@@ -120,6 +121,7 @@ class RetrainConfig(StageConfig):
         self.check(self.top_k >= 0, "top_k", "must be >= 0 (0: no limit)")
         self.check(self.lr is None or self.lr > 0, "lr", "must be > 0 (None: the mode's default)")
         self.check(self.gate_epsilon >= 0, "gate_epsilon", "must be >= 0")
+        self.check(self.lr_decay in ("constant", "linear"), "lr_decay", "must be 'constant' or 'linear'")
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: off)")
 
     @property
@@ -327,7 +329,10 @@ def retrain(compressed: nn.Module, original: nn.Module, tokenizer, config: Retra
             snapshot = ({n: p.detach().clone() for n, p in params.items()},
                         copy.deepcopy(optimizer.state_dict())) if config.gate else None
             losses = []
-            for idx in batches[w * config.steps_per_window:(w + 1) * config.steps_per_window]:
+            for k, idx in enumerate(batches[w * config.steps_per_window:(w + 1) * config.steps_per_window]):
+                step = w * config.steps_per_window + k  # steps taken so far, kept or rolled back
+                for group in optimizer.param_groups:
+                    group["lr"] = step_size(config, step, len(batches))
                 losses.append(_train_step(student, original, train_ids[idx], params, masks, optimizer, config))
             t1 = time.perf_counter()
             s = _gate_value(student, held_ids, held_ref)
@@ -355,6 +360,18 @@ def retrain(compressed: nn.Module, original: nn.Module, tokenizer, config: Retra
     finish_trainable(student)
     return RetrainResult(student, config, trainables, skipped, data, s0, log,
                          {k: round(v, 3) for k, v in times.items()})
+
+
+def step_size(config: RetrainConfig, step: int, total: int) -> float:
+    """Adam's step size at optimizer step ``step`` (from 0) of ``total``: the configured one, or with
+    ``lr_decay="linear"`` that one times ``1 - step / total`` (AutoRound's schedule).
+
+    >>> step_size(RetrainConfig(lr=0.004, lr_decay="linear"), 48, 64)
+    0.001
+    """
+    if config.lr_decay == "linear":
+        return config.learning_rate * (1.0 - step / total)
+    return config.learning_rate
 
 
 def _batch_order(config: RetrainConfig, n: int) -> list[torch.Tensor]:
