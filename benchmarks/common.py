@@ -33,12 +33,13 @@ def record(*, model: str, method: str, bpw: float | None, package_bytes: int | N
     }
 
 
-def write(name: str, records: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """Write ``results/<name>.json`` and a markdown table ``results/<name>.md``."""
+def write(name: str, records: list[dict[str, Any]], table: str | None = None) -> tuple[Path, Path]:
+    """Write ``results/<name>.json`` and a markdown table ``results/<name>.md``: ``table``, or
+    ``markdown(records)`` for records that are all scored packages."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Atomic: a benchmark killed mid-write must not leave a truncated record file behind.
     jp = atomic_write(RESULTS / f"{name}.json", (json.dumps(records, indent=2) + "\n").encode())
-    mp = atomic_write(RESULTS / f"{name}.md", (markdown(records) + "\n").encode())
+    mp = atomic_write(RESULTS / f"{name}.md", ((markdown(records) if table is None else table) + "\n").encode())
     return jp, mp
 
 

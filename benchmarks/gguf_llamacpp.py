@@ -46,9 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import RESULTS, machine, record  # noqa: E402
-
-from uqcit.core.io import atomic_write  # noqa: E402
+from common import machine, record, write  # noqa: E402
 
 from uqcit.export.gguf import export_gguf  # noqa: E402
 from uqcit.inputs.models import load_model  # noqa: E402
@@ -248,11 +246,9 @@ def main() -> None:
     records.append({"model": MODEL, "method": "float32 (torch)", "runtime": "torch", "bpw": 32.0,
                     "decode_tokens_per_s": tps["float32 (torch)"], "threads": args.threads,
                     "new_tokens": args.new_tokens, "machine": machine()})
-    # Not common.write: its table wants every record scored, and the float32 torch row is speed only.
-    atomic_write(RESULTS / "gguf_llamacpp.json", (json.dumps(records, indent=2) + "\n").encode())
-    table = _markdown(records) + "\n"
-    atomic_write(RESULTS / "gguf_llamacpp.md", table.encode())
-    print(table)
+    # Its own table: the float32 torch row is speed only, which common.markdown does not show.
+    write("gguf_llamacpp", records, _markdown(records))
+    print(_markdown(records))
 
 
 def _markdown(records: list[dict]) -> str:

@@ -17,9 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
-
-from uqcit.core.io import atomic_write  # noqa: E402
+from common import RESULTS, write  # noqa: E402
 
 # budget -> rungs (what the rung adds, the candidate's record name[, the record it is compared with]);
 # without a third entry a rung is compared with the best rung above it.
@@ -78,10 +76,8 @@ def main() -> None:
                            change=None if ref is None else r["kl"] / ref - 1)
                 best = r["kl"] if best is None else min(best, r["kl"])
             rows.append(row)
-    atomic_write(RESULTS / "quality_ablation.json", (json.dumps(rows, indent=2) + "\n").encode())
-    table = _markdown(rows) + "\n"
-    atomic_write(RESULTS / "quality_ablation.md", table.encode())
-    print(table)
+    write("quality_ablation", rows, _markdown(rows))
+    print(_markdown(rows))
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -15,7 +15,6 @@ Writes benchmarks/results/ray_sensitivity.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, machine  # noqa: E402
-
-from uqcit.core.io import atomic_write  # noqa: E402
+from common import machine, write  # noqa: E402
 from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.stages.levels import analyze_levels  # noqa: E402
 from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity  # noqa: E402
@@ -71,7 +68,6 @@ def main() -> None:
                         "settings": {"calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
                                      "group_size": cfg.group_size, "modules": args.modules},
                         "machine": machine()})
-    atomic_write(RESULTS / "ray_sensitivity.json", (json.dumps(records, indent=2) + "\n").encode())
     rows = ["| run | modules x formats | wall s | vs serial 1 thread | vs serial, same cores | table identical |",
             "|---|---:|---:|---:|---:|---|"]
     for r in records:
@@ -79,8 +75,8 @@ def main() -> None:
                     f"{r['wall_vs_serial_1_thread']:.2f} | {r['wall_vs_serial_same_cores']:.2f} | "
                     f"{'yes' if r['identical_to_serial_1_thread'] else 'no (max diff %.2e)' % r['max_abs_difference']} |")
     table = "\n".join(rows + ["", f"SmolLM2-135M, {records[0]['machine']['cores']} cores; Ray's start-up and "
-                                  "the model's transfer to its workers are inside its wall time."]) + "\n"
-    atomic_write(RESULTS / "ray_sensitivity.md", table.encode())
+                                  "the model's transfer to its workers are inside its wall time."])
+    write("ray_sensitivity", records, table)
     print(table)
 
 

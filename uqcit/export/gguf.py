@@ -146,8 +146,8 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
 # Q5_0/Q5_1: Q4_0/Q4_1 and a 32-bit qh per 32 weights. Q4_K: 144 bytes per 256 weights (fp16 d and
 # dmin, 12 bytes of 6-bit scales and mins, 128 of codes). Q6_K: 210 bytes per 256 (128 of low nibbles,
 # 64 of top 2 bits, 16 int8 scales, fp16 d).
-TYPE_BITS = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5, "Q6_K": 6.5625,
-             "F16": 16.0, "F32": 32.0}
+TYPE_BITS = {"Q4_0": 4.5, "IQ4_NL": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q4_K": 4.5,
+             "Q6_K": 6.5625, "F16": 16.0, "F32": 32.0}
 
 
 def _k_quant(fmt: QuantFormat, shape: tuple[int, ...]) -> str | None:
@@ -215,8 +215,9 @@ def blocks_of(q: QuantizedTensor, qtype: str) -> np.ndarray:
     be the type ``gguf_type`` carries ``q`` in exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K or Q6_K).
 
     A Q4_0/Q4_1 block is fp16 ``d`` (Q4_1: and fp16 ``m``) and 16 bytes whose low nibbles are codes
-    0-15, high nibbles codes 16-31 (IQ4_NL: the same, each code an index into its levels); Q5_0/Q5_1 put a little-endian 32-bit ``qh`` holding the fifth bit
-    of code ``j`` at bit ``j`` between the two; Q8_0 is fp16 ``d`` and 32 int8 ``q``.
+    0-15, high nibbles codes 16-31 (IQ4_NL: the same, each code an index into its levels); Q5_0/Q5_1
+    put a little-endian 32-bit ``qh`` holding the fifth bit of code ``j`` at bit ``j`` between the two;
+    Q8_0 is fp16 ``d`` and 32 int8 ``q``.
     """
     if gguf_type(q.fmt, q.shape) != (qtype, True):
         raise ValueError(f"a {q.fmt.name} tensor of shape {q.shape} is not carried exactly as {qtype} "

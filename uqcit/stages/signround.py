@@ -2,8 +2,8 @@
 
 For each block of the stack, in order: the float block's outputs on the float model's own
 stream are the target; the block's planned linears become ``LearnedWeight`` fake-quantized
-weights (``uqcit.tensor.learned``; ``LearnedTable`` for lookup-table formats), and ``iters`` signed-gradient steps on random calibration
-micro-batches (inputs: the outputs of the blocks already quantized, so each block learns to
+weights (``uqcit.tensor.learned``; ``LearnedTable`` for lookup-table formats), and ``iters``
+signed-gradient steps on random calibration micro-batches (inputs: the outputs of the blocks already quantized, so each block learns to
 undo the error that reaches it) minimize the mean squared error of the block's output. The
 learning rate decays linearly to zero (the paper's schedule; ``lr`` defaults to ``1/iters``).
 The trained rounding is kept only if its output error on the first micro-batches beats

@@ -201,8 +201,9 @@ def nl_scales(x: torch.Tensor, group_size: int, weight: torch.Tensor | None = No
     """
     table = nl_table().to(torch.float32)
     outs = []
-    weights = group_parts(weight, group_size) if weight is not None else [None] * len(group_parts(x, group_size))
-    for part, w in zip(group_parts(x, group_size), weights):
+    parts = group_parts(x, group_size)
+    weights = group_parts(weight, group_size) if weight is not None else [None] * len(parts)
+    for part, w in zip(parts, weights):
         w = torch.ones_like(part) if w is None else w
         m = part.gather(1, part.abs().argmax(dim=1, keepdim=True)).squeeze(1)
         m = torch.where(m == 0, torch.ones_like(m), m)  # all-zero group: any scale rounds it to code 8 (level 1)
