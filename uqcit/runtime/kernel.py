@@ -21,8 +21,9 @@ one scale per row. The kernel is ~100 lines of C compiled once with the system C
 works, ``available()`` is False and ``QuantLinear`` keeps the pure-torch path.
 
 Integer formats of every width the workbench stores (2, 3, 4, 5, 6 and 8 bits; symmetric or not,
-fp16 or double-quantized scales) are supported; mixed formats (a masked high-precision subset) and
-fp16 pass-through are not (``supports`` says which). 5- and 6-bit codes straddle bytes, as 3-bit
+fp16 or double-quantized scales) are supported, and fp16 pass-through (a tied LM head kept in
+fp16: converting the whole weight to float32 on every token made such packages decode at half
+speed); mixed formats (a masked high-precision subset) are not (``supports`` says which). 5- and 6-bit codes straddle bytes, as 3-bit
 ones do: their chunks (8 codes in 5 bytes, 4 in 3) are read whole. Double-quantized scales
 (``scale_bits``) are decoded once into a float32 buffer (``quant.scales_of``, 32 bits a group in
 memory) that the kernel reads instead of the fp16 scales: their exact values, which fp16 cannot hold.
@@ -54,6 +55,7 @@ import torch
 
 from uqcit.core.io import atomic_write_with
 from uqcit.core.paths import home
+from uqcit.tensor.formats import FLOAT_BITS
 from uqcit.tensor.quant import QuantizedTensor, scales_of, zero_points
 
 _C_SOURCE = r"""
@@ -249,6 +251,30 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
     free(xph);
     return 0;
 }
+
+/* y[T, N] = x[T, K] @ W^T for an fp16 weight W [N, K] stored as is (pass-through, e.g. a tied LM
+   head): each row converted 8 values at a time (F16C) into the dot product, never as a whole. */
+int uq_matmul_f16(const uint16_t *w, int64_t N, int64_t K, const float *x, int64_t T, float *y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        for (int64_t t = 0; t < T; t++) {
+            const float *xt = x + t * K;
+            float acc = 0.0f;
+            int64_t k = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+            __m256 a = _mm256_setzero_ps();
+            for (; k + 8 <= K; k += 8)
+                a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k))),
+                                    _mm256_loadu_ps(xt + k), a);
+            acc = hsum(a);
+#endif
+            for (; k < K; k++) acc += HALF[row[k]] * xt[k];
+            y[t * N + n] = acc;
+        }
+    }
+    return 0;
+}
 """
 
 _LOCK = threading.Lock()
@@ -289,6 +315,8 @@ def _build() -> ctypes.CDLL:
     lib.uq_matmul.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_float, p, i64, i64, i64, p, ctypes.c_int, i64, p,
                               ctypes.c_int]
     lib.uq_matmul.restype = ctypes.c_int
+    lib.uq_matmul_f16.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.uq_matmul_f16.restype = ctypes.c_int
     return lib
 
 
@@ -320,8 +348,9 @@ def unavailable_reason() -> str | None:
 
 
 def supports(q: QuantizedTensor) -> bool:
-    """Whether ``packed_matmul`` handles ``q``'s format (plain integer and lookup-table formats, on CPU)."""
-    return (q.fmt.bits in KERNEL_BITS and not q.fmt.mixed and len(q.shape) == 2
+    """Whether ``packed_matmul`` handles ``q``'s format (plain integer, lookup-table and fp16
+    pass-through formats, on CPU)."""
+    return (q.fmt.bits in KERNEL_BITS + (FLOAT_BITS,) and not q.fmt.mixed and len(q.shape) == 2
             and q.device.type == "cpu")
 
 
@@ -338,12 +367,18 @@ class PackedKernel:
         if lib is None:
             raise RuntimeError(f"the packed kernel is unavailable: {_ERROR}")
         if not supports(q):
-            raise ValueError(f"the packed kernel handles plain {'/'.join(map(str, KERNEL_BITS))}-bit CPU tensors, "
+            widths = "/".join(map(str, KERNEL_BITS))
+            raise ValueError(f"the packed kernel handles plain {widths}-bit and fp16 CPU tensors, "
                              f"not {q.fmt.name} on {q.device}")
         fmt, t = q.fmt, q.tensors
         self.q = q
         self.out_features, self.in_features = q.shape
         self._fn = lib.uq_matmul
+        if fmt.bits == FLOAT_BITS:  # fp16 pass-through: its own loop, no groups
+            self._fn = lib.uq_matmul_f16
+            self._head = (t["values"].data_ptr(), self.out_features, self.in_features)
+            self._phased = None
+            return
         if fmt.lut:  # table lookups at any alignment: no phase layout, no offsets
             self._head = (t["codes"].data_ptr(), fmt.bits, t["scales"].data_ptr(), None, None, 0.0,
                           t["table"].data_ptr(), self.out_features, self.in_features, fmt.group_size)
@@ -379,7 +414,8 @@ class PackedKernel:
             xs = xs.to(torch.float32).contiguous()
         rows = xs.shape[0]
         y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
-        if self._fn(*self._head, xs.data_ptr(), self._phased, rows, y.data_ptr(), torch.get_num_threads()):
+        phased = () if self._phased is None else (self._phased,)
+        if self._fn(*self._head, xs.data_ptr(), *phased, rows, y.data_ptr(), torch.get_num_threads()):
             raise MemoryError(f"packed kernel: no memory for a [{rows}, {self.in_features}] input copy")
         return y
 
