@@ -25,9 +25,9 @@ Needs the ``gguf-run`` extra, built from source (the prebuilt wheels need a newe
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" .venv/bin/pip install -e ".[gguf-run]"
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/gguf_llamacpp.py [--windows N] [--threads 2] \
-        [--packages DIR ...]
+        [--packages DIR ...] [--name NAME]
 
-Writes benchmarks/results/gguf_llamacpp.json and .md.
+Writes benchmarks/results/gguf_llamacpp.json and .md (``--name``: NAME.json and .md).
 """
 from __future__ import annotations
 
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--packages", nargs="*", default=[], help="kept package folders to add, as DIR or NAME=DIR")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode speed: greedy tokens per run")
     ap.add_argument("--repeats", type=int, default=3, help="decode speed: best of this many runs")
+    ap.add_argument("--name", default="gguf_llamacpp", help="results/<name>.json and .md")
     args = ap.parse_args()
     import llama_cpp
 
@@ -247,7 +248,7 @@ def main() -> None:
                     "decode_tokens_per_s": tps["float32 (torch)"], "threads": args.threads,
                     "new_tokens": args.new_tokens, "machine": machine()})
     # Its own table: the float32 torch row is speed only, which common.markdown does not show.
-    write("gguf_llamacpp", records, _markdown(records))
+    write(args.name, records, _markdown(records))
     print(_markdown(records))
 
 

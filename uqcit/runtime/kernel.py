@@ -192,6 +192,34 @@ static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len,
     uint32_t mask = (1u << bits) - 1;
     float acc = 0.0f;
     int64_t i = 0;
+#ifdef __AVX2__
+    if (bits <= 4) {  /* 8 codes (bits bytes) at a time from a code index that is a multiple of 8 */
+        int64_t head = (8 - (f & 7)) & 7;
+        if (head > len) head = len;
+        for (; i < head; i++) {
+            int64_t bit = (f + i) * bits;
+            uint32_t w = codes[bit >> 3];
+            if ((bit & 7) + bits > 8) w |= (uint32_t)codes[(bit >> 3) + 1] << 8;
+            acc += tab[(w >> (bit & 7)) & mask] * x[i];
+        }
+        const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+        const __m256i m = _mm256_set1_epi32((int)mask);
+        /* 8 levels in one register (permute takes the low 3 bits); 16 in two, bit 3 picks */
+        const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+        __m256 a = _mm256_setzero_ps();
+        for (; i + 8 <= len; i += 8) {
+            uint32_t w = 0;
+            memcpy(&w, codes + ((f + i) >> 3) * bits, (size_t)bits);
+            __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), m);
+            __m256 v = _mm256_permutevar8x32_ps(t0, idx);
+            if (bits == 4)
+                v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t1, idx),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+            a = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + i), a);
+        }
+        acc += hsum(a);
+    }
+#endif
     if (bits == 4 && !(f & 1)) {  /* two codes a byte, the first in the low nibble */
         const uint8_t *p = codes + (f >> 1);
         for (; i + 2 <= len; i += 2) {
@@ -215,7 +243,7 @@ static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len,
 int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const float *scales32,
               const uint16_t *zeros, float sym_offset, const uint16_t *table, int64_t N, int64_t K, int64_t gs,
               const float *x_in, int phased, int64_t T, float *y, int threads) {
-    float tab[256];
+    float tab[256] = {0};  /* zero-filled: the vector lookups load 16 entries whatever the width */
     if (table) for (int i = 0; i < (1 << bits); i++) tab[i] = HALF[table[i]];
     int64_t per = 8 / (bits & -bits), stride = K / per;  /* codes per chunk: lcm(bits, 8) / bits */
     const float *x = x_in;
