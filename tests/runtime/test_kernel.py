@@ -53,6 +53,10 @@ CASES = [
     (QuantFormat(bits=3, group_size=64, symmetric=True, lut=True), (40, 192)),
     (QuantFormat(bits=2, group_size=12, symmetric=True, lut=True), (11, 37)),
     (QuantFormat(bits=4, group_size=32, symmetric=True, lut=True, nl=True), (24, 96)),  # signed scales
+    # whole-row vector paths with a scalar tail in every group (20 codes: 16 + 4) and groups that straddle rows
+    (QuantFormat(bits=4, group_size=20), (10, 110)),
+    (QuantFormat(bits=4, group_size=20, symmetric=True, lut=True), (10, 110)),
+    (QuantFormat(bits=4, group_size=22, symmetric=True, lut=True, nl=True), (9, 55)),  # odd rows: mid-byte starts
     # fp16 pass-through (a tied head kept in fp16): 8 values at a time, the rest of a row one by one
     (QuantFormat(bits=16), (40, 192)),
     (QuantFormat(bits=16), (11, 37)),

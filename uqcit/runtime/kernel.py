@@ -236,6 +236,80 @@ static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len,
     return acc;
 }
 
+#ifdef __AVX2__
+/* The two hot layouts, one whole row at a time: 4-bit integer codes in phase layout, and 4-bit
+   table codes two a byte. Each group's partial sums stay in vector registers and are scaled into
+   a row total there; one horizontal sum per row instead of one per group (at groups of 32-64 that
+   sum and the per-weight offset subtraction cost about as much as the products). The offset term
+   s * off * sum(x) comes from a vector sum of x over the group. */
+static float row_dot4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
+                      const float *scales32, const uint16_t *zeros, float sym_offset, const float *xph,
+                      int64_t stride) {
+    const __m256i low4 = _mm256_set1_epi32(15);
+    __m256 total = _mm256_setzero_ps();
+    float rest = 0.0f;
+    int64_t k = 0;
+    while (k < K) {
+        int64_t g = (f0 + k) / gs, end = (g + 1) * gs - f0;
+        if (end > K) end = K;
+        float s = scales32 ? scales32[g] : HALF[scales[g]];
+        float so = s * (zeros ? HALF[zeros[g]] : sym_offset);
+        const uint8_t *p = codes + ((f0 + k) >> 1);
+        const float *x0 = xph + (k >> 1), *x1 = xph + stride + (k >> 1);
+        int64_t m = (end - k) >> 1, i = 0;
+        __m256 a = _mm256_setzero_ps(), ax = _mm256_setzero_ps();
+        for (; i + 8 <= m; i += 8) {  /* 8 bytes: 16 codes */
+            __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i)));
+            __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), v0, a);
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), v1, a);
+            ax = _mm256_add_ps(ax, _mm256_add_ps(v0, v1));
+        }
+        total = _mm256_fmadd_ps(a, _mm256_set1_ps(s), total);
+        total = _mm256_fnmadd_ps(ax, _mm256_set1_ps(so), total);
+        for (; i < m; i++)
+            rest += s * ((float)(p[i] & 15) * x0[i] + (float)(p[i] >> 4) * x1[i]) - so * (x0[i] + x1[i]);
+        k = end;
+    }
+    return hsum(total) + rest;
+}
+
+static float row_dot_lut4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
+                          const float *tab, const float *x) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+    const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
+    __m256 total = _mm256_setzero_ps();
+    float rest = 0.0f;
+    int64_t k = 0;
+    while (k < K) {
+        int64_t g = (f0 + k) / gs, end = (g + 1) * gs - f0;
+        if (end > K) end = K;
+        float s = HALF[scales[g]];
+        int64_t i = k;
+        for (; i < end && ((f0 + i) & 7); i++) {  /* up to a code index that is a multiple of 8 */
+            uint8_t b = codes[(f0 + i) >> 1];
+            rest += s * tab[((f0 + i) & 1) ? b >> 4 : b & 15] * x[i];
+        }
+        __m256 a = _mm256_setzero_ps();
+        for (; i + 8 <= end; i += 8) {
+            uint32_t w;
+            memcpy(&w, codes + ((f0 + i) >> 1), 4);
+            __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), low4);
+            __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                                        _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+            a = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + i), a);
+        }
+        total = _mm256_fmadd_ps(a, _mm256_set1_ps(s), total);
+        for (; i < end; i++) {
+            uint8_t b = codes[(f0 + i) >> 1];
+            rest += s * tab[((f0 + i) & 1) ? b >> 4 : b & 15] * x[i];
+        }
+        k = end;
+    }
+    return hsum(total) + rest;
+}
+#endif
+
 /* y[T, N] = x[T, K] @ W^T for W [N, K] stored as group-wise codes, the scales fp16 (scales) or
    float32 (scales32, when not NULL). With phased != 0 (every row and group starts on a chunk
    boundary) x is first copied into phase layout (see seg_dot). With a table (lookup-table codes,
@@ -256,9 +330,22 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
                 for (int64_t j = 0; j < per; j++) xph[t * K + j * stride + i] = x_in[t * K + per * i + j];
         x = xph;
     }
+    int rowwise = 0;
+#ifdef __AVX2__
+    rowwise = bits == 4 && (table || (phased && per > 1));  /* row_dot4 / row_dot_lut4 */
+#endif
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int64_t f0 = n * K;
+#ifdef __AVX2__
+        if (rowwise) {
+            for (int64_t t = 0; t < T; t++)
+                y[t * N + n] = table ? row_dot_lut4(codes, f0, K, gs, scales, tab, x + t * K)
+                                     : row_dot4(codes, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                x + t * K, stride);
+            continue;
+        }
+#endif
         for (int64_t t = 0; t < T; t++) y[t * N + n] = 0.0f;
         int64_t k = 0;
         while (k < K) {
