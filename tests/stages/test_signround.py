@@ -110,6 +110,17 @@ def test_zero_iterations_is_round_to_nearest_on_the_full_range(tiny):
 
 
 
+def test_groups_that_do_not_tile_a_weight_fall_back_to_rtn_with_a_warning(tiny):
+    model, _, levels, _ = tiny
+    shapes = {tuple(model.get_submodule(m.name).weight.shape) for m in levels.quantizable() if m.kind != "embedding"}
+    assert all((a * b) % 48 for a, b in shapes)  # no block weight of the tiny model is a multiple of 48 values
+    with pytest.warns(UserWarning, match=r"learned rounding skips \d+ of \d+ planned modules .* do not tile"):
+        sr = _run(tiny, "w4-g48")
+    assert sr.rounding == []  # nothing was learned
+    rtn = quantize_model(model, levels, sr.plan, progress=False)
+    assert [(m.name, m.method, m.rel_error) for m in sr.stored] == [(m.name, m.method, m.rel_error) for m in rtn.stored]
+
+
 def test_head_feedback_rounds_a_tied_embedding_against_the_heads_inputs(tiny):
     # The objective: the head's output error on its calibration inputs, tr(ΔW H ΔWᵀ). (On
     # SmolLM2, w3-g64-iz embedding only, 6 windows: KL 0.553 with rounding to nearest, 0.206 with

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, block_output
 from uqcit.runtime.modules import QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
-from uqcit.tensor.formats import QuantFormat
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.learned import LearnedTable, LearnedWeight, learned_weight, supports
 from uqcit.tensor.quant import QuantizedTensor
 
@@ -66,9 +67,16 @@ def learnable_blocks(model: nn.Module, levels, plan) -> tuple[str, dict[int, dic
     when there are none or they sit in several stacks. ``model`` may be a meta-device skeleton
     (only shapes are read)."""
     pattern = levels.ruleset.block_pattern
-    names = [m.name for m in levels.modules if m.tied_to is None and m.kind != "embedding"
-             and plan.format_for(m.name) is not None
-             and supports(plan.format_for(m.name), tuple(weight_matrix(model.get_submodule(m.name)).shape))]
+    planned = {m.name: tuple(weight_matrix(model.get_submodule(m.name)).shape) for m in levels.modules
+               if m.tied_to is None and m.kind != "embedding" and plan.format_for(m.name) is not None}
+    names = [n for n, shape in planned.items() if supports(plan.format_for(n), shape)]
+    untiled = [n for n, shape in planned.items() if n not in names and plan.format_for(n).bits != FLOAT_BITS
+               and not plan.format_for(n).mixed]
+    if untiled:  # they fall back to round-to-nearest: say so, a learned-rounding run must not quietly be RTN
+        fmt = plan.format_for(untiled[0])
+        warnings.warn(f"learned rounding skips {len(untiled)} of {len(planned)} planned modules (e.g. {untiled[0]}, "
+                      f"{fmt.name}): their groups of {fmt.group_size} do not tile the weight, so they are rounded to "
+                      f"nearest; choose a group size that divides every weight's size", stacklevel=2)
     found = block_stack(model, names, pattern)
     blocks: dict[int, dict[str, QuantFormat]] = {}
     for n in names:
