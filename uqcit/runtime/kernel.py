@@ -187,6 +187,14 @@ static float seg_dot_any(const uint8_t *codes, int bits, int64_t f, int64_t len,
     return acc;
 }
 
+/* Code number e of a packed stream (any width up to 8 bits, any alignment). */
+static inline uint32_t code_at(const uint8_t *codes, int bits, int64_t e) {
+    int64_t bit = e * bits;
+    uint32_t w = codes[bit >> 3];
+    if ((bit & 7) + bits > 8) w |= (uint32_t)codes[(bit >> 3) + 1] << 8;
+    return (w >> (bit & 7)) & ((1u << bits) - 1);
+}
+
 /* Lookup-table codes at any alignment: sum of tab[code] * x[i] over the segment [f, f + len). */
 static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len, const float *x, const float *tab) {
     uint32_t mask = (1u << bits) - 1;
@@ -308,6 +316,48 @@ static float row_dot_lut4(const uint8_t *codes, int64_t f0, int64_t K, int64_t g
     }
     return hsum(total) + rest;
 }
+
+/* 3- and 8-bit integer codes, one whole row against x in plain layout, the same vector scheme:
+   3-bit codes 8 at a time from the 3 bytes of a chunk (code index a multiple of 8; the codes
+   before and after in a group one by one), 8-bit codes 8 bytes at a time. */
+static float row_dot38(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
+                       const float *scales32, const uint16_t *zeros, float sym_offset, const float *x) {
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21), low3 = _mm256_set1_epi32(7);
+    __m256 total = _mm256_setzero_ps();
+    float rest = 0.0f;
+    int64_t k = 0;
+    while (k < K) {
+        int64_t g = (f0 + k) / gs, end = (g + 1) * gs - f0;
+        if (end > K) end = K;
+        float s = scales32 ? scales32[g] : HALF[scales[g]];
+        float off = zeros ? HALF[zeros[g]] : sym_offset, so = s * off;
+        __m256 a = _mm256_setzero_ps(), ax = _mm256_setzero_ps();
+        int64_t i = k;
+        if (bits == 8) {
+            for (; i + 8 <= end; i += 8) {
+                __m256 v = _mm256_loadu_ps(x + i);
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + f0 + i)));
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), v, a);
+                ax = _mm256_add_ps(ax, v);
+            }
+        } else {
+            for (; i < end && ((f0 + i) & 7); i++) rest += s * ((float)code_at(codes, 3, f0 + i) - off) * x[i];
+            for (; i + 8 <= end; i += 8) {
+                const uint8_t *p = codes + ((f0 + i) >> 3) * 3;
+                uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+                __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), low3);
+                __m256 v = _mm256_loadu_ps(x + i);
+                a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), v, a);
+                ax = _mm256_add_ps(ax, v);
+            }
+        }
+        total = _mm256_fmadd_ps(a, _mm256_set1_ps(s), total);
+        total = _mm256_fnmadd_ps(ax, _mm256_set1_ps(so), total);
+        for (; i < end; i++) rest += s * ((float)code_at(codes, bits, f0 + i) - off) * x[i];
+        k = end;
+    }
+    return hsum(total) + rest;
+}
 #endif
 
 /* y[T, N] = x[T, K] @ W^T for W [N, K] stored as group-wise codes, the scales fp16 (scales) or
@@ -322,7 +372,11 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
     int64_t per = 8 / (bits & -bits), stride = K / per;  /* codes per chunk: lcm(bits, 8) / bits */
     const float *x = x_in;
     float *xph = NULL;
-    if (phased && per > 1) {
+    int rowwise = 0;  /* 1: row_dot4 or row_dot_lut4, 3: row_dot38 (plain x) */
+#ifdef __AVX2__
+    rowwise = bits == 4 && (table || (phased && per > 1)) ? 1 : (bits == 3 || bits == 8) && !table ? 3 : 0;
+#endif
+    if (phased && per > 1 && rowwise != 3) {
         xph = (float *)malloc(sizeof(float) * T * K);
         if (!xph) return 1;
         for (int64_t t = 0; t < T; t++)
@@ -330,17 +384,15 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
                 for (int64_t j = 0; j < per; j++) xph[t * K + j * stride + i] = x_in[t * K + per * i + j];
         x = xph;
     }
-    int rowwise = 0;
-#ifdef __AVX2__
-    rowwise = bits == 4 && (table || (phased && per > 1));  /* row_dot4 / row_dot_lut4 */
-#endif
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int64_t f0 = n * K;
 #ifdef __AVX2__
         if (rowwise) {
             for (int64_t t = 0; t < T; t++)
-                y[t * N + n] = table ? row_dot_lut4(codes, f0, K, gs, scales, tab, x + t * K)
+                y[t * N + n] = rowwise == 3 ? row_dot38(codes, bits, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                        x_in + t * K)
+                             : table ? row_dot_lut4(codes, f0, K, gs, scales, tab, x + t * K)
                                      : row_dot4(codes, f0, K, gs, scales, scales32, zeros, sym_offset,
                                                 x + t * K, stride);
             continue;
