@@ -114,6 +114,35 @@ def test_double_quantized_scales_train_as_their_codes(llama, text):
     assert res.log[-1].s < res.s0
 
 
+@pytest.mark.parametrize("name", ["w3-g32-lut", "w4-g32-nl"])
+def test_lookup_table_layers_train_their_scales_and_tables(llama, text, name):
+    # -lut trains its scales and its fitted table, -nl its signed scales (its table is IQ4_NL's):
+    # nothing but the lm head (tied to the embedding) is skipped, the held-out KL falls, and the
+    # model trained on is the model stored.
+    model, tok = llama
+    levels = analyze_levels(model)
+    q = quantize_model(model, levels, BitPlan(default=parse_format(name), name=name), progress=False)
+    before = _stored(q.model)
+    cfg = SMALL.replace(gate=False, lr=1e-2)
+    res = retrain(q.model, model, tok, cfg, data=text, progress=False)
+    assert [n for n, _ in res.skipped] == ["lm_head"] and "shared" in dict(res.skipped)["lm_head"]
+    assert res.trainables and all(isinstance(res.model.get_submodule(t.name), QuantLinear) for t in res.trainables)
+    assert all(res.model.get_submodule(t.name).fmt.name == name for t in res.trainables)
+    after = res.model.state_dict()
+    changed = {k.rsplit(".", 1)[1] for k in before if not torch.equal(before[k], after[k])}
+    assert "scales" in changed and changed <= {"scales", "table", "codes"}  # codes: renumbered crossing levels
+    assert ("table" in changed) == name.endswith("-lut")
+    for t in res.trainables:
+        m = res.model.get_submodule(t.name)
+        assert m.scales.dtype == m.table.dtype == torch.float16 and bool(torch.all(m.table[1:] >= m.table[:-1]))
+        if name.endswith("-nl"):
+            assert torch.equal(m.scales.sign(), before[t.name + ".scales"].sign())
+    held = text.ids[torch.randperm(12, generator=torch.Generator().manual_seed(cfg.seed + 1))[8:]]
+    ref = rt._reference_logprobs(model, held)
+    assert rt._gate_value(res.model, held, ref) == pytest.approx(res.log[-1].s, rel=1e-5)
+    assert res.log[-1].s < res.s0 and res.log[-1].train_loss < res.log[0].train_loss
+
+
 def test_gate_rolls_back_rejected_windows_exactly(llama, quantized, text, tmp_path):
     model, tok = llama
     # KL is never below 0: a threshold of 0 rejects every window, so nothing may change, and the

@@ -300,18 +300,79 @@ def test_package_round_trip_with_lookup_tables(tmp_path):
         assert not (tmp_path / target).exists()
 
 
-def test_scale_training_passes_over_lookup_tables():
-    # scale training divides the scale out to recover integer codes; a table's levels are not integers
+def _weight(t) -> torch.Tensor:
+    """The weight a ``ScaleTrainableLinear`` computes with (the one its forward uses), flattened."""
+    return (t.units() * t.scale().unsqueeze(1)).reshape(-1)[: t.numel]
+
+
+@pytest.mark.parametrize("name", ["w4-g32-lut", "w3-g32-lut", "w4-g32-nl"])
+@pytest.mark.parametrize("train_table", [True, False])
+def test_scale_training_starts_from_the_stored_lookup_table_layer(name, train_table):
+    # unit = table[code] from the codes: the wrapped layer computes the stored weight bit for bit
+    # (a short last group: 6 x 40 = 7.5 groups of 32)
+    from uqcit.runtime.modules import QuantLinear
+    from uqcit.runtime.trainable import ScaleTrainableLinear
+
+    q = quantize(student_t((6, 40), 3, 30), parse_format(name))
+    lin = QuantLinear(q, torch.randn(6, generator=_gen(31)))
+    t = ScaleTrainableLinear(lin, train_table=train_table)
+    if name.endswith("-nl"):
+        assert bool((t.s0 < 0).any() and (t.s0 > 0).any())  # IQ4_NL's signed scales, kept as stored
+    assert (t.table is not None) == (train_table and name.endswith("-lut"))  # IQ4_NL's table is the format's
+    assert torch.equal(_weight(t), dequantize(q).reshape(-1))
+    x = torch.randn(3, 40, generator=_gen(32))
+    with torch.no_grad():
+        assert torch.equal(t(x), torch.nn.functional.linear(x, dequantize(q), lin.bias))
+        torch.testing.assert_close(t(x), lin(x), rtol=1e-5, atol=1e-5)  # lin may run the packed kernel
+
+
+@pytest.mark.parametrize("name", ["w4-g32-lut", "w3-g32-lut", "w4-g32-nl"])
+def test_trained_lookup_table_layer_is_stored_as_trained(name):
+    from uqcit.runtime.modules import QuantLinear
+    from uqcit.runtime.trainable import ScaleTrainableLinear
+
+    q = quantize(student_t((6, 40), 3, 33), parse_format(name))
+    signs = q.tensors["scales"].sign().clone()
+    lin = QuantLinear(q)
+    t = ScaleTrainableLinear(lin)
+    with torch.no_grad():
+        t.log_scale.copy_(torch.linspace(-0.3, 0.3, t.log_scale.numel()))
+        t.log_scale[0] = -60.0  # fp16 would round this scale to 0: a table's scale stays the smallest fp16
+        if t.table is not None:  # swap the two middle levels' order: finish() must sort and renumber
+            mid = t.table.numel() // 2
+            t.table[mid - 1], t.table[mid] = t.table[mid] + 0.01, t.table[mid - 1] - 0.01
+            t.table[0] -= 0.05
+    x = torch.randn(3, 40, generator=_gen(34))
+    with torch.no_grad():
+        w, y = _weight(t).clone(), t(x)
+    codes = q.tensors["codes"].clone()
+    stored = t.finish()
+    assert stored is lin and stored.scales.dtype == torch.float16 and stored.table.dtype == torch.float16
+    assert torch.equal(stored.dequantized(torch.float32).reshape(-1), w)  # the model stored is the one trained
+    with torch.no_grad():
+        torch.testing.assert_close(stored(x), y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stored.scales.sign(), signs) and float(stored.scales[0].abs()) > 0
+    assert bool(torch.all(stored.table[1:] >= stored.table[:-1]))  # ascending, as every table is stored
+    assert torch.equal(stored.codes, codes) == name.endswith("-nl")  # renumbered only where levels crossed
+
+
+def test_scale_training_takes_lookup_tables_and_says_what_it_skips():
     from uqcit.runtime.modules import QuantLinear
     from uqcit.runtime.trainable import ScaleTrainableLinear, make_trainable
 
-    lut = QuantLinear(quantize(torch.randn(8, 64), parse_format("w4-g32-lut")))
-    plain = QuantLinear(quantize(torch.randn(8, 64), parse_format("w4-g32-sym")))
-    model = torch.nn.Sequential(lut, plain)
+    names = ["w4-g32-lut", "w4-g32-nl", "w4-g32-sym", "fp16", "w2-g32+w16@0.1"]
+    model = torch.nn.Sequential(*[QuantLinear(quantize(torch.randn(8, 64), parse_format(n))) for n in names])
     chosen, skipped = make_trainable(model, "scales")
-    assert [t.name for t in chosen] == ["1"] and dict(skipped)["0"].startswith("format w4-g32-lut")
-    with pytest.raises(ValueError, match="plain integer format, got w4-g32-lut"):
-        ScaleTrainableLinear(lut)
+    assert [t.name for t in chosen] == ["0", "1", "2"]
+    assert [t.values for t in chosen] == [16 + 16, 16, 16]  # 16 groups; the fitted table's 16 levels
+    assert all(isinstance(model[i], ScaleTrainableLinear) for i in range(3))
+    assert [n for n, _ in skipped] == ["3", "4"]
+    assert all("only plain integer and lookup-table formats" in why for _, why in skipped)
+    chosen, _ = make_trainable(torch.nn.Sequential(QuantLinear(quantize(torch.randn(8, 64), parse_format(names[0])))),
+                               "scales", train_table=False)
+    assert chosen[0].values == 16
+    with pytest.raises(ValueError, match="plain integer or lookup-table format, got fp16"):
+        ScaleTrainableLinear(QuantLinear(quantize(torch.randn(8, 64), parse_format("fp16"))))
 
 
 # ------------------------------------------------------------------------------ IQ4_NL's fixed table (-nl)

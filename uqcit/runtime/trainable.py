@@ -1,8 +1,9 @@
 """What self-retraining trains: modules that wrap a compressed layer with trainable tensors.
 
-``ScaleTrainableLinear`` trains the fp16 group scales of a ``QuantLinear`` (codes and zeros
-fixed); ``LoRALinear`` adds a low-rank adapter to a frozen linear module; a pruned module (a
-``weight`` and a bool ``mask`` buffer, ``has_mask``) trains its kept weights in place.
+``ScaleTrainableLinear`` trains the fp16 group scales of a ``QuantLinear`` in an integer or
+lookup-table format (codes and zeros fixed; a fitted table, ``-lut``, trains its levels too);
+``LoRALinear`` adds a low-rank adapter to a frozen linear module; a pruned module (a ``weight``
+and a bool ``mask`` buffer, ``has_mask``) trains its kept weights in place.
 ``make_trainable`` wraps what a mode allows, ``finish_trainable`` puts the stored form back, and
 ``fold_lora`` stores adapters on quantized layers as their low-rank ``Compensation``. The loop
 that trains them is ``uqcit.stages.retrain``.
@@ -20,8 +21,8 @@ from torch import nn
 
 from uqcit.runtime.modules import Compensation, QuantEmbedding, QuantLinear, replace_module
 from uqcit.tensor.formats import FLOAT_BITS, parse_format
-from uqcit.tensor.grid import quantize_scales
-from uqcit.tensor.packing import pack
+from uqcit.tensor.grid import FP16_TINY, quantize_scales
+from uqcit.tensor.packing import pack, unpack
 from uqcit.tensor.quant import quantize, scales_of
 
 Mode = Literal["scales", "masked", "lora"]
@@ -30,12 +31,22 @@ Mode = Literal["scales", "masked", "lora"]
 class ScaleTrainableLinear(nn.Module):
     """A ``QuantLinear`` during scale training: fixed codes and zeros, trainable group scales.
 
-    The weight is ``unit · stored(s0 · exp(g))`` per group, where ``unit = code − zero`` (held as a
-    float copy ``[groups, group_size]`` for speed), ``g`` (``log_scale``, init 0) is trained and
-    ``stored`` rounds a scale to what the format stores: fp16, or for double-quantized scales
-    (``-s<k>`` formats) the nearest k-bit code (at least 1, as ``quantize`` stores them) times the
-    group's fixed fp16 super-scale. The rounding is in the forward pass (gradients pass straight
-    through it), so the forward equals the stored module's. ``finish()`` writes the stored scales back and returns the ``QuantLinear``.
+    The weight is ``unit · stored(s0 · exp(g))`` per group, where ``unit`` is what a code decodes
+    to before scaling (held as a float copy ``[groups, group_size]`` for speed): ``code − zero``
+    for integer formats, ``table[code]`` for lookup-table formats (``-lut``, ``-nl``). ``g``
+    (``log_scale``, init 0) is trained and ``stored`` rounds a scale to what the format stores:
+    fp16, or for double-quantized scales (``-s<k>`` formats) the nearest k-bit code (at least 1,
+    as ``quantize`` stores them) times the group's fixed fp16 super-scale. The factor ``exp(g)``
+    keeps each scale's sign, so IQ4_NL's signed scales (``-nl``) train like the others. The
+    rounding is in the forward pass (gradients pass straight through it), so the forward equals
+    the stored module's. ``finish()`` writes the stored scales back and returns the ``QuantLinear``.
+
+    With ``train_table`` (the default) a fitted table (``-lut``; IQ4_NL's is fixed by the format)
+    is trained too: ``table`` starts at the stored levels, the forward uses them fp16-rounded
+    (straight through), and ``unit = table[code]`` is looked up from the codes in every forward.
+    ``finish()`` stores the fp16 levels ascending, as every table is stored: when training has
+    crossed two levels it sorts them and renumbers the codes to match, which leaves every weight
+    exactly as trained (clamping them back into order would not).
 
     >>> from uqcit.tensor.formats import parse_format
     >>> lin = QuantLinear(quantize(torch.randn(8, 64), parse_format("w4-g32-sym-s6")))
@@ -47,35 +58,58 @@ class ScaleTrainableLinear(nn.Module):
     ...     _ = t.log_scale.add_(0.2)
     >>> torch.allclose(t(x), t.finish()(x), atol=1e-5)
     True
+    >>> lut = QuantLinear(quantize(torch.randn(8, 64), parse_format("w3-g32-lut")))
+    >>> t = ScaleTrainableLinear(lut)
+    >>> t.table.numel(), torch.allclose(t(x), lut(x), atol=1e-5)
+    (8, True)
     """
 
-    def __init__(self, qlin: QuantLinear):
+    def __init__(self, qlin: QuantLinear, *, train_table: bool = True):
         super().__init__()
         fmt = qlin.fmt
-        if fmt.bits == FLOAT_BITS or fmt.mixed or fmt.lut:
-            raise ValueError(f"scale training needs a plain integer format, got {fmt.name}")
+        if fmt.bits == FLOAT_BITS or fmt.mixed:
+            raise ValueError(f"scale training needs a plain integer or lookup-table format, got {fmt.name}")
         self.base = qlin
         numel, gs = math.prod(qlin.shape), fmt.group_size
         groups = math.ceil(numel / gs)
-        s0 = scales_of(qlin.qtensor).detach()
-        with torch.no_grad():
-            flat = qlin.dequantized(torch.float32).reshape(-1)
-            padded = torch.zeros(groups * gs, device=flat.device)
-            padded[:numel] = flat
-            # code − zero is an integer: dividing out the stored scale recovers it exactly (a zero
-            # scale holds only zeros).
-            safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
-            self.register_buffer("unit", (padded.view(groups, gs) / safe.unsqueeze(1)).round(), persistent=False)
+        self.numel = numel
+        if fmt.lut:
+            s0 = qlin.scales.detach().to(torch.float32)  # signed for -nl
+            # int32: indexes a table as int64 would, at half the memory; the padding decodes level 0, cut off
+            codes = torch.zeros(groups * gs, dtype=torch.int32, device=s0.device)
+            codes[:numel] = unpack(qlin.codes, fmt.bits, numel).to(torch.int32)
+            codes = codes.view(groups, gs)
+            table = qlin.table.detach().to(torch.float32)
+            if train_table and not fmt.nl:
+                self.register_buffer("codes", codes, persistent=False)
+                self.table = nn.Parameter(table.clone())
+            else:
+                # table[code] from the codes, not w / scale: the quotient of two roundings need not be the level
+                self.register_buffer("unit", table[codes], persistent=False)
+        else:
+            s0 = scales_of(qlin.qtensor).detach()
+            with torch.no_grad():
+                flat = qlin.dequantized(torch.float32).reshape(-1)
+                padded = torch.zeros(groups * gs, device=flat.device)
+                padded[:numel] = flat
+                # code − zero is an integer: dividing out the stored scale recovers it exactly (a zero
+                # scale holds only zeros).
+                safe = torch.where(s0 > 0, s0, torch.ones_like(s0))
+                self.register_buffer("unit", (padded.view(groups, gs) / safe.unsqueeze(1)).round(), persistent=False)
+        if "table" not in self._parameters:
+            self.register_parameter("table", None)
         self.register_buffer("s0", s0, persistent=False)
         self.log_scale = nn.Parameter(torch.zeros(groups, device=s0.device))
-        self.numel = numel
 
     def _stored(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scales ``s`` as the format stores them (float32) and, for ``-s<k>`` formats, their codes
         under the layer's fixed super-scales."""
         fmt = self.base.fmt
         if fmt.scale_bits is None:
-            return s.to(torch.float16).float(), None
+            stored = s.to(torch.float16).float()
+            if fmt.lut:  # a table's scales are never 0 (as quantize stores them): the smallest fp16, same sign
+                stored = torch.where(stored == 0, torch.sign(self.s0) * FP16_TINY, stored)
+            return stored, None
         codes, decoded = quantize_scales(s, self.base.super_scales, fmt.group_size, fmt.scale_bits)
         return decoded, codes
 
@@ -83,8 +117,15 @@ class ScaleTrainableLinear(nn.Module):
         s = self.s0 * self.log_scale.exp()
         return s + (self._stored(s.detach())[0] - s).detach()  # forward: the stored value; backward: identity
 
+    def units(self) -> torch.Tensor:
+        """What each weight's code decodes to before scaling, ``[groups, group_size]``."""
+        if self.table is None:
+            return self.unit
+        t = self.table
+        return (t + (t.to(torch.float16).float() - t).detach())[self.codes]  # fp16 levels forward, straight through
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = (self.unit * self.scale().unsqueeze(1)).reshape(-1)[: self.numel].view(self.base.shape)
+        w = (self.units() * self.scale().unsqueeze(1)).reshape(-1)[: self.numel].view(self.base.shape)
         bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
         return F.linear(x, w.to(x.dtype), bias)
 
@@ -95,6 +136,16 @@ class ScaleTrainableLinear(nn.Module):
             self.base.scales.copy_(decoded.to(torch.float16))
         else:
             self.base.scale_codes.copy_(pack(codes, self.base.fmt.scale_bits))
+        if self.table is not None:
+            levels = self.table.to(torch.float16)
+            order = torch.sort(levels.float(), stable=True).indices
+            if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
+                # renumber: the code pointing at old level order[i] becomes i, so table[code] is unchanged
+                renumber = torch.empty_like(order)
+                renumber[order] = torch.arange(order.numel(), device=order.device)
+                codes = renumber[self.codes.reshape(-1)[: self.numel].long()]
+                self.base.codes.copy_(pack(codes.to(torch.uint8), self.base.fmt.bits))
+            self.base.table.copy_(levels[order])
         self.base.clear_cache()
         return self.base
 
@@ -179,11 +230,13 @@ class Trainable:
 
 
 def make_trainable(model: nn.Module, mode: Mode, *, modules: str | None = None, lora_rank: int = 8,
-                   lora_alpha: float = 16.0, seed: int = 0) -> tuple[list[Trainable], list[tuple[str, str]]]:
+                   lora_alpha: float = 16.0, seed: int = 0,
+                   train_table: bool = True) -> tuple[list[Trainable], list[tuple[str, str]]]:
     """Freeze ``model`` and make trainable what ``mode`` allows (wrapping modules in place).
 
     ``modules`` is a regex (``re.search``) on module names, None for every eligible module;
-    ``lora_rank``, ``lora_alpha`` and ``seed`` (the adapters' initialization) apply to ``"lora"``.
+    ``lora_rank``, ``lora_alpha`` and ``seed`` (the adapters' initialization) apply to ``"lora"``,
+    ``train_table`` (fitted lookup tables train their levels too, ``ScaleTrainableLinear``) to ``"scales"``.
     Returns the trainable modules and the skipped candidates with the reason. Raises when nothing
     is trainable, naming what the mode looks for.
     """
@@ -201,15 +254,16 @@ def make_trainable(model: nn.Module, mode: Mode, *, modules: str | None = None, 
         for name, m in named:
             if not isinstance(m, QuantLinear) or (pattern and not pattern.search(name)):
                 continue
-            if m.fmt.bits == FLOAT_BITS or m.fmt.mixed or m.fmt.lut:
-                skipped.append((name, f"format {m.fmt.name}: only plain integer formats train scales"))
+            if m.fmt.bits == FLOAT_BITS or m.fmt.mixed:
+                skipped.append((name, f"format {m.fmt.name}: only plain integer and lookup-table formats train scales"))
             elif len(owners.get(m.codes.data_ptr(), [])) > 1:
                 skipped.append((name, f"scales shared with {[o for o in owners[m.codes.data_ptr()] if o != name]}"))
             else:
-                wrapper = ScaleTrainableLinear(m)
+                wrapper = ScaleTrainableLinear(m, train_table=train_table)
                 replace_module(model, name, wrapper)
-                chosen.append(Trainable(name, "scales", wrapper.log_scale.numel(), 0))
-        what = "QuantLinear modules with plain integer formats (quantize the model first)"
+                values = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)  # scales, table levels
+                chosen.append(Trainable(name, "scales", values, 0))
+        what = "QuantLinear modules with plain integer or lookup-table formats (quantize the model first)"
     elif mode == "masked":
         for name, m in named:
             if has_mask(m) and not (pattern and not pattern.search(name)):

@@ -10,13 +10,16 @@
    ``KL(P_original ‖ P_compressed)`` (the quantity the evaluation protocol reports). Only what
    the compression leaves trainable is updated (``RetrainConfig.mode``):
 
-   - ``"scales"``: the fp16 group scales of ``QuantLinear`` modules. Codes and zero points stay
-     fixed. Each group's scale is trained as ``s0 · exp(g)`` (``g`` starts at 0, so one learning
-     rate suits every layer); the forward pass always uses the fp16-rounded scale (gradients
-     pass straight through the rounding), and at the end the rounded values are written back
-     into the fp16 buffers. The stored bits are therefore unchanged and the model trained on is
-     exactly the model stored. Modules whose storage is shared (an LM head tied to a quantized
-     embedding), fp16 pass-through and mixed formats are left alone and listed in ``skipped``.
+   - ``"scales"``: the fp16 group scales of ``QuantLinear`` modules, integer or lookup-table
+     formats (``-lut``, ``-nl``), and the fp16 levels of fitted tables (``-lut``). Codes and zero
+     points stay fixed (levels that cross are stored sorted, their codes renumbered to match).
+     Each group's scale is trained as ``s0 · exp(g)`` (``g`` starts at 0, so one learning
+     rate suits every layer; the sign of ``s0`` is kept); the forward pass always uses the
+     fp16-rounded values (gradients pass straight through the rounding), and at the end the
+     rounded values are written back into the fp16 buffers. The stored bits are therefore
+     unchanged and the model trained on is exactly the model stored. Modules whose storage is
+     shared (an LM head tied to a quantized embedding), fp16 pass-through and mixed formats are
+     left alone and listed in ``skipped``.
    - ``"masked"``: the kept weights of pruned modules: any module with a ``weight`` parameter
      and a bool ``mask`` buffer of its shape (True = kept), e.g. ``uqcit.stages.prune.MaskedLinear``.
      Gradients of pruned entries are zeroed before each step and the weight is multiplied by the
