@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uqcit.inputs.calibration import InputStats, accumulate_fisher, channel_importance, collect_input_stats
+from uqcit.inputs.calibration import InputStats, channel_importance, collect_input_stats
+from uqcit.inputs.fisher import accumulate_fisher
 from uqcit.inputs.tiny import tiny_model
 
 DOWN = "model.layers.1.mlp.down_proj"

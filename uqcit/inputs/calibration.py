@@ -8,10 +8,9 @@ micro-batch by micro-batch and never stored.
 
 ``BlockReplay`` runs calibration text through a stack of blocks one block at a time, so the
 statistics of a block can be collected after the blocks before it were modified (sequential
-GPTQ).
+GPTQ); ``floats=True`` runs the float model's block inputs beside them (``InputStats.cross``).
 
-``accumulate_fisher`` sums squared gradients of the model's loss per weight (the diagonal
-empirical Fisher), one micro-batch at a time.
+The diagonal empirical Fisher (squared gradients of the model's loss) is ``uqcit.inputs.fisher``.
 
 >>> from uqcit.inputs.tiny import tiny_model
 >>> model, tok = tiny_model("llama")
@@ -22,6 +21,7 @@ torch.Size([128, 128])
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Iterable, Literal, Mapping
@@ -48,6 +48,7 @@ class InputStats:
     tokens: int  # calibration tokens seen
     channel_sq: torch.Tensor  # float32 [in] (embedding: [num_embeddings])
     hessian: torch.Tensor | None = None  # float32 [in, in]; None for embeddings or hessian=False
+    cross: torch.Tensor | None = None  # float32 [in, in]: mean of x_float x̃ᵀ, float input times this one
 
     @property
     def in_features(self) -> int:
@@ -60,8 +61,8 @@ class InputStats:
 
     @property
     def nbytes(self) -> int:
-        h = 0 if self.hessian is None else self.hessian.numel() * self.hessian.element_size()
-        return h + self.channel_sq.numel() * self.channel_sq.element_size()
+        mats = [t for t in (self.hessian, self.cross, self.channel_sq) if t is not None]
+        return sum(t.numel() * t.element_size() for t in mats)
 
     def __repr__(self) -> str:
         return (f"InputStats({self.name!r}, {self.kind}, in={self.in_features}, tokens={self.tokens}, "
@@ -99,8 +100,9 @@ class InputStatsCollector:
     """Context manager collecting input statistics during whatever forward passes run inside it.
 
     ``collect_input_stats`` is this around a calibration loop; use it directly to gather the
-    statistics during another pass, e.g. the Fisher pass of ``accumulate_fisher``:
+    statistics during another pass, e.g. the Fisher pass of ``uqcit.inputs.fisher.accumulate_fisher``:
 
+    >>> from uqcit.inputs.fisher import accumulate_fisher
     >>> from uqcit.inputs.tiny import tiny_model
     >>> model, _ = tiny_model("llama")
     >>> batch = torch.randint(0, 256, (2, 16))
@@ -110,13 +112,16 @@ class InputStatsCollector:
     32
 
     ``modules`` is a list of names, or a mapping name -> whether that module gets a Hessian
-    (``hessian`` applies to a list). Hooks are removed on exit, also on error.
+    (``hessian`` applies to a list). Hooks are removed on exit, also on error. ``cross=True``
+    (linears only) pairs each pass with the one before it inside ``recording()`` (``InputStats.cross``).
     """
 
-    def __init__(self, model: nn.Module, modules: Iterable[str] | Mapping[str, bool], *, hessian: bool = True):
+    def __init__(self, model: nn.Module, modules: Iterable[str] | Mapping[str, bool], *, hessian: bool = True,
+                 cross: bool = False):
         targets = _resolve(model, modules)
         want = dict(modules) if isinstance(modules, Mapping) else {n: hessian for n in targets}
         self._targets = {n: (m, bool(want[n])) for n, m in targets.items()}
+        self._cross = cross
         self._acc: dict[str, _Acc] = {}
         self._shared = _SharedProduct()
         self._handles: list = []
@@ -128,14 +133,17 @@ class InputStatsCollector:
         try:
             for name, (module, hessian) in self._targets.items():
                 if isinstance(module, nn.Embedding):
+                    if self._cross:
+                        raise TypeError(f"{name}: cross terms are collected for linear modules, not embeddings")
                     a = _Acc(name, "embedding", torch.zeros(module.num_embeddings, dtype=torch.float64,
                                                             device=module.weight.device))
                     hook = _embedding_hook(a)
                 else:
                     n_in = linear_weight(module)[0].shape[1]
                     dev = module.weight.device
+                    square = lambda: torch.zeros(n_in, n_in, dtype=torch.float32, device=dev)  # noqa: E731
                     a = _Acc(name, "linear", torch.zeros(n_in, dtype=torch.float32, device=dev),
-                             torch.zeros(n_in, n_in, dtype=torch.float32, device=dev) if hessian else None)
+                             square() if hessian else None, cross=square() if self._cross else None)
                     hook = _linear_hook(a, self._shared)
                 self._acc[name] = a
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -143,6 +151,18 @@ class InputStatsCollector:
             self.__exit__()
             raise
         return self
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Inside, passes only record each module's input ``x`` (the float model's, same tokens); the
+        next pass outside adds ``x x̃ᵀ`` with its own inputs ``x̃`` to ``cross`` (``cross=True``)."""
+        if not self._cross:
+            raise RuntimeError("recording() pairs inputs for cross terms: make the collector with cross=True")
+        self._shared.recording = True
+        try:
+            yield
+        finally:
+            self._shared.recording = False
 
     def end_batch(self) -> None:
         """Drop the one input still referenced (optional: only frees its memory sooner)."""
@@ -176,12 +196,17 @@ class BlockReplay:
     as it is now (e.g. quantized) and makes its outputs the inputs of block ``i + 1``. Memory:
     one block's input per micro-batch (SmolLM2, 16 x 256 tokens: 9 MB).
 
+    ``floats=True`` (asymmetric GPTQ, twice the memory) keeps the float model's block inputs too:
+    ``collect`` pairs each module's inputs on both (``InputStats.cross``) and moves ``floats`` past
+    the block, which must still be float (collect a block's modules at once, before modifying it).
+
     The blocks must run one after the other on the hidden state, as in every HF decoder or
     encoder stack (``for layer in self.layers: hidden = layer(hidden, ...)``).
     """
 
     def __init__(self, model: nn.Module, stack: nn.ModuleList, batch: torch.Tensor, *,
-                 capture: dict[str, bool] | None = None, micro_batch: int = 4, progress: bool = True):
+                 capture: dict[str, bool] | None = None, micro_batch: int = 4, floats: bool = False,
+                 progress: bool = True):
         from tqdm.auto import tqdm
 
         batch = _check_batch(batch)
@@ -208,6 +233,9 @@ class BlockReplay:
             for h in recorders:
                 h.remove()
         self.captured: dict[str, InputStats] = col.stats()
+        # Both streams start as the same embeddings; every step assigns new tensors, none is written in place.
+        self.floats: list[torch.Tensor] | None = list(self.hidden) if floats else None
+        self._floats_next = 0  # the block the float stream enters next
 
     def _recorder(self, index: int):
         def hook(module, args, kwargs):
@@ -224,12 +252,22 @@ class BlockReplay:
             raise RuntimeError(f"blocks are replayed in order: the next block is {self._next}, not {index}")
 
     def collect(self, index: int, modules: Iterable[str], *, hessian: bool = True) -> dict[str, InputStats]:
-        """Input statistics of ``modules`` (inside block ``index``) on the block's current inputs."""
+        """Input statistics of ``modules`` (inside block ``index``) on the block's current inputs;
+        with ``floats``, each with its ``cross`` term, and the float stream moves past the block."""
         self._check(index)
-        with InputStatsCollector(self.model, modules, hessian=hessian) as col, torch.no_grad():
+        paired = self.floats is not None
+        if paired and self._floats_next != index:
+            raise RuntimeError(f"the float stream has moved past block {index}: collect a block's modules at once")
+        block = self.stack[index]
+        with InputStatsCollector(self.model, modules, hessian=hessian, cross=paired) as col, torch.no_grad():
             for mb, (args, kwargs) in enumerate(self.calls[index]):
-                self.stack[index](self.hidden[mb], *args, **kwargs)
+                if paired:
+                    with col.recording():
+                        self.floats[mb] = block_output(block(self.floats[mb], *args, **kwargs)).detach()
+                block(self.hidden[mb], *args, **kwargs)
                 col.end_batch()
+        if paired:
+            self._floats_next = index + 1
         return col.stats()
 
     def run(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -244,6 +282,9 @@ class BlockReplay:
     def advance(self, index: int) -> None:
         """Run block ``index`` as it is now; its outputs become the next block's inputs."""
         self._check(index)
+        if self.floats is not None and self._floats_next == index:  # nothing collected: the block is float
+            self.floats = self.run(index, self.floats)
+            self._floats_next += 1
         with torch.no_grad():
             for mb, (args, kwargs) in enumerate(self.calls[index]):
                 self.hidden[mb] = block_output(self.stack[index](self.hidden[mb], *args, **kwargs)).detach()
@@ -254,67 +295,6 @@ class BlockReplay:
 def block_output(out) -> torch.Tensor:
     """The hidden state a block returns (HF blocks return it alone or first in a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def accumulate_fisher(model: nn.Module, batch: torch.Tensor, *, modules: Iterable[str] | None = None,
-                      micro_batch: int = 1, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of each module's weight: ``F = mean_b (∂L_b/∂W)²``.
-
-    ``L_b`` is the model's own loss on micro-batch ``b`` (``labels = input_ids``: next-token
-    NLL for causal LMs), so with ``micro_batch=1`` each term is one sequence's squared gradient.
-    ``modules`` defaults to every Linear, Conv1D and Embedding. Results are float32, shaped
-    like the weight in ``[out, in]`` convention (Conv1D transposed); modules sharing a weight
-    (a tied embedding and LM head) get the same tensor, the Fisher of the shared parameter.
-    Gradients are taken with ``torch.autograd.grad``: no ``.grad`` is left on the model, only
-    one micro-batch's gradients exist at a time, and ``requires_grad`` flags and train/eval
-    mode are restored afterwards.
-    """
-    from tqdm.auto import tqdm
-
-    batch = _check_batch(batch)
-    _check_micro_batch(micro_batch)
-    if modules is None:
-        modules = [n for n, m in model.named_modules() if _is_weight_module(m)]
-    targets = _resolve(model, _names(modules))
-    params: list[nn.Parameter] = []
-    index_of: dict[int, int] = {}
-    slot: dict[str, int] = {}
-    for name, module in targets.items():
-        p = module.weight
-        if id(p) not in index_of:
-            index_of[id(p)] = len(params)
-            params.append(p)
-        slot[name] = index_of[id(p)]
-    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    device = _model_device(model)
-    n_steps = 0
-    try:
-        model.eval()  # no dropout: the Fisher of the model as it will be used
-        for p in params:
-            p.requires_grad_(True)
-        for s in tqdm(range(0, batch.shape[0], micro_batch), desc="fisher", unit="batch",
-                      disable=not progress):
-            ids = batch[s:s + micro_batch].to(device)
-            loss = _forward(model, ids, labels=ids).loss
-            if loss is None:
-                raise ValueError(f"{type(model).__name__} returned no loss for labels=input_ids; "
-                                 "accumulate_fisher needs a language-model head")
-            grads = torch.autograd.grad(loss, params)
-            for acc, g in zip(sums, grads):
-                acc.addcmul_(g, g)
-            n_steps += 1
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    fisher = [acc.div_(n_steps) for acc in sums]
-    out = {}
-    for name, module in targets.items():
-        f = fisher[slot[name]]
-        out[name] = f if isinstance(module, nn.Embedding) else _as_out_in(module, f)
-    return out
 
 
 def channel_importance(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
@@ -345,23 +325,29 @@ class _Acc:
     sq: torch.Tensor  # linear: Σ x_j² (unused when xxt is kept); embedding: token counts (float64, exact)
     xxt: torch.Tensor | None = None  # Σ x xᵀ
     tokens: int = 0
+    cross: torch.Tensor | None = None  # Σ x_float x̃ᵀ
 
     def finish(self) -> InputStats:
         n = max(self.tokens, 1)
+        cross = None if self.cross is None else self.cross.div_(n)
         if self.xxt is not None:
             h = self.xxt.div_(n)
-            return InputStats(self.name, self.kind, self.tokens, h.diagonal().clone(), h)
-        return InputStats(self.name, self.kind, self.tokens, (self.sq / n).to(torch.float32))
+            return InputStats(self.name, self.kind, self.tokens, h.diagonal().clone(), h, cross)
+        return InputStats(self.name, self.kind, self.tokens, (self.sq / n).to(torch.float32), None, cross)
 
 
 class _SharedProduct:
     """The last input seen and its ``(Σ x xᵀ, Σ x², rows)``: q/k/v (and gate/up) get the very
     same tensor one after another, so computing the product once saves two thirds of the work.
-    Holds one reference at a time, dropped after every micro-batch."""
+    Holds one reference at a time, dropped after every micro-batch. While ``recording``, hooks put
+    their inputs in ``refs`` instead (in call order); ``cross`` shares ``Σ x_float x̃ᵀ`` likewise."""
 
     def __init__(self) -> None:
         self.x: torch.Tensor | None = None
         self.value: tuple[torch.Tensor | None, torch.Tensor, int] | None = None
+        self.recording = False
+        self.refs: dict[str, list[torch.Tensor]] = {}
+        self.pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def get(self, x: torch.Tensor, want_xxt: bool):
         if self.x is x and self.value is not None and (self.value[0] is not None or not want_xxt):
@@ -372,8 +358,17 @@ class _SharedProduct:
         self.x, self.value = x, (xxt, sq, flat.shape[0])
         return self.value
 
+    def cross(self, ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.pair is None or self.pair[0] is not ref or self.pair[1] is not x:
+            if ref.shape != x.shape:
+                raise RuntimeError(f"cross terms pair inputs of one shape, got {tuple(ref.shape)} and {tuple(x.shape)}")
+            flat = lambda t: t.detach().reshape(-1, t.shape[-1]).to(torch.float32)  # noqa: E731
+            self.pair = (ref, x, flat(ref).T @ flat(x))
+        return self.pair[2]
+
     def clear(self) -> None:
-        self.x = self.value = None
+        self.x = self.value = self.pair = None
+        self.refs = {}
 
 
 def _linear_hook(acc: _Acc, shared: _SharedProduct):
@@ -381,11 +376,19 @@ def _linear_hook(acc: _Acc, shared: _SharedProduct):
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if x is None:
             raise RuntimeError(f"{acc.name}: could not find the input of {type(module).__name__}.forward")
+        if shared.recording:  # the float pass of a pair: only its inputs
+            shared.refs.setdefault(acc.name, []).append(x)
+            return
         xxt, sq, rows = shared.get(x, acc.xxt is not None)
         if acc.xxt is not None:
             acc.xxt.add_(xxt)
         else:
             acc.sq.add_(sq)
+        if acc.cross is not None:
+            refs = shared.refs.get(acc.name)
+            if not refs:
+                raise RuntimeError(f"{acc.name}: no float input to pair with; run the float pass inside recording()")
+            acc.cross.add_(shared.cross(refs.pop(0), x))
         acc.tokens += rows
     return hook
 

@@ -4,7 +4,7 @@ Per-weight scores, for a weight ``W`` in ``[out, in]`` convention:
 
 - ``magnitude``: ``|W|``;
 - ``fisher``: the diagonal empirical Fisher ``mean_b (∂L_b/∂W)²`` on calibration text
-  (``calibration.accumulate_fisher``): the curvature of the loss along each weight, so a
+  (``uqcit.inputs.fisher.accumulate_fisher``): the curvature of the loss along each weight, so a
   perturbation ``δ`` costs about ``½ F δ²``;
 - ``activation``: ``|W_ij| · ‖x_j‖`` (Wanda), ``‖x_j‖`` the RMS of input channel ``j`` on
   calibration text. An embedding tied to a Linear LM head is scored with the head's dense
@@ -42,10 +42,10 @@ import torch
 from uqcit.inputs.calibration import (
     InputStats,
     InputStatsCollector,
-    accumulate_fisher,
     channel_importance,
     collect_input_stats,
 )
+from uqcit.inputs.fisher import accumulate_fisher
 from uqcit.core.config import ConfigError, StageConfig, StageSession, register_config, stage_handler
 from uqcit.core.names import LEVEL_COLORS
 from uqcit.inputs.corpus import stage_calibration

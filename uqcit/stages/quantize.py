@@ -11,8 +11,10 @@ one-shot: every Hessian comes from the float model in a single calibration pass.
 block's Hessians are collected on the outputs of the blocks before it, already quantized
 (``calibration.BlockReplay``); modules outside the stack (an untied LM head), and all modules
 of models with several stacks, still get one-shot Hessians, and block inputs start from the
-float embeddings. Embeddings have no input Hessian and are always rounded to nearest (so is
-an LM head tied to one).
+float embeddings. ``asymmetric=True`` (with ``sequential``) carries the float model's block
+inputs too and rounds each block linear toward the float model's outputs rather than toward its
+own float weights on the quantized inputs (``gptq.asymmetric_target``, after GPTAQ). Embeddings
+have no input Hessian and are always rounded to nearest (so is an LM head tied to one).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from uqcit.inputs.corpus import stage_calibration
 from uqcit.inputs.selftext import self_generate
 from uqcit.stages.clusters import apply_clusters_to_importance
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
-from uqcit.tensor.gptq import gptq_quantize, hessian_error
+from uqcit.tensor.gptq import asymmetric_target, gptq_quantize, hessian_error
 from uqcit.stages.signround import learnable_blocks, signround_blocks
 from uqcit.stages.importance import activation_source
 from uqcit.stages.plan import LEVEL_COLORS, BitPlan
@@ -60,6 +62,9 @@ class QuantizeConfig(StageConfig):
     # default: on SmolLM2-135M (w3-g128, 16x256 tokens) it gave KL 0.956 vs 0.965 one-shot for
     # 2-3x the calibration time.
     sequential: bool = False
+    # gptq, sequential: round toward the float model's outputs XWᵀ from the quantized inputs X̃
+    # (GPTAQ's asymmetric calibration, uqcit.tensor.gptq.asymmetric_target), not toward X̃Wᵀ.
+    asymmetric: bool = False
     calib_samples: int = 16  # calibration sequences (gptq, activation importance); 16x256 keeps GPTQ ~2 min on 2 cores
     calib_seq_len: int = 256  # tokens per calibration sequence (32x512 measured only ~4% lower KL)
     seed: int = 0  # calibration offsets and signround's micro-batch draws: same seed, same model
@@ -83,6 +88,8 @@ class QuantizeConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check(self.damp >= 0, "damp", "must be >= 0")
+        self.check(not self.asymmetric or (self.method == "gptq" and self.sequential), "asymmetric",
+                   "needs method='gptq' with sequential=True: set both, or asymmetric=False")
         self.check(self.block_size >= 1, "block_size", "must be >= 1")
         self.check(self.calib_samples >= 1, "calib_samples", "must be >= 1")
         self.check(self.calib_seq_len >= 1, "calib_seq_len", "must be >= 1")
@@ -110,7 +117,7 @@ class ModuleQuant:
     seconds: float
     tied_to: str | None = None
     method: str = "rtn"  # how this module was rounded: "rtn" or "gptq"
-    out_error: float | None = None  # ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on calibration inputs (gptq modules)
+    out_error: float | None = None  # ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on calibration inputs (gptq; asymmetric: W' for W)
 
     @property
     def bpw(self) -> float:
@@ -128,6 +135,7 @@ class QuantizeResult(Result):
     method: str = "rtn"  # QuantizeConfig.method
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # calibration, quantize
     sequential: bool = False  # gptq ran block by block (else one-shot, from the float model)
+    asymmetric: bool = False  # ... toward the float model's outputs (QuantizeConfig.asymmetric)
     clustered: int = 0  # mixed-format modules whose high-precision selection followed GHZ clusters
     rotation: str = ""  # the rotation the model went through first, e.g. "rot-hadamard" ("" none)
     rotation_bits: int = 0  # bits of the online rotations the model runs (rotation.safetensors)
@@ -185,6 +193,7 @@ class QuantizeResult(Result):
             "method": self.method,
             "stage_seconds": self.stage_seconds,
             "sequential": self.sequential,
+            "asymmetric": self.asymmetric,
             "modules": [dataclasses.asdict(m) for m in self.modules],
             "rounding": [dataclasses.asdict(r) for r in self.rounding],
         }
@@ -249,7 +258,8 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         m.name: m.clusters for m in clusters.modules
         if m.clusters and m.name in plan_names and plan.format_for(m.name).mixed}
 
-    def quantize_one(entry, hessian: torch.Tensor | None, learned: QuantizedTensor | None = None) -> None:
+    def quantize_one(entry, hessian: torch.Tensor | None, learned: QuantizedTensor | None = None,
+                     cross: torch.Tensor | None = None) -> None:
         t0 = time.perf_counter()
         fmt, module = plan.format_for(entry.name), named[entry.name]
         weight = weight_matrix(module)
@@ -262,7 +272,8 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         if entry.name in cluster_rows:
             base = weight.abs() if importance is None else importance
             importance = apply_clusters_to_importance(base, cluster_rows[entry.name])
-        q, method, out_error = round_weight(weight, fmt, config, hessian=hessian, importance=importance)
+        q, method, out_error = round_weight(weight, fmt, config, hessian=hessian, importance=importance,
+                                            cross=cross)
         finish(entry, module, weight, q, method, out_error, t0)
 
     def finish(entry, module, weight, q: QuantizedTensor, method: str, out_error, t0: float) -> None:
@@ -294,7 +305,8 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         if stack_name is None:
             stats = collect_input_stats(out, batch, sorted(want), hessian=bool(gptq_names), progress=progress)
         else:
-            replay = BlockReplay(out, out.get_submodule(stack_name), batch, capture=want, progress=progress)
+            replay = BlockReplay(out, out.get_submodule(stack_name), batch, capture=want,
+                                 floats=config.asymmetric, progress=progress)
             stats = dict(replay.captured)
         seconds["calibration"] += time.perf_counter() - t0
 
@@ -310,7 +322,8 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
                 block_stats = replay.collect(b, names)
                 seconds["calibration"] += time.perf_counter() - t0
                 for n in names:
-                    quantize_one(by_name[n], block_stats.pop(n).hessian)
+                    st = block_stats.pop(n)
+                    quantize_one(by_name[n], st.hessian, cross=st.cross)
             if b < last:
                 t0 = time.perf_counter()
                 replay.advance(b)
@@ -364,6 +377,7 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         del seconds["calibration"]
     return QuantizeResult(out, records, plan, time.perf_counter() - t_start, method=config.method,
                           stage_seconds=seconds, sequential=stack_name is not None,
+                          asymmetric=config.asymmetric and stack_name is not None,
                           clustered=len(cluster_rows), rotation=rotation,
                           rotation_bits=_online_rotation_bits(out), rounding=rounding)
 
@@ -422,16 +436,21 @@ def _block_stack(model: torch.nn.Module, levels, names: set[str]) -> tuple[str |
 
 
 def round_weight(weight: torch.Tensor, fmt, config: QuantizeConfig, *, hessian: torch.Tensor | None = None,
-                 importance: torch.Tensor | None = None) -> tuple[QuantizedTensor, str, float | None]:
+                 importance: torch.Tensor | None = None,
+                 cross: torch.Tensor | None = None) -> tuple[QuantizedTensor, str, float | None]:
     """One weight rounded as ``quantize_model`` rounds it: GPTQ when an input Hessian is given,
     else to nearest (on a searched grid with ``config.clip_search``). Returns the tensor, the
-    method (``"gptq"`` or ``"rtn"``) and, for GPTQ, the output error on the Hessian.
+    method (``"gptq"`` or ``"rtn"``) and, for GPTQ, the output error on the Hessian. With
+    ``cross`` (the float inputs times these, ``InputStats.cross``) GPTQ rounds the asymmetric
+    target ``W'`` instead of ``weight`` and the error is measured against ``W'``.
 
     >>> q, method, err = round_weight(torch.randn(8, 64), QuantFormat(bits=4, group_size=32), QuantizeConfig())
     >>> method, err, q.stored_bits == q.fmt.bits_for(8 * 64)
     ('rtn', None, True)
     """
     if hessian is not None:
+        if cross is not None:
+            weight = asymmetric_target(weight, hessian, cross, damp=config.damp)
         q = gptq_quantize(weight, hessian, fmt, damp=config.damp, act_order=config.act_order,
                           block_size=config.block_size, importance=importance, grid_search=config.clip_search)
         return q, "gptq", hessian_error(weight, dequantize(q), hessian)

@@ -197,6 +197,9 @@ def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
     if qcfg.method not in STREAMED_METHODS:
         raise ConfigError(f"recipe {recipe.name!r}: QuantizeConfig.method {qcfg.method!r} cannot run streamed "
                           f"yet; use {' / '.join(map(repr, STREAMED_METHODS))}, or run without --stream")
+    if qcfg.asymmetric:  # its paired float/quantized statistics are collected in memory only (BlockReplay)
+        raise ConfigError(f"recipe {recipe.name!r}: QuantizeConfig.asymmetric=True cannot run streamed yet; "
+                          "set asymmetric=False, or run without --stream")
     return recipe.stage("levels") or LevelsConfig(), plan_cfg, qcfg
 
 

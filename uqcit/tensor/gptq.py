@@ -110,6 +110,62 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
     return quantize_with(qt.t(), params)
 
 
+def asymmetric_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, *,
+                      damp: float = 0.01) -> torch.Tensor:
+    """The weights whose GPTQ rounding on the quantized model's inputs matches the float model's
+    outputs (asymmetric calibration, after GPTAQ, Li et al., ICML 2025): ``W' = W + W (C − H̃) H̃_λ⁻¹``.
+
+    Sequential GPTQ rounds ``W`` against ``H̃ ∝ X̃ᵀX̃``, the inputs ``X̃`` that reach the layer
+    once the blocks before it are quantized: it minimizes ``‖X̃Wᵀ − X̃Ŵᵀ‖``, the error of ``Ŵ``
+    relative to ``W`` run on ``X̃``. What the float model computes is ``XWᵀ``, on its own inputs
+    ``X``. With ``C ∝ XᵀX̃`` (``cross`` ``[in, in]``, the token mean of ``x x̃ᵀ`` on the same
+    scale as ``hessian``) and ``H̃_λ = H̃ + λI``, λ = damp · mean diag(H̃) as in ``gptq_quantize``,
+    over ``N`` tokens::
+
+        ‖XWᵀ − X̃Ŵᵀ‖²/N + λ‖Ŵ − W‖² = tr((W' − Ŵ) H̃_λ (W' − Ŵ)ᵀ) + const
+
+    (expand both sides: ``W' H̃_λ = W C + λW``). So ``gptq_quantize(W', H̃)`` minimizes the float
+    model's output error from the quantized inputs; its damping keeps the meaning it has in plain
+    GPTQ, a pull toward ``W``. (Damping ``λ‖Ŵ‖²`` instead, the ridge fit ``W C H̃_λ⁻¹``, would
+    shrink the weights along every direction the calibration inputs barely excite.) Undamped,
+    ``W' = W C H̃⁻¹`` is the least-squares fit of the float outputs from the quantized inputs; with
+    ``X̃ = X`` (``cross == hessian``) it is ``W`` exactly, at any damping. GPTAQ folds the same
+    correction into GPTQ's column loop; here it is one solve before it, and GPTQ takes its static
+    grid from ``W'``, the weights it rounds. Input columns dead on ``X̃`` (``H̃[j, j] = 0``, so
+    column ``j`` of ``C`` is zero too) keep ``W``'s weights. ``w`` is ``[out, in]``; the result
+    is float32; nothing is modified.
+
+    >>> x = torch.randn(512, 64) @ torch.randn(64, 64)  # the float model's inputs
+    >>> x_q = x + 0.1 * torch.randn(512, 64)  # what reaches the layer with earlier blocks quantized
+    >>> w = torch.randn(32, 64)
+    >>> target = asymmetric_target(w, x_q.T @ x_q / 512, x.T @ x_q / 512, damp=0.0)
+    >>> fit = torch.linalg.lstsq(x_q, x @ w.T).solution.T  # the least-squares fit, computed directly
+    >>> bool((target - fit).norm() < 1e-3 * fit.norm())  # float32 Hessians: not to the last digit
+    True
+    """
+    weight = w.detach().to(torch.float32)
+    n = weight.shape[-1]
+    if weight.dim() != 2 or tuple(hessian.shape) != (n, n) or tuple(cross.shape) != (n, n):
+        raise ValueError(f"asymmetric_target: w [out, in] with hessian and cross [in, in], got {tuple(w.shape)}, "
+                         f"{tuple(hessian.shape)}, {tuple(cross.shape)}")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    # float64: H̃_λ's condition number reaches ~100·in, too much for a float32 solve's last digits
+    h = hessian.detach().to(device=weight.device, dtype=torch.float64)
+    delta = cross.detach().to(device=weight.device, dtype=torch.float64) - h  # C − H̃ ∝ (X − X̃)ᵀX̃
+    h = h.clone()
+    dead = torch.nonzero(h.diagonal() == 0).squeeze(1)
+    h[dead, dead] = 1.0  # as gptq_quantize, so that λ is the one its error feedback uses
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError(f"asymmetric_target: the Hessian is not positive definite with damp={damp:g}; "
+                         "raise damp (are the calibration inputs all zero or non-finite?)")
+    # (W ΔC H̃_λ⁻¹)ᵀ = H̃_λ⁻¹ (W ΔC)ᵀ, H̃_λ being symmetric
+    correction = torch.cholesky_solve((weight.to(torch.float64) @ delta).t(), lower).t()
+    return (weight.to(torch.float64) + correction).to(torch.float32)
+
+
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error on the calibration inputs: ``‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖`` from ``H ∝ XᵀX``."""
     w = w.detach().to(torch.float32)
