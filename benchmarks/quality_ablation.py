@@ -24,6 +24,9 @@ from common import RESULTS, write  # noqa: E402
 LADDER = {
     "3.3": [("round to nearest, w3-g64-iz (3-bit zero points)", "rtn-w3-g64-iz"),
             ("GPTQ error feedback (16 x 256 tokens)", "gptq-w3-g64-iz"),
+            ("... block by block, on the quantized blocks' outputs (sequential)", "gptq-seq-w3-g64-iz"),
+            ("... toward the float model's outputs (GPTAQ's asymmetric calibration)", "gptq-asym-w3-g64-iz",
+             "gptq-seq-w3-g64-iz"),
             ("learned rounding instead (SignRound, 40 steps, 32 x 256 tokens)", "signround-i40-w3-g64-iz"),
             ("+ Hadamard rotation of the residual stream (ablation: not kept)", "rot-hadamard-signround-i40-w3-g64-iz",
              "signround-i40-w3-g64-iz"),

@@ -62,6 +62,8 @@ class Candidate:
     e2e_decay: str = "constant"  # RetrainConfig.lr_decay: "linear" lets the step fall to 0 over the pass
     coarse: tuple[str, str] = ()  # (block linear, format): that one module in another format, e.g. to pay for tables
     attention: str = ""  # another format for the attention projections (self_attn.*) than for the MLPs
+    sequential: bool = False  # gptq: block by block on the quantized blocks' outputs
+    asymmetric: bool = False  # gptq, sequential: toward the float model's outputs (GPTAQ)
 
     @property
     def name(self) -> str:
@@ -76,7 +78,8 @@ class Candidate:
         e2e += "-lin" if self.e2e and self.e2e_decay == "linear" else ""
         blocks = self.blocks + (f"-{self.coarse[0].removeprefix('model.layers.')}@{self.coarse[1]}" if self.coarse else "")
         blocks += f"-attn-{self.attention}" if self.attention else ""
-        return f"{rot}{self.method}{iters}-{blocks}{emb}{calib}{e2e}"
+        seq = ("-asym" if self.asymmetric else "-seq") if self.sequential else ""
+        return f"{rot}{self.method}{seq}{iters}-{blocks}{emb}{calib}{e2e}"
 
 
 CANDIDATES = [
@@ -155,6 +158,10 @@ CANDIDATES = [
     # 36 with 6-bit scale codes in the MLPs (3.3125) and of 48 in attention (3.25): 3.2969 over the blocks.
     Candidate(3.30, "w3-g36-iz-s6", "fp16", rotation="none", iters=100, calib_samples=128,
               attention="w3-g48-iz-s6"),
+    # Error feedback block by block, and toward the float model's outputs (GPTAQ's asymmetric calibration).
+    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True),
+    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True,
+              asymmetric=True),
 ]
 
 
@@ -205,7 +212,8 @@ def main() -> None:
             t0 = time.perf_counter()
             q = quantize_model(model, levels, plan, QuantizeConfig(
                 method=c.method, iters=c.iters, lr=c.lr, calib_samples=c.calib_samples, micro_batch=c.micro_batch,
-                head_feedback=c.head_feedback, calib_source=c.calib_source),
+                head_feedback=c.head_feedback, calib_source=c.calib_source, sequential=c.sequential,
+                asymmetric=c.asymmetric),
                 tokenizer=tok, rotation=prefix)
             quant_s = time.perf_counter() - t0
             e2e_log = None
