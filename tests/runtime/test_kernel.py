@@ -59,6 +59,8 @@ CASES = [
     (QuantFormat(bits=4, group_size=22, symmetric=True, lut=True, nl=True), (9, 55)),  # odd rows: mid-byte starts
     (QuantFormat(bits=8, group_size=20, symmetric=True), (9, 37)),  # 8-bit groups with tails
     (QuantFormat(bits=3, group_size=36, int_zeros=True, scale_bits=6), (12, 576)),  # 3-bit groups off chunks
+    (QuantFormat(bits=2, group_size=24, int_zeros=True, scale_bits=6), (12, 576)),  # the 2.5 bar's blocks
+    (QuantFormat(bits=3, group_size=54, symmetric=True, lut=True), (9, 108)),  # 3-bit tables off chunks
     # fp16 pass-through (a tied head kept in fp16): 8 values at a time, the rest of a row one by one
     (QuantFormat(bits=16), (40, 192)),
     (QuantFormat(bits=16), (11, 37)),

@@ -116,19 +116,6 @@ static float seg_dot(const uint8_t *codes, int bits, int64_t f, int64_t len, con
     return acc;
 }
 
-/* Any alignment: each code read from the (at most two) bytes holding it; x in plain layout. */
-static float seg_dot_any(const uint8_t *codes, int bits, int64_t f, int64_t len, const float *x, float off) {
-    uint32_t mask = (1u << bits) - 1;
-    float acc = 0.0f;
-    for (int64_t i = 0; i < len; i++) {
-        int64_t bit = (f + i) * bits;
-        uint32_t w = codes[bit >> 3];
-        if ((bit & 7) + bits > 8) w |= (uint32_t)codes[(bit >> 3) + 1] << 8;
-        acc += ((float)((w >> (bit & 7)) & mask) - off) * x[i];
-    }
-    return acc;
-}
-
 /* Code number e of a packed stream (any width up to 8 bits, any alignment). */
 static inline uint32_t code_at(const uint8_t *codes, int bits, int64_t e) {
     int64_t bit = e * bits;
@@ -137,39 +124,17 @@ static inline uint32_t code_at(const uint8_t *codes, int bits, int64_t e) {
     return (w >> (bit & 7)) & ((1u << bits) - 1);
 }
 
+/* Any alignment: each code read from the (at most two) bytes holding it; x in plain layout. */
+static float seg_dot_any(const uint8_t *codes, int bits, int64_t f, int64_t len, const float *x, float off) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < len; i++) acc += ((float)code_at(codes, bits, f + i) - off) * x[i];
+    return acc;
+}
+
 /* Lookup-table codes at any alignment: sum of tab[code] * x[i] over the segment [f, f + len). */
 static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len, const float *x, const float *tab) {
-    uint32_t mask = (1u << bits) - 1;
     float acc = 0.0f;
     int64_t i = 0;
-#ifdef __AVX2__
-    if (bits <= 4) {  /* 8 codes (bits bytes) at a time from a code index that is a multiple of 8 */
-        int64_t head = (8 - (f & 7)) & 7;
-        if (head > len) head = len;
-        for (; i < head; i++) {
-            int64_t bit = (f + i) * bits;
-            uint32_t w = codes[bit >> 3];
-            if ((bit & 7) + bits > 8) w |= (uint32_t)codes[(bit >> 3) + 1] << 8;
-            acc += tab[(w >> (bit & 7)) & mask] * x[i];
-        }
-        const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
-        const __m256i m = _mm256_set1_epi32((int)mask);
-        /* 8 levels in one register (permute takes the low 3 bits); 16 in two, bit 3 picks */
-        const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
-        __m256 a = _mm256_setzero_ps();
-        for (; i + 8 <= len; i += 8) {
-            uint32_t w = 0;
-            memcpy(&w, codes + ((f + i) >> 3) * bits, (size_t)bits);
-            __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), m);
-            __m256 v = _mm256_permutevar8x32_ps(t0, idx);
-            if (bits == 4)
-                v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t1, idx),
-                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-            a = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + i), a);
-        }
-        acc += hsum(a);
-    }
-#endif
     if (bits == 4 && !(f & 1)) {  /* two codes a byte, the first in the low nibble */
         const uint8_t *p = codes + (f >> 1);
         for (; i + 2 <= len; i += 2) {
@@ -177,19 +142,14 @@ static float seg_dot_lut(const uint8_t *codes, int bits, int64_t f, int64_t len,
             acc += tab[b & 15] * x[i] + tab[b >> 4] * x[i + 1];
         }
     }
-    for (; i < len; i++) {
-        int64_t bit = (f + i) * bits;
-        uint32_t w = codes[bit >> 3];
-        if ((bit & 7) + bits > 8) w |= (uint32_t)codes[(bit >> 3) + 1] << 8;
-        acc += tab[(w >> (bit & 7)) & mask] * x[i];
-    }
+    for (; i < len; i++) acc += tab[code_at(codes, bits, f + i)] * x[i];
     return acc;
 }
 
 #ifdef __AVX2__
-/* The two hot layouts, one whole row at a time: 4-bit integer codes in phase layout, and 4-bit
-   table codes two a byte. Each group's partial sums stay in vector registers and are scaled into
-   a row total there; one horizontal sum per row instead of one per group (at groups of 32-64 that
+/* Whole rows at a time: 4-bit integer codes in phase layout (row_dot4), 2-4-bit table codes and
+   2-, 3- and 8-bit integer codes in plain layout (row_dot_lut, row_dot_int). Each group's partial
+   sums stay in vector registers and are scaled into a row total there; one horizontal sum per row instead of one per group (at groups of 32-64 that
    sum and the per-weight offset subtraction cost about as much as the products). The offset term
    s * off * sum(x) comes from a vector sum of x over the group. */
 static float row_dot4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
@@ -224,9 +184,19 @@ static float row_dot4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, c
     return hsum(total) + rest;
 }
 
-static float row_dot_lut4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
-                          const float *tab, const float *x) {
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+/* Up to 8 bytes from p, little-endian: the chunk of 8 codes at a code index that is a multiple of 8
+   (bits bytes for 2-4-bit codes). */
+static inline uint32_t chunk8(const uint8_t *p, int bits) {
+    uint32_t w = 0;
+    for (int b = 0; b < bits; b++) w |= (uint32_t)p[b] << (8 * b);
+    return w;
+}
+
+static float row_dot_lut(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs,
+                         const uint16_t *scales, const float *tab, const float *x) {
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    /* 8 levels in one register (the permute reads the low 3 bits of an index); 16 in two, bit 3 picks */
     const __m256 t0 = _mm256_loadu_ps(tab), t1 = _mm256_loadu_ps(tab + 8);
     __m256 total = _mm256_setzero_ps();
     float rest = 0.0f;
@@ -236,35 +206,32 @@ static float row_dot_lut4(const uint8_t *codes, int64_t f0, int64_t K, int64_t g
         if (end > K) end = K;
         float s = HALF[scales[g]];
         int64_t i = k;
-        for (; i < end && ((f0 + i) & 7); i++) {  /* up to a code index that is a multiple of 8 */
-            uint8_t b = codes[(f0 + i) >> 1];
-            rest += s * tab[((f0 + i) & 1) ? b >> 4 : b & 15] * x[i];
-        }
+        for (; i < end && ((f0 + i) & 7); i++)  /* up to a code index that is a multiple of 8 */
+            rest += s * tab[code_at(codes, bits, f0 + i)] * x[i];
         __m256 a = _mm256_setzero_ps();
         for (; i + 8 <= end; i += 8) {
-            uint32_t w;
-            memcpy(&w, codes + ((f0 + i) >> 1), 4);
-            __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), low4);
-            __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
-                                        _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+            uint32_t w = chunk8(codes + ((f0 + i) >> 3) * bits, bits);
+            __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), mask);
+            __m256 v = _mm256_permutevar8x32_ps(t0, idx);
+            if (bits == 4)
+                v = _mm256_blendv_ps(v, _mm256_permutevar8x32_ps(t1, idx),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
             a = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + i), a);
         }
         total = _mm256_fmadd_ps(a, _mm256_set1_ps(s), total);
-        for (; i < end; i++) {
-            uint8_t b = codes[(f0 + i) >> 1];
-            rest += s * tab[((f0 + i) & 1) ? b >> 4 : b & 15] * x[i];
-        }
+        for (; i < end; i++) rest += s * tab[code_at(codes, bits, f0 + i)] * x[i];
         k = end;
     }
     return hsum(total) + rest;
 }
 
-/* 3- and 8-bit integer codes, one whole row against x in plain layout, the same vector scheme:
-   3-bit codes 8 at a time from the 3 bytes of a chunk (code index a multiple of 8; the codes
-   before and after in a group one by one), 8-bit codes 8 bytes at a time. */
-static float row_dot38(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
-                       const float *scales32, const uint16_t *zeros, float sym_offset, const float *x) {
-    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21), low3 = _mm256_set1_epi32(7);
+/* 2-, 3- and 8-bit integer codes, one whole row against x in plain layout, the same vector scheme:
+   2- and 3-bit codes 8 at a time from the bits bytes of a chunk (code index a multiple of 8; the
+   codes before and after in a group one by one), 8-bit codes 8 bytes at a time. */
+static float row_dot_int(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
+                         const float *scales32, const uint16_t *zeros, float sym_offset, const float *x) {
+    const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     __m256 total = _mm256_setzero_ps();
     float rest = 0.0f;
     int64_t k = 0;
@@ -283,11 +250,10 @@ static float row_dot38(const uint8_t *codes, int bits, int64_t f0, int64_t K, in
                 ax = _mm256_add_ps(ax, v);
             }
         } else {
-            for (; i < end && ((f0 + i) & 7); i++) rest += s * ((float)code_at(codes, 3, f0 + i) - off) * x[i];
+            for (; i < end && ((f0 + i) & 7); i++) rest += s * ((float)code_at(codes, bits, f0 + i) - off) * x[i];
             for (; i + 8 <= end; i += 8) {
-                const uint8_t *p = codes + ((f0 + i) >> 3) * 3;
-                uint32_t w = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
-                __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), low3);
+                uint32_t w = chunk8(codes + ((f0 + i) >> 3) * bits, bits);
+                __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), mask);
                 __m256 v = _mm256_loadu_ps(x + i);
                 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), v, a);
                 ax = _mm256_add_ps(ax, v);
@@ -314,11 +280,13 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
     int64_t per = 8 / (bits & -bits), stride = K / per;  /* codes per chunk: lcm(bits, 8) / bits */
     const float *x = x_in;
     float *xph = NULL;
-    int rowwise = 0;  /* 1: row_dot4 or row_dot_lut4, 3: row_dot38 (plain x) */
+    /* 1: row_dot4 (phase layout); 2: row_dot_lut or row_dot_int (plain x) */
+    int rowwise = 0;
 #ifdef __AVX2__
-    rowwise = bits == 4 && (table || (phased && per > 1)) ? 1 : (bits == 3 || bits == 8) && !table ? 3 : 0;
+    if (table) rowwise = bits <= 4 ? 2 : 0;
+    else rowwise = bits == 4 ? (phased && per > 1 ? 1 : 0) : (bits == 2 || bits == 3 || bits == 8) ? 2 : 0;
 #endif
-    if (phased && per > 1 && rowwise != 3) {
+    if (phased && per > 1 && rowwise != 2) {
         xph = (float *)malloc(sizeof(float) * T * K);
         if (!xph) return 1;
         for (int64_t t = 0; t < T; t++)
@@ -332,11 +300,11 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
 #ifdef __AVX2__
         if (rowwise) {
             for (int64_t t = 0; t < T; t++)
-                y[t * N + n] = rowwise == 3 ? row_dot38(codes, bits, f0, K, gs, scales, scales32, zeros, sym_offset,
-                                                        x_in + t * K)
-                             : table ? row_dot_lut4(codes, f0, K, gs, scales, tab, x + t * K)
-                                     : row_dot4(codes, f0, K, gs, scales, scales32, zeros, sym_offset,
-                                                x + t * K, stride);
+                y[t * N + n] = rowwise == 1 ? row_dot4(codes, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                       x + t * K, stride)
+                             : table ? row_dot_lut(codes, bits, f0, K, gs, scales, tab, x_in + t * K)
+                                     : row_dot_int(codes, bits, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                   x_in + t * K);
             continue;
         }
 #endif
