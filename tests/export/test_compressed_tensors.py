@@ -109,7 +109,7 @@ def test_transformers_and_compressed_tensors_alone_give_the_package_weights_and_
     assert got["uqcit"] == []
     with torch.no_grad():
         ref_sym, ref_uniform = sym.model(IDS).logits, uniform.model(IDS).logits
-    torch.testing.assert_close(got["sym_logits"], ref_sym, rtol=0, atol=1e-5)  # the packed kernel vs F.linear
+    torch.testing.assert_close(got["sym_logits"], ref_sym, rtol=1e-5, atol=1e-5 * float(ref_sym.abs().max()))  # the packed kernel vs F.linear
     sym_state = dequantized_state(sym.model)
     assert got["sym_weights"].keys() == set(got_sym.formats) | set(got_sym.dense)
     for name, weight in got["sym_weights"].items():  # codes and dense layers alike: bit for bit

@@ -357,4 +357,5 @@ def test_iq4_nl_package_runs_in_transformers_gguf_loader(tmp_path_factory):
     assert np.array_equal(got, state["model.layers.0.mlp.down_proj.weight"].numpy())
     model = AutoModelForCausalLM.from_pretrained(out.path.parent, gguf_file=out.path.name).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(IDS).logits, pkg.model(IDS).logits, rtol=0, atol=1e-5)
+        ref = pkg.model(IDS).logits  # the packed kernel: equal to float32 rounding
+        torch.testing.assert_close(model(IDS).logits, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
