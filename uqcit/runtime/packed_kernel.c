@@ -192,7 +192,8 @@ static inline uint32_t chunk8(const uint8_t *p, int bits) {
     return w;
 }
 
-static float row_dot_lut(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs,
+/* Always inlined into calls with a constant width, so each width gets its own unrolled loop. */
+static inline __attribute__((always_inline)) float row_dot_lut(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs,
                          const uint16_t *scales, const float *tab, const float *x) {
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
@@ -228,7 +229,7 @@ static float row_dot_lut(const uint8_t *codes, int bits, int64_t f0, int64_t K, 
 /* 2-, 3- and 8-bit integer codes, one whole row against x in plain layout, the same vector scheme:
    2- and 3-bit codes 8 at a time from the bits bytes of a chunk (code index a multiple of 8; the
    codes before and after in a group one by one), 8-bit codes 8 bytes at a time. */
-static float row_dot_int(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
+static inline __attribute__((always_inline)) float row_dot_int(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
                          const float *scales32, const uint16_t *zeros, float sym_offset, const float *x) {
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
@@ -302,9 +303,15 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
             for (int64_t t = 0; t < T; t++)
                 y[t * N + n] = rowwise == 1 ? row_dot4(codes, f0, K, gs, scales, scales32, zeros, sym_offset,
                                                        x + t * K, stride)
-                             : table ? row_dot_lut(codes, bits, f0, K, gs, scales, tab, x_in + t * K)
-                                     : row_dot_int(codes, bits, f0, K, gs, scales, scales32, zeros, sym_offset,
-                                                   x_in + t * K);
+                             : table ? (bits == 4 ? row_dot_lut(codes, 4, f0, K, gs, scales, tab, x_in + t * K)
+                                        : bits == 3 ? row_dot_lut(codes, 3, f0, K, gs, scales, tab, x_in + t * K)
+                                                    : row_dot_lut(codes, 2, f0, K, gs, scales, tab, x_in + t * K))
+                             : bits == 8 ? row_dot_int(codes, 8, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                       x_in + t * K)
+                             : bits == 3 ? row_dot_int(codes, 3, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                       x_in + t * K)
+                                         : row_dot_int(codes, 2, f0, K, gs, scales, scales32, zeros, sym_offset,
+                                                       x_in + t * K);
             continue;
         }
 #endif
