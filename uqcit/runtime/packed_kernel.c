@@ -52,7 +52,9 @@ static inline float chunk_dot(const uint8_t *p, int bits, int per, int nb, int64
     return acc;
 }
 
-/* Dot product of one segment [f, f + len) of a row with x, in phase layout: xph[j * (K / P) + i]
+/* (With AVX2 the 2- and 4-bit phase-layout rows go to the row-wise loops below: this is their
+   portable form, and the 5- and 6-bit codes' only one.)
+   Dot product of one segment [f, f + len) of a row with x, in phase layout: xph[j * (K / P) + i]
    is x[P * i + j], P the codes per chunk (4-bit: 2 per byte, 2-bit: 4, 3- and 5-bit: 8, 6-bit: 4),
    and c the chunk index of the segment start within the row. Each code contributes
    (code - off) * x, so the caller multiplies by the group's scale. */
@@ -67,40 +69,12 @@ static float seg_dot(const uint8_t *codes, int bits, int64_t f, int64_t len, con
         const uint8_t *p = codes + (f >> 1);
         const float *x0 = xph + c, *x1 = xph + stride + c;
         int64_t m = len >> 1, i = 0;
-#ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), o = _mm256_set1_ps(off);
-        const __m256i low4 = _mm256_set1_epi32(15);
-        for (; i + 8 <= m; i += 8) {  /* 8 bytes: 16 codes */
-            __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i)));
-            __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), o);
-            __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), o);
-            a0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x0 + i), a0);
-            a1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x1 + i), a1);
-        }
-        acc = hsum(_mm256_add_ps(a0, a1));
-#endif
         for (; i < m; i++)
             acc += ((float)(p[i] & 15) - off) * x0[i] + ((float)(p[i] >> 4) - off) * x1[i];
     } else if (bits == 2) {
         const uint8_t *p = codes + (f >> 2);
         const float *x0 = xph + c, *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
         int64_t m = len >> 2, i = 0;
-#ifdef __AVX2__
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), o = _mm256_set1_ps(off);
-        const __m256i low2 = _mm256_set1_epi32(3);
-        for (; i + 8 <= m; i += 8) {  /* 8 bytes: 32 codes */
-            __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i)));
-            __m256 c0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low2)), o);
-            __m256 c1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2), low2)), o);
-            __m256 c2 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), low2)), o);
-            __m256 c3 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 6)), o);
-            a0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x0 + i), a0);
-            a1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x1 + i), a1);
-            a0 = _mm256_fmadd_ps(c2, _mm256_loadu_ps(x2 + i), a0);
-            a1 = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x3 + i), a1);
-        }
-        acc = hsum(_mm256_add_ps(a0, a1));
-#endif
         for (; i < m; i++) {
             uint8_t b = p[i];
             acc += ((float)(b & 3) - off) * x0[i] + ((float)((b >> 2) & 3) - off) * x1[i]
