@@ -162,6 +162,10 @@ static float row_dot4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, c
    (bits bytes for 2-4-bit codes). */
 static inline uint32_t chunk8(const uint8_t *p, int bits) {
     uint32_t w = 0;
+    if (bits == 4) {  /* one 4-byte load (a byte loop here ran 4-bit tables 1.4x slower) */
+        memcpy(&w, p, 4);
+        return w;
+    }
     for (int b = 0; b < bits; b++) w |= (uint32_t)p[b] << (8 * b);
     return w;
 }
