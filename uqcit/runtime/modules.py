@@ -167,7 +167,7 @@ class _QuantStorage(nn.Module):
 class QuantLinear(_QuantStorage):
     """``nn.Linear`` whose weight ``[out_features, in_features]`` is stored quantized.
 
-    For float32 CPU inputs of at most ``KERNEL_MAX_ROWS`` rows (decoding) forward runs the
+    For float32, bfloat16 or float16 CPU inputs of at most ``KERNEL_MAX_ROWS`` rows (decoding) forward runs the
     packed kernel (``uqcit.runtime.kernel``: computes from the codes, equal to float32 rounding) when it
     is available and handles the format (``packed_kernel=True``, the default). Otherwise it
     dequantizes the weight to the input's dtype and calls ``F.linear``, exactly
@@ -226,7 +226,10 @@ class QuantLinear(_QuantStorage):
 
     def _packed_kernel(self, x: torch.Tensor):
         """The prepared kernel when it should compute this call, else None."""
-        if not self.packed_kernel or self.cache_dequantized or x.dtype != torch.float32 or x.device.type != "cpu":
+        # bfloat16/float16 inputs run it too, in float32 (the kernel widens them): dequantizing the whole
+        # weight to bfloat16 on every call made a bfloat16 package ~10x slower to decode than float32.
+        if (not self.packed_kernel or self.cache_dequantized or x.device.type != "cpu"
+                or x.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
             return None
         if _tracing():  # an opaque C call cannot go into a traced graph (torch.export, ONNX, compile)
             return None
@@ -241,7 +244,7 @@ class QuantLinear(_QuantStorage):
         comp = self.compensation
         kernel = self._packed_kernel(x)
         if kernel is not None:
-            y = kernel(x)
+            y = kernel(x).to(x.dtype)
         elif comp is None:  # exactly F.linear on the dequantized weight
             return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:
