@@ -90,6 +90,14 @@ static float seg_dot(const uint8_t *codes, int bits, int64_t f, int64_t len, con
     return acc;
 }
 
+/* The group g holding element f0 + k of a row starting at element f0, and where its part of the row
+   ends (groups are consecutive row-major elements and may straddle rows). */
+static inline int64_t group_end(int64_t f0, int64_t k, int64_t K, int64_t gs, int64_t *g) {
+    *g = (f0 + k) / gs;
+    int64_t end = (*g + 1) * gs - f0;
+    return end > K ? K : end;
+}
+
 /* Code number e of a packed stream (any width up to 8 bits, any alignment). */
 static inline uint32_t code_at(const uint8_t *codes, int bits, int64_t e) {
     int64_t bit = e * bits;
@@ -134,8 +142,7 @@ static float row_dot4(const uint8_t *codes, int64_t f0, int64_t K, int64_t gs, c
     float rest = 0.0f;
     int64_t k = 0;
     while (k < K) {
-        int64_t g = (f0 + k) / gs, end = (g + 1) * gs - f0;
-        if (end > K) end = K;
+        int64_t g, end = group_end(f0, k, K, gs, &g);
         float s = scales32 ? scales32[g] : HALF[scales[g]];
         float so = s * (zeros ? HALF[zeros[g]] : sym_offset);
         const uint8_t *p = codes + ((f0 + k) >> 1);
@@ -181,8 +188,7 @@ static inline __attribute__((always_inline)) float row_dot_lut(const uint8_t *co
     float rest = 0.0f;
     int64_t k = 0;
     while (k < K) {
-        int64_t g = (f0 + k) / gs, end = (g + 1) * gs - f0;
-        if (end > K) end = K;
+        int64_t g, end = group_end(f0, k, K, gs, &g);
         float s = HALF[scales[g]];
         int64_t i = k;
         for (; i < end && ((f0 + i) & 7); i++)  /* up to a code index that is a multiple of 8 */
@@ -207,16 +213,16 @@ static inline __attribute__((always_inline)) float row_dot_lut(const uint8_t *co
 /* 2-, 3- and 8-bit integer codes, one whole row against x in plain layout, the same vector scheme:
    2- and 3-bit codes 8 at a time from the bits bytes of a chunk (code index a multiple of 8; the
    codes before and after in a group one by one), 8-bit codes 8 bytes at a time. */
-static inline __attribute__((always_inline)) float row_dot_int(const uint8_t *codes, int bits, int64_t f0, int64_t K, int64_t gs, const uint16_t *scales,
-                         const float *scales32, const uint16_t *zeros, float sym_offset, const float *x) {
+static inline __attribute__((always_inline)) float row_dot_int(const uint8_t *codes, int bits, int64_t f0,
+        int64_t K, int64_t gs, const uint16_t *scales, const float *scales32, const uint16_t *zeros,
+        float sym_offset, const float *x) {
     const __m256i shifts = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
     const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
     __m256 total = _mm256_setzero_ps();
     float rest = 0.0f;
     int64_t k = 0;
     while (k < K) {
-        int64_t g = (f0 + k) / gs, end = (g + 1) * gs - f0;
-        if (end > K) end = K;
+        int64_t g, end = group_end(f0, k, K, gs, &g);
         float s = scales32 ? scales32[g] : HALF[scales[g]];
         float off = zeros ? HALF[zeros[g]] : sym_offset, so = s * off;
         __m256 a = _mm256_setzero_ps(), ax = _mm256_setzero_ps();
@@ -296,9 +302,7 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
         for (int64_t t = 0; t < T; t++) y[t * N + n] = 0.0f;
         int64_t k = 0;
         while (k < K) {
-            int64_t g = (f0 + k) / gs;
-            int64_t end = (g + 1) * gs - f0;
-            if (end > K) end = K;
+            int64_t g, end = group_end(f0, k, K, gs, &g);
             float s = scales32 ? scales32[g] : HALF[scales[g]];
             float off = zeros ? HALF[zeros[g]] : sym_offset;
             for (int64_t t = 0; t < T; t++) {
