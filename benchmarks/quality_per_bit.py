@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, package_candidate, score_and_merge  # noqa: E402
+from family_allocation import plan_path  # noqa: E402
 
 from uqcit.inputs.corpus import calibration_batch  # noqa: E402
 from uqcit.inputs.models import load_model  # noqa: E402
@@ -47,7 +48,7 @@ MODEL = "smollm2-135m"
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     budget: float  # the bits/weight class it competes in (peer accounting: bpw_blocks)
-    blocks: str  # format of every block linear
+    blocks: str  # format of every block linear, or "alloc-<budget>": family_allocation.py's plan for that budget
     embedding: str  # "fp16" (peer accounting) or a format (whole-model accounting)
     method: str = "signround"
     rotation: str = "hadamard"  # "none" or a RotationConfig construction
@@ -149,6 +150,22 @@ CANDIDATES = [
               coarse=("model.layers.17.mlp.gate_proj", "w4-g128-lut")),
     Candidate(4.25, "w4-g64-nl", "fp16", rotation="none", iters=100, calib_samples=128,
               coarse=("model.layers.17.mlp.gate_proj", "w4-g128-nl")),
+    # End-to-end distillation on a table format: the 4.25 recipe above, its signed IQ4_NL scales distilled
+    # (the step left at RetrainConfig's default, as on w4-g64-sym).
+    Candidate(4.25, "w4-g64-nl", "fp16", rotation="none", iters=100, calib_samples=128,
+              coarse=("model.layers.17.mlp.gate_proj", "w4-g128-nl"), e2e=512),
+    # The same blocks with the tied embedding/LM head quantized (whole-model accounting): the candidate
+    # for a built-in 4.25 recipe on IQ4_NL blocks.
+    Candidate(4.25, "w4-g64-nl", "w4-g96-iz", rotation="none", iters=100, calib_samples=128,
+              coarse=("model.layers.17.mlp.gate_proj", "w4-g128-nl")),
+    # The 3.3 bar's small groups with 6-bit scale codes, for a whole-model 3.25 recipe: groups of 48 in every
+    # block linear (3.25) and the embedding/head in groups of 64 with 6-bit scale codes (3.203).
+    Candidate(3.25, "w3-g48-iz-s6", "w3-g64-iz-s6", rotation="none", iters=100, calib_samples=128),
+    # Allocation over format families (family_allocation.py: the measured 4 x 128 table widened by
+    # predicted cells), rounded by learned rounding like the uniform candidates of each budget.
+    Candidate(3.30, "alloc-3.3", "fp16", rotation="none", iters=100, calib_samples=128),
+    Candidate(2.5, "alloc-2.5", "fp16", rotation="none", iters=100, calib_samples=128),
+    Candidate(4.25, "alloc-4.25", "fp16", rotation="none", iters=100, calib_samples=128),
     # 3 bits on a fitted table of 8 levels: absmax scales in groups of 54 cost what w3-g64-iz's fp16 scale
     # and 3-bit zero point cost (3.2965 vs 3.2969 bits/weight); no e2e, so it fits the 15-minute bar.
     Candidate(3.30, "w3-g54-lut", "fp16", rotation="none", iters=100, calib_samples=128),
@@ -203,7 +220,7 @@ def main() -> None:
             blocks = {m.name for m in levels.quantizable() if m.kind != "embedding"}
             exact = {m.name: parse_format(c.embedding if m.name not in blocks else
                                           c.attention if c.attention and ".self_attn." in m.name else c.blocks)
-                     for m in levels.quantizable()}
+                     for m in levels.quantizable()} if not c.blocks.startswith("alloc-") else _allocated(c, levels)
             if c.coarse:
                 if c.coarse[0] not in blocks:
                     raise SystemExit(f"{c.name}: {c.coarse[0]} is not a block linear of {MODEL}")
@@ -250,6 +267,18 @@ def main() -> None:
                 score_and_merge(args.name, pending, tok, ref, eval_cfg, model=MODEL)
                 pending = []
     print((RESULTS / f"{args.name}.md").read_text())
+
+
+def _allocated(c: Candidate, levels) -> dict:
+    """The plan ``family_allocation.py`` wrote for ``c.blocks`` (``alloc-<budget>``), the embedding as ``c`` says."""
+    path = plan_path(float(c.blocks.removeprefix("alloc-")))
+    if not path.is_file():
+        raise SystemExit(f"{c.name}: {path} is missing; run benchmarks/family_allocation.py first")
+    plan = json.loads(path.read_text())["plan"]
+    exact = {}
+    for m in levels.quantizable():
+        exact[m.name] = parse_format(plan[m.name] if m.kind != "embedding" else c.embedding)
+    return exact
 
 
 def _packaged(c: Candidate, q, tok, levels, workdir: Path, blocks: set[str], rotate_s: float, quant_s: float,

@@ -1,0 +1,130 @@
+"""Allocation over format families on SmolLM2-135M: a predicted sensitivity table and the plans it gives.
+
+The measured table (``results/sensitivity-smollm2-135m.safetensors``: every module at w2/w3/w4/w8 in
+groups of 128, 4 x 128 calibration tokens, about an hour on 2 cores) is widened to the format
+families the quality benchmark uses (small groups with 6-bit scale codes, IQ4_NL and fitted tables,
+symmetric 4-8 bits) by ``uqcit.stages.sensitivity_fit``: each new cell is placed on its module's
+measured KL curve by its input-weighted weight error, which costs no forward pass.
+
+1. How good is the prediction? Each measured g128 column is predicted from the other three
+   (leave one out): rank correlation over modules and the typical ratio error.
+2. The allocator (``uqcit.stages.allocate``) on the widened table at 2.5, 3.3 and 4.25 bits/weight
+   over the 210 block linears, the tied embedding/LM head kept at fp16 (the peers' accounting):
+   the plan's format mix, its exact bits and its predicted KL. The plans are written to
+   ``results/family-plan-<budget>.json`` for ``quality_per_bit.py`` (candidates ``alloc-...``), which
+   rounds them by learned rounding and scores them at the full protocol.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/family_allocation.py
+
+Writes benchmarks/results/family_allocation.json and .md (about 3 minutes).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine  # noqa: E402
+
+from uqcit.core.io import atomic_write, write_json  # noqa: E402
+from uqcit.inputs.calibration import collect_input_stats  # noqa: E402
+from uqcit.inputs.corpus import calibration_batch  # noqa: E402
+from uqcit.inputs.models import load_model  # noqa: E402
+from uqcit.stages.allocate import FLOAT, AllocateConfig, allocate  # noqa: E402
+from uqcit.stages.levels import analyze_levels  # noqa: E402
+from uqcit.stages.sensitivity import SensitivityResult  # noqa: E402
+from uqcit.stages.sensitivity_fit import format_errors, leave_one_out, predict_sensitivity  # noqa: E402
+
+MODEL = "smollm2-135m"
+TABLE = RESULTS / "sensitivity-smollm2-135m.safetensors"
+# Families the block linears may take: every format here tiles SmolLM2's weights (learned rounding
+# needs whole groups), and each is one the quality benchmark measured uniformly at some budget.
+FAMILIES = ["w2-g24-iz-s6", "w2-g32-iz-s6", "w2-g48-iz", "w3-g36-iz-s6", "w3-g48-iz-s6", "w3-g64-iz",
+            "w3-g54-lut", "w4-g32-sym-s6", "w4-g64-nl", "w4-g128-nl", "w4-g64-sym", "w5-g32-sym-s6",
+            "w6-g64-sym-s6", "w8-g64-sym"]
+BUDGETS = (2.5, 3.3, 4.25)  # bits/weight over the block linears
+
+
+def plan_path(budget: float) -> Path:
+    """Where the plan for ``budget`` (bits/weight over the block linears) is written."""
+    return RESULTS / f"family-plan-{budget:g}.json"
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    loaded = load_model(MODEL)
+    model, tok = loaded.model, loaded.tokenizer
+    levels = analyze_levels(model)
+    measured = SensitivityResult.load(TABLE)
+    calib = measured.meta["settings"]["calibration"]
+    batch = calibration_batch(tok, n_samples=calib["samples"], seq_len=calib["seq_len"], seed=calib["seed"])
+    linears = [e.name for e in levels.quantizable() if e.kind != "embedding"]
+    stats = collect_input_stats(model, batch, linears, hessian=False)
+    channel_sq = {name: s.channel_sq for name, s in stats.items()}
+    anchors = [f for f in measured.formats if f != "fp16"]
+    errors = format_errors(model, levels, anchors + FAMILIES, channel_sq=channel_sq)
+    loo = [leave_one_out(measured, errors, f) for f in anchors]
+    wide = predict_sensitivity(measured, errors, FAMILIES)
+    wide.save(RESULTS / "sensitivity-families-smollm2-135m.safetensors")
+
+    blocks = [e for e in levels.quantizable() if e.kind != "embedding"]
+    emb = [e for e in levels.quantizable() if e.kind == "embedding"]
+    n_blocks, n_emb = sum(e.numel for e in blocks), sum(e.numel for e in emb)
+    plans = []
+    for budget in BUDGETS:
+        # the embedding pinned at fp16 counts 16 bits/weight in the allocator's average: the target over
+        # every quantizable weight that leaves exactly ``budget`` for the blocks
+        target = (budget * n_blocks + 16 * n_emb) / (n_blocks + n_emb)
+        res = allocate(levels, wide, AllocateConfig(target_bpw=target, formats=tuple(FAMILIES),
+                                                     pins={e.name: FLOAT for e in emb}))
+        rows = [r for r in res.rows if not r.pinned]
+        bpw_blocks = sum(r.bits for r in rows) / n_blocks
+        mix: dict[str, int] = {}
+        for r in rows:
+            mix[r.format] = mix.get(r.format, 0) + 1
+        plan = {r.module: r.format for r in rows}
+        write_json(plan_path(budget), {"budget": budget, "bpw_blocks": bpw_blocks, "plan": plan})
+        plans.append({"budget": budget, "bpw_blocks": bpw_blocks, "predicted_kl": res.predicted_kl,
+                      "mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+                      "by_level": _by_level(rows), "file": plan_path(budget).name})
+        print(f"budget {budget}: {bpw_blocks:.4f} bits/weight over the blocks, predicted KL "
+              f"{res.predicted_kl:.4f}, {mix}", flush=True)
+
+    out = {"model": MODEL, "table": TABLE.name, "calibration": calib, "families": FAMILIES,
+           "leave_one_out": loo, "plans": plans, "seconds": time.perf_counter() - t0, "machine": machine(),
+           "date": time.strftime("%Y-%m-%d")}
+    write_json(RESULTS / "family_allocation.json", out)
+    atomic_write(RESULTS / "family_allocation.md", (_markdown(out) + "\n").encode())
+    print(_markdown(out))
+
+
+def _by_level(rows) -> dict[str, float]:
+    """Mean stored bits/weight per level (the seed's levels) in the plan."""
+    acc: dict[int, list[int]] = {}
+    for r in rows:
+        a = acc.setdefault(r.level, [0, 0])
+        a[0] += r.bits
+        a[1] += r.numel
+    return {str(k): v[0] / v[1] for k, v in sorted(acc.items())}
+
+
+def _markdown(out: dict) -> str:
+    lines = ["Leave one out (a measured column predicted from the other three):", "",
+             "| format | modules | Spearman | median ratio | 90th pct ratio |", "|---|---:|---:|---:|---:|"]
+    for r in out["leave_one_out"]:
+        lines.append(f"| {r['format']} | {r['modules']} | {r['spearman']:.3f} | {r['median_ratio']:.2f} | "
+                     f"{r['p90_ratio']:.2f} |")
+    lines += ["", "| budget | bits/weight (blocks) | predicted KL | formats chosen | bits/weight by level |",
+              "|---:|---:|---:|---|---|"]
+    for p in out["plans"]:
+        mix = ", ".join(f"{k} x{v}" for k, v in p["mix"].items())
+        lv = ", ".join(f"L{k} {v:.2f}" for k, v in p["by_level"].items())
+        lines.append(f"| {p['budget']} | {p['bpw_blocks']:.4f} | {p['predicted_kl']:.4f} | {mix} | {lv} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
