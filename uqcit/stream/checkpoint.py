@@ -11,6 +11,14 @@ activations it produced, then ``run.json`` (each file atomically, ``uqcit.core.i
 killed at any point leaves a checkpoint that names only complete files. ``open_run`` refuses a
 run folder of another job (another source, recipe or shard sizes) rather than mixing them.
 
+Where each block computed (``devices``, one name per finished block) is recorded, not part of
+the identity: a job resumed with another device or device map goes on. The checkpoint holds the
+activations on the CPU whatever placed them, and on the CPU a block's result does not depend on
+the map at all (``tests/stream/test_stream_device_map.py``: the same package file for file);
+between the CPU and a GPU, or GPUs, only the order of float sums differs, as it does for a
+single-device job resumed elsewhere. Refusing would leave a job whose GPU is gone unable to
+finish; the record keeps the report truthful about which block ran where.
+
 >>> import tempfile
 >>> from pathlib import Path
 >>> run = open_run(Path(tempfile.mkdtemp()) / "run", {"source": "m"})
@@ -47,9 +55,13 @@ class RunState:
     modules: dict[str, Any] = dataclasses.field(default_factory=dict)  # the metadata's module index so far
     float_tensors: dict[str, Any] = dataclasses.field(default_factory=dict)
     streams: str | None = None  # the activations file entering ``next_block``
+    devices: list[str] = dataclasses.field(default_factory=list)  # per finished block: where it computed
 
-    def add_block(self, records: Iterable[Any], modules: dict[str, Any], float_tensors: dict[str, Any]) -> None:
+    def add_block(self, records: Iterable[Any], modules: dict[str, Any], float_tensors: dict[str, Any],
+                  block: int, device: str) -> None:
         self.records += [dataclasses.asdict(r) for r in records]
+        # a checkpoint written before devices were recorded names none for its blocks
+        self.devices += ["unrecorded"] * (block - len(self.devices)) + [device]
         self.modules.update(modules)
         self.float_tensors.update(float_tensors)
 

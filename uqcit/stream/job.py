@@ -26,7 +26,11 @@ float model), signing and encryption.
 ``device="cuda"`` (or ``"cuda:N"``) computes on a GPU: the calibration activations live there,
 each block is moved there for its statistics and GPTQ and back to the CPU before it is written
 (the modules outside the blocks likewise, at the end); peak GPU memory is one block in float and
-the activations. The default, the CPU, moves nothing.
+the activations. The default, the CPU, moves nothing. ``device_map`` (``uqcit.stream.devices``:
+``"balanced"`` over the visible GPUs, or block -> device) computes each block on its own device:
+the activations move to a block's device when it differs from the previous block's, so they are
+on one device at a time; the modules outside the blocks compute on block 0's device, the head's
+inputs moved there one micro-batch at a time.
 
 Each finished block is a checkpoint in the run folder (``uqcit.stream.checkpoint``): a job
 interrupted after block k resumes at block k + 1 when it is started again with the same
@@ -64,7 +68,6 @@ from uqcit.inputs.corpus import stage_calibration
 from uqcit.package.canonical import created_stamp
 from uqcit.package.export import layer_parts, link_or_copy, stage_with, write_config, write_layer, write_rest
 from uqcit.package.format import package_bytes
-from uqcit.package.load import resolve_device
 from uqcit.recipe import Recipe
 from uqcit.runtime.modules import QuantLinear, block_stack, replace_module, weight_matrix
 from uqcit.stages.importance import activation_source
@@ -75,6 +78,7 @@ from uqcit.stages.quantize import (
 )
 from uqcit.stages.signround import learnable_blocks, signround_block
 from uqcit.stream.checkpoint import RunState, open_run
+from uqcit.stream.devices import DeviceMap, check_device_map, format_device_map, place_blocks
 from uqcit.stream.report import StreamReport
 from uqcit.stream.source import LazyCheckpoint, free
 from uqcit.tensor.formats import FLOAT_BITS
@@ -89,25 +93,26 @@ RNG = "rng"  # the checkpoint's entry for signround's random generator state
 def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.PathLike, *,
                       run_dir: str | os.PathLike | None = None, model_name: str | None = None,
                       progress: bool = True, on_block: Callable[[int], None] | None = None,
-                      device: str | torch.device = "cpu") -> StreamReport:
+                      device: str | torch.device | None = None, device_map: DeviceMap = None) -> StreamReport:
     """Write ``recipe``'s package of the model folder ``source`` at ``out``, one block at a time.
 
     ``run_dir`` (default: ``.<out name>.stream`` beside ``out``) holds the block checkpoints; it
     is removed when the package is in place. ``model_name`` is the name the package records as
     its source (default: ``source`` as given). ``on_block(i)`` is called after block ``i`` is
     checkpointed (a progress hook; an exception it raises stops the job, resumably). ``device``
-    (``"cpu"``, ``"cuda"``, ``"cuda:N"``) is where the statistics and GPTQ run; a resumed job may
-    use another one. Raises ``ConfigError`` for a recipe stage that cannot stream or a device this
-    machine does not have.
+    (``"cpu"``, the default, ``"cuda"``, ``"cuda:N"``) is where the statistics and GPTQ run; or
+    ``device_map`` places each block (``uqcit.stream.devices``; not with ``device``). A resumed job
+    may use another device or map: run.json records where each block ran. Raises ``ConfigError``
+    for a recipe stage that cannot stream, a device this machine does not have, or a map that
+    does not place each block exactly once.
     """
-    from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from uqcit.pipeline import preflight
 
     t_start = time.perf_counter()
-    device = resolve_device(device)  # before any work: a GPU that is not there fails now
+    spec = check_device_map(device, device_map)  # before any work: a GPU that is not there fails now
     levels_cfg, plan_cfg, qcfg = _stages(recipe)
     preflight(recipe, out)
     out = Path(out)
@@ -116,7 +121,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
     skeleton = ckpt.skeleton()
     levels = analyze_levels(skeleton, levels_cfg)
     plan = build_plan(levels, plan_cfg)
-    job = _Job(skeleton, levels, plan, qcfg, device)
+    job = _Job(skeleton, levels, plan, qcfg, spec)  # checks the map covers the blocks
     run = open_run(Path(run_dir) if run_dir is not None else out.parent / f".{out.name}.stream",
                    {"source": str(ckpt.folder), "recipe": recipe.to_dict(), "shards": ckpt.fingerprint()})
     start = run.state.next_block
@@ -127,15 +132,15 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
         batch = stage_calibration(qcfg, tokenizer, None, what=f"quantize with method={qcfg.method!r}")
         # recomputed on resume
         calls, job.stats = _block_calls(skeleton, ckpt, job.stack, batch, job.outside, job.micro_batch)
-        # accelerate's mover: the masks and rotary tensors nested in each block call's kwargs
-        job.calls = [(h.to(device), send_to_device(kwargs, device)) for h, kwargs in calls]
+        job.kwargs = [kwargs for _, kwargs in calls]  # on the CPU: each block moves them to its device
         streams = run.load_streams()
         if streams is None:  # a fresh run: the streams start as the embeddings
-            first = [h for h, _ in job.calls]
+            first = [h for h, _ in calls]
             streams = {"q": first, "f": [h.clone() for h in first]} if job.float_stream else {"q": first}
         elif RNG in streams:  # signround's micro-batch draws go on where the checkpoint left them
             job.gen.set_state(streams.pop(RNG)[0])
-        job.streams = {k: [h.to(device) for h in hs] for k, hs in streams.items()}
+        job.streams = streams
+        del calls
         seconds["calibration"] += time.perf_counter() - t0
     for b in tqdm(range(start, job.n_blocks), desc="blocks", unit="block", disable=not progress):
         t0 = time.perf_counter()
@@ -146,7 +151,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
         write_layer(run.root, layer, parts.tensors.get(layer, {}), parts.precision.get(layer, {}), {}, None)
         free(work)
         del work
-        run.state.add_block(records, parts.modules, parts.float_tensors)
+        run.state.add_block(records, parts.modules, parts.float_tensors, b, str(job.devices[b]))
         run.save(b + 1, job.checkpoint())
         block_seconds.append(time.perf_counter() - t0)
         if on_block is not None:
@@ -182,7 +187,7 @@ def compress_streamed(source: str | os.PathLike, recipe: Recipe, out: str | os.P
                         resumed_at=start, block_seconds=[round(s, 3) for s in block_seconds],
                         seconds={k: round(v, 2) for k, v in seconds.items()},
                         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                        device=str(device))
+                        device=format_device_map(run.state.devices))
 
 
 def _stages(recipe: Recipe) -> tuple[LevelsConfig, Any, QuantizeConfig]:
@@ -254,8 +259,8 @@ def _prefix_of(model, module) -> str:
 class _Job:
     """The per-block work of one streamed quantize job (what ``quantize_model`` does, per block)."""
 
-    def __init__(self, skeleton, levels, plan, config: QuantizeConfig, device: torch.device):
-        self.skeleton, self.levels, self.plan, self.config, self.device = skeleton, levels, plan, config, device
+    def __init__(self, skeleton, levels, plan, config: QuantizeConfig, spec):
+        self.skeleton, self.levels, self.plan, self.config = skeleton, levels, plan, config
         self.entries = [m for m in levels.modules if m.tied_to is None and plan.format_for(m.name) is not None]
         pattern = levels.ruleset.block_pattern
         found = block_stack(skeleton, [m.name for m in levels.modules], pattern)
@@ -263,6 +268,9 @@ class _Job:
             raise ConfigError(f"{type(skeleton).__name__}: no single stack of blocks to stream; run it in memory")
         self.stack_name, self.stack = found
         self.n_blocks = len(self.stack)
+        self.devices = place_blocks(spec, self.n_blocks, self.stack_name)  # check_device_map's spec, per block
+        self.device = self.devices[0]  # the modules outside the blocks
+        self.at = torch.device("cpu")  # where the streams and the blocks' arguments are now
         kinds = set(getattr(skeleton.config, "layer_types", None) or ())
         if len(kinds) > 1:  # the blocks' arguments are recorded once, at the first block
             raise ConfigError(f"{type(skeleton).__name__}: blocks of several attention types {sorted(kinds)} "
@@ -291,7 +299,7 @@ class _Job:
             self._final(sorted(set(self.head_of.values())))
         self.needs_calibration = bool(self.gptq or self.act or self.learned or self.head_of)
         self.float_stream = bool(self.learned) or (self.sequential and bool(set(self.act.values()) | outside))
-        self.calls: list[tuple[torch.Tensor, dict]] = []
+        self.kwargs: list[dict] = []  # per micro-batch: what every block gets besides its input (mask, rotary)
         self.streams: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, Any] = {}  # statistics of modules quantized later (the head)
 
@@ -306,8 +314,9 @@ class _Job:
 
     def block(self, b: int, work: torch.nn.Module):
         """Calibrate, quantize and advance block ``b`` (``work``, its float weights loaded on the CPU;
-        computed on the job's device and back on the CPU when this returns)."""
-        work.to(self.device)
+        computed on block ``b``'s device, the activations moved there, and back on the CPU when this returns)."""
+        self._move_streams(self.devices[b])
+        work.to(self.devices[b])
         prefix = f"{self.stack_name}.{b}."
         names = [e for e in self.entries if e.name.startswith(prefix)]
         rel = {e.name: e.name[len(prefix):] for e in names}
@@ -318,7 +327,7 @@ class _Job:
             want = {rel[n]: False for n in self.act.values() if n in rel}
             stats = self._run(work, "f", want, prefix, advance=False) if want else stats
             cfg, formats = self.config, {rel[n]: fmt for n, fmt in self.learned.get(b, {}).items()}
-            learned, _ = signround_block(work, formats, [((), kw) for _, kw in self.calls], self.streams["f"],
+            learned, _ = signround_block(work, formats, [((), kw) for kw in self.kwargs], self.streams["f"],
                                          self.streams["q"], self.gen, iters=cfg.iters, lr=cfg.lr,
                                          clip_min=cfg.clip_min, index=b, prefix=prefix)
         elif self.needs_calibration:
@@ -338,12 +347,24 @@ class _Job:
         by_name = {r.name: r for r in module_records(records)}
         return records, layer_parts(modules, state, by_name)
 
+    def _move_streams(self, device: torch.device) -> None:
+        """The streams and the blocks' arguments to ``device`` when they are elsewhere, micro-batch by
+        micro-batch: each is freed where it was once its copy is made, so no device holds two copies."""
+        from accelerate.utils import send_to_device  # the masks and rotary tensors nested in the kwargs
+
+        if device != self.at:
+            for hs in self.streams.values():
+                for i in range(len(hs)):
+                    hs[i] = hs[i].to(device)
+            self.kwargs = [send_to_device(kw, device) for kw in self.kwargs]
+            self.at = device
+
     def _run(self, work, stream: str, want: dict[str, bool], prefix: str, *, advance: bool = True):
         """Run ``work`` on a stream's micro-batches collecting ``want``'s statistics; with
         ``advance`` its outputs replace the stream."""
         hidden = self.streams[stream]
         with InputStatsCollector(work, want) as col, torch.no_grad():
-            for mb, (_, kwargs) in enumerate(self.calls):
+            for mb, kwargs in enumerate(self.kwargs):
                 out = block_output(work(hidden[mb], **kwargs))
                 if advance:
                     hidden[mb] = out.detach()
@@ -444,8 +465,8 @@ class _Job:
             return {}
         norm, head = self._final(sorted(want))
         with InputStatsCollector(self.skeleton, want) as col, torch.no_grad():
-            for h in self.streams[stream]:
-                head(norm(h))
+            for h in self.streams[stream]:  # from the last block's device, one micro-batch at a time
+                head(norm(h.to(self.device)))
                 col.end_batch()
         return col.stats()
 
