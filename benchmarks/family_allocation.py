@@ -20,7 +20,6 @@ Writes benchmarks/results/family_allocation.json and .md (about 3 minutes).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,13 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine  # noqa: E402
 
 from uqcit.core.io import atomic_write, write_json  # noqa: E402
-from uqcit.inputs.calibration import collect_input_stats  # noqa: E402
-from uqcit.inputs.corpus import calibration_batch  # noqa: E402
 from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.stages.allocate import FLOAT, AllocateConfig, allocate  # noqa: E402
 from uqcit.stages.levels import analyze_levels  # noqa: E402
 from uqcit.stages.sensitivity import SensitivityResult  # noqa: E402
-from uqcit.stages.sensitivity_fit import format_errors, leave_one_out, predict_sensitivity  # noqa: E402
+from uqcit.stages.sensitivity_fit import leave_one_out, widen_sensitivity  # noqa: E402
 
 MODEL = "smollm2-135m"
 TABLE = RESULTS / "sensitivity-smollm2-135m.safetensors"
@@ -60,14 +57,8 @@ def main() -> None:
     levels = analyze_levels(model)
     measured = SensitivityResult.load(TABLE)
     calib = measured.meta["settings"]["calibration"]
-    batch = calibration_batch(tok, n_samples=calib["samples"], seq_len=calib["seq_len"], seed=calib["seed"])
-    linears = [e.name for e in levels.quantizable() if e.kind != "embedding"]
-    stats = collect_input_stats(model, batch, linears, hessian=False)
-    channel_sq = {name: s.channel_sq for name, s in stats.items()}
-    anchors = [f for f in measured.formats if f != "fp16"]
-    errors = format_errors(model, levels, anchors + FAMILIES, channel_sq=channel_sq)
-    loo = [leave_one_out(measured, errors, f) for f in anchors]
-    wide = predict_sensitivity(measured, errors, FAMILIES)
+    wide, errors = widen_sensitivity(model, tok, levels, measured, FAMILIES)
+    loo = [leave_one_out(measured, errors, f) for f in measured.formats if f != "fp16"]
     wide.save(RESULTS / "sensitivity-families-smollm2-135m.safetensors")
 
     blocks = [e for e in levels.quantizable() if e.kind != "embedding"]

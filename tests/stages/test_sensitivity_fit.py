@@ -56,3 +56,32 @@ def test_an_exact_format_predicts_zero_and_missing_errors_are_named():
     assert predict_sensitivity(sens, errors, ["w3-g32-sym"]).kl("m0", "w3-g32-sym") == 0.0
     with pytest.raises(KeyError, match="w4-g32"):
         predict_sensitivity(sens, ERRORS, ["w4-g32"])
+
+
+def test_the_allocate_stage_chooses_among_predicted_formats_and_stores_what_it_planned():
+    from uqcit.inputs.tiny import tiny_model
+    from uqcit.pipeline import Session
+    from uqcit.stages.allocate import AllocateConfig
+    from uqcit.stages.levels import LevelsConfig
+    from uqcit.stages.quantize import QuantizeConfig
+    from uqcit.stages.sensitivity import SensitivityConfig
+
+    model, tok = tiny_model("llama")
+    s = Session(name="tiny-llama", reference=model, tokenizer=tok, progress=False)
+    s.run_stage(LevelsConfig())
+    s.run_stage(SensitivityConfig(formats=("w2", "w4", "w8"), group_size=32, calib_samples=2, calib_seq_len=32))
+    families = ("w2-g32-iz", "w3-g32-iz", "w4-g32-sym-s6")
+    alloc = s.run_stage(AllocateConfig(target_bpw=3.4, predict=families, formats=families))
+    chosen = {r.format for r in alloc.rows}
+    assert chosen <= set(families) and alloc.achieved_bpw <= 3.4
+    assert all(r.kl is not None and r.kl > 0 for r in alloc.rows)
+    quantized = s.run_stage(QuantizeConfig())
+    assert quantized.bpw == pytest.approx(alloc.achieved_bpw, abs=1e-12)
+
+
+def test_an_unknown_predicted_format_is_refused_by_name():
+    from uqcit.core.keys import ConfigError
+    from uqcit.stages.allocate import AllocateConfig
+
+    with pytest.raises(ConfigError, match="predict"):
+        AllocateConfig(predict=("w9-g32",))

@@ -67,6 +67,9 @@ class AllocateConfig(StageConfig):
     pins: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format name or "float"
     formats: tuple[str, ...] | None = None  # candidates allowed (measured names); None: every measured format
     resolution_bpw: float = 0.005  # budget the bit grid may lose to rounding, in bits/weight (<< 0.02)
+    # formats nobody measured, offered too: each module's KL placed on its measured KL-vs-error curve
+    # (uqcit.stages.sensitivity_fit), e.g. ("w3-g48-iz-s6", "w4-g64-nl"); the stage widens the table
+    predict: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +77,11 @@ class AllocateConfig(StageConfig):
         self.check(self.resolution_bpw > 0, "resolution_bpw", "must be positive")
         self.check(self.formats is None or len(self.formats) > 0, "formats",
                    "is empty: allow at least one measured format (None: all)")
+        for name in self.predict:
+            try:
+                parse_format(name)
+            except ValueError as exc:
+                raise ConfigError(f"AllocateConfig.predict: {exc}") from None
         for key, value in self.pins.items():
             if value != FLOAT:
                 try:
@@ -347,6 +355,12 @@ def _solve(candidates: list[list[tuple[str, int, float]]], budget: int, weights:
 @stage_handler(AllocateConfig)
 def _allocate_stage(session: StageSession, cfg: AllocateConfig) -> AllocationResult:
     levels = session.require("levels")
-    result = allocate(levels, session.require("sensitivity"), cfg)
+    sensitivity = session.require("sensitivity")
+    if cfg.predict:  # the measured table widened by the predicted formats (no forward pass per cell)
+        from uqcit.stages.sensitivity_fit import widen_sensitivity
+
+        sensitivity, _ = widen_sensitivity(session.working, session.tokenizer, levels, sensitivity, cfg.predict,
+                                           progress=session.progress)
+    result = allocate(levels, sensitivity, cfg)
     session.plan = result.plan  # a following "quantize" stage uses it
     return result

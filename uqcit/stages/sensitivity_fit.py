@@ -120,6 +120,27 @@ def predict_sensitivity(measured: SensitivityResult, errors: Mapping[str, Mappin
     return dataclasses.replace(measured, formats=cols, table=table, sem=sem, meta=meta)
 
 
+def widen_sensitivity(model: nn.Module, tokenizer, levels, measured: SensitivityResult, formats: Sequence[str], *,
+                      progress: bool = True) -> tuple[SensitivityResult, dict[str, dict[str, float]]]:
+    """``measured`` widened by ``formats`` for ``model``: the inputs' channel energies collected on the
+    calibration text the table was measured on (lee_background, its recorded samples, length and seed),
+    then ``format_errors`` and ``predict_sensitivity``. Returns the widened table and the errors.
+    """
+    from uqcit.inputs.calibration import collect_input_stats
+    from uqcit.inputs.corpus import calibration_batch
+
+    calib = measured.meta.get("settings", {}).get("calibration", {})
+    batch = calibration_batch(tokenizer, n_samples=calib.get("samples", 4), seq_len=calib.get("seq_len", 128),
+                              seed=calib.get("seed", 0))
+    linears = [e.name for e in levels.quantizable() if e.kind != "embedding" and e.name in measured.modules]
+    stats = collect_input_stats(model, batch, linears, hessian=False, progress=progress)
+    anchors = [f for f in measured.formats if f != "fp16"]
+    errors = format_errors(model, levels, list(dict.fromkeys(anchors + list(formats))),
+                           channel_sq={n: s.channel_sq for n, s in stats.items()}, progress=progress)
+    errors = {m: e for m, e in errors.items() if m in measured.modules}
+    return predict_sensitivity(measured, errors, formats), errors
+
+
 def leave_one_out(measured: SensitivityResult, errors: Mapping[str, Mapping[str, float]],
                   format_name: str) -> dict[str, float]:
     """Predict the measured column ``format_name`` from the others; compare with the measurement.
