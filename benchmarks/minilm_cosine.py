@@ -61,6 +61,11 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def cosines(model, tok, texts: list[str], ref_emb: torch.Tensor) -> torch.Tensor:
+    """Per-sentence cosine between ``model``'s embeddings of ``texts`` and ``ref_emb`` (the float model's)."""
+    return torch.nn.functional.cosine_similarity(embed(model, tok, texts), ref_emb, dim=-1)
+
+
 def main() -> None:
     import argparse
     import json
@@ -83,7 +88,7 @@ def main() -> None:
             t0 = time.perf_counter()
             q = quantize_model(ref, levels, plan, cfg, calibration=calib, progress=False)
             seconds = time.perf_counter() - t0
-            cos = torch.nn.functional.cosine_similarity(embed(q.model, tok, texts), ref_emb, dim=-1)
+            cos = cosines(q.model, tok, texts, ref_emb)
             records = [r for r in records if r["method"] != f"{name}-{fmt}"]
             records.append({"model": "minilm-l6", "method": f"{name}-{fmt}", "bpw": q.bpw,
                             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
