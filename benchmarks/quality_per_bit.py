@@ -166,6 +166,12 @@ CANDIDATES = [
     Candidate(3.30, "alloc-3.3", "fp16", rotation="none", iters=100, calib_samples=128),
     Candidate(2.5, "alloc-2.5", "fp16", rotation="none", iters=100, calib_samples=128),
     Candidate(4.25, "alloc-4.25", "fp16", rotation="none", iters=100, calib_samples=128),
+    # Vector codebooks (GPTVQ-style, uqcit.tensor.vq): 4 or 2 consecutive weights share one code into a
+    # per-tensor codebook, rounded inside GPTQ's error feedback; against the scalar rungs above.
+    Candidate(2.5, "w2-g64-vq4", "fp16", method="rtn", rotation="none"),
+    Candidate(2.5, "w2-g64-vq4", "fp16", method="gptq", rotation="none", calib_samples=16),
+    Candidate(3.30, "w3-g64-vq2", "fp16", method="gptq", rotation="none", calib_samples=16),
+    Candidate(4.25, "w4-g72-vq2", "fp16", method="gptq", rotation="none", calib_samples=16),
     # 3 bits on a fitted table of 8 levels: absmax scales in groups of 54 cost what w3-g64-iz's fp16 scale
     # and 3-bit zero point cost (3.2965 vs 3.2969 bits/weight); no e2e, so it fits the 15-minute bar.
     Candidate(3.30, "w3-g54-lut", "fp16", rotation="none", iters=100, calib_samples=128),

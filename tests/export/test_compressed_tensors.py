@@ -163,6 +163,9 @@ REFUSED = {  # case -> (package change, words the error must hold, in order)
     "salient mask": (lambda p: _swap(p, "model.layers.0.mlp.up_proj", QuantLinear(quantize(
         torch.randn(128, 64), parse_format("w4-g32+w16@0.1")))), r"up_proj \(w4-g32\+w16@0.1\).*hf export"),
     "compensation": (_with_comp, r"down_proj \(w4-g64-iz\).*compensation.*hf export"),
+    "vector codebook": (lambda p: _swap(p, "model.layers.0.mlp.up_proj", QuantLinear(quantize(
+        torch.randn(128, 64), parse_format("w2-g32-vq4")))), r"up_proj \(w2-g32-vq4\).*4 weights.*codebook of 256 "
+                                                              r"fitted points.*hf export"),
     "online rotation": (_rotated, r"online rotations.*compressed-tensors checkpoint"),
 }
 

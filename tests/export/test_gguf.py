@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from uqcit.export.gguf import blocks_of, export_gguf, gguf_type, permute_rows
+from uqcit.export.gguf import blocks_of, export_gguf, gguf_formats, gguf_type, permute_rows
 from uqcit.export.hf import ExportError, dequantized_state
 from uqcit.package import LoadedPackage, export_package, load_package
 from uqcit.tensor.formats import parse_format
@@ -241,6 +241,31 @@ def test_other_double_quantized_scales_are_refused_saying_what_exports(name, sha
     assert ("only as Q4_K, for w4-g32-sym-s6, and as Q6_K, for symmetric 6-bit groups of 16 to 256 weights "
             "with scale codes of at most 7 bits (e.g. w6-g16-sym-s7), on rows that are multiples of 256") in message
     assert "export_dequantized" in message
+
+
+@pytest.mark.parametrize("name", ["w2-g32-vq4", "w3-g64-vq2"])
+def test_vector_codebooks_are_refused_before_anything_is_written(name, tmp_path):
+    from uqcit.inputs.tiny import tiny_model
+    from uqcit.stages.levels import analyze_levels
+    from uqcit.stages.plan import PlanConfig, build_plan
+    from uqcit.stages.quantize import quantize_model
+
+    fmt = parse_format(name)
+    for shape in ((64, 256), (64, 48)):  # 32-multiple rows or not: refused either way
+        with pytest.raises(ExportError) as err:
+            gguf_type(fmt, shape)
+        message = str(err.value)
+        assert "\n" not in message and name in message and "codebook" in message
+        assert "`uqcit export PACKAGE --to hf`" in message
+    assert gguf_formats([name, "w4-g32-sym"]) == ["w4-g32-sym"]
+    model, tok = tiny_model("llama")
+    levels = analyze_levels(model)
+    q = quantize_model(model, levels, build_plan(levels, PlanConfig(preset="uniform", bits=4, group_size=32, overrides={
+        "re:.*mlp.down_proj": name})), progress=False)
+    with pytest.raises(ExportError, match=rf"module model.layers.0.mlp.down_proj \({name}\) of shape \(64, 128\): "
+                                          rf"each code stands for {fmt.vq} weights.*--to hf"):
+        export_gguf(LoadedPackage(q.model, tok, {}, tmp_path / "pkg", 0.0), tmp_path / "model.gguf")
+    assert not list(tmp_path.iterdir())
 
 
 def test_type_choice():

@@ -61,6 +61,16 @@ CASES = [
     (QuantFormat(bits=3, group_size=36, int_zeros=True, scale_bits=6), (12, 576)),  # 3-bit groups off chunks
     (QuantFormat(bits=2, group_size=24, int_zeros=True, scale_bits=6), (12, 576)),  # the 2.5 bar's blocks
     (QuantFormat(bits=3, group_size=54, symmetric=True, lut=True), (9, 108)),  # 3-bit tables off chunks
+    # vector codebooks (w = scale * codebook[code][coordinate]): 4-, 6- and 8-bit codes of 2 or 4 weights
+    (QuantFormat(bits=2, group_size=32, vq=2), (24, 96)),
+    (QuantFormat(bits=3, group_size=64, vq=2), (40, 192)),  # 6-bit codes straddle bytes
+    (QuantFormat(bits=4, group_size=32, vq=2), (24, 96)),  # 8-bit codes, 256 points
+    (QuantFormat(bits=2, group_size=64, vq=4), (24, 192)),  # 8-bit codes of 4 weights
+    # odd rows: vectors straddle rows, a short last group (765 = 25.5 x 30) and a short last vector
+    (QuantFormat(bits=4, group_size=30, vq=2), (17, 45)),
+    (QuantFormat(bits=3, group_size=20, vq=2), (9, 37)),
+    (QuantFormat(bits=2, group_size=12, vq=2), (11, 37)),
+    (QuantFormat(bits=2, group_size=12, vq=4), (11, 37)),  # 407 weights: 101 vectors of 4 and one of 3
     # fp16 pass-through (a tied head kept in fp16): 8 values at a time, the rest of a row one by one
     (QuantFormat(bits=16), (40, 192)),
     (QuantFormat(bits=16), (11, 37)),
@@ -135,6 +145,26 @@ def test_quant_linear_runs_lookup_tables_on_the_kernel_and_on_dequantize():
         layer.table.neg_()  # the buffers are q's tensors: an edit in place, seen after clear_cache
     layer.clear_cache()
     assert torch.allclose(layer(few), negated, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["w2-g32-vq4", "w3-g32-vq2"])
+def test_quant_linear_runs_vector_codebooks_on_the_kernel_and_on_dequantize(name):
+    from uqcit.tensor.formats import parse_format
+
+    q = quantize(seeded(48, 128), parse_format(name))
+    layer = QuantLinear(q, seeded(48, seed=2))
+    few, many = seeded(2, 128, seed=3), seeded(KERNEL_MAX_ROWS + 1, 128, seed=4)
+    out = layer(few)
+    assert isinstance(layer._kernel, packed.PackedKernel) and layer._kernel._fn is packed._lib().uq_matmul_vq
+    assert torch.allclose(out, F.linear(few, dequantize(q), layer.bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(many), F.linear(many, dequantize(q), layer.bias))  # the exact path
+    swapped = q.tensors["table"].view(-1, q.fmt.vq).flip(1).reshape(-1)  # every point's coordinates reversed
+    with torch.no_grad():
+        layer.table.copy_(swapped)  # the buffers are q's tensors: an edit in place, seen after clear_cache
+    layer.clear_cache()
+    assert torch.allclose(layer(few), F.linear(few, dequantize(q), layer.bias), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(layer(few), out, rtol=1e-3, atol=1e-3)
 
 
 @needs_kernel

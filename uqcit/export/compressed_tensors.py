@@ -31,6 +31,7 @@ embeddings, the output layer         float weights (dequantized, exact): runtime
                                      neither through compressed-tensors
 mixed ``+w8@``/``+w16@``             refused (no salient-weight mask in compressed-tensors)
 double-quantized scales ``-s{S}``    refused (no scale codes under super-scales)
+tables ``-lut``/``-nl``, ``-vq{d}``  refused (no table of levels, no codebook of vectors)
 compensation, online rotations       refused
 ===================================  =========================================================
 
@@ -145,6 +146,10 @@ def carried_bits(name: str, fmt: QuantFormat, widen: bool = False) -> int:
     if fmt.lut:
         raise ExportError(f"{where}: its codes index a table of {1 << fmt.bits} levels (a non-uniform grid), "
                           f"which compressed-tensors cannot express; {CARRIERS}")
+    if fmt.vq:
+        raise ExportError(f"{where}: each code stands for {fmt.vq} weights, a point of a codebook of "
+                          f"{1 << (fmt.vq * fmt.bits)} fitted points, which compressed-tensors cannot express; "
+                          f"{CARRIERS}")
     if widen and fmt.bits < WIDE_BITS:
         return WIDE_BITS
     if widen and fmt.bits not in PORTABLE_BITS:

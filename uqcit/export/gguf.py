@@ -28,6 +28,7 @@ rows not a multiple of 256                       scale, not ``code * super``; a 
 ``w4-g{32k}-nl`` (IQ4_NL's table)     IQ4_NL    bit-identical: ``d = scale`` (signed), ``q = code``
                                                  (``d * level[q]``); other groups: Q8_0, re-quantized
 ``w{b}-g{G}-lut`` (fitted tables)      refused   (``ExportError``: no GGUF type holds a fitted table)
+``w{b}-g{G}-vq{d}`` (codebooks)        refused   (``ExportError``: no GGUF type this export writes holds one)
 =====================================  ========  =================================================
 
 So a plan of 2-6-bit groups of 32/64/128 runs in llama.cpp on the package's own codes; only
@@ -120,10 +121,13 @@ def gguf_type(fmt: QuantFormat | None, shape: tuple[int, ...]) -> tuple[str, boo
     ('IQ4_NL', True)
 
     Other formats with double-quantized scales (``scale_bits``), and those two on rows that are not
-    a multiple of 256, have no GGUF type here: ``ExportError``; so have fitted lookup tables (``-lut``).
+    a multiple of 256, have no GGUF type here: ``ExportError``; so have fitted lookup tables (``-lut``)
+    and vector codebooks (``-vq{d}``).
     """
     if fmt is not None and fmt.lut and not fmt.nl:
         raise _no_lut(f"format {fmt.name} of shape {tuple(shape)}", fmt)
+    if fmt is not None and fmt.vq:
+        raise _no_vq(f"format {fmt.name} of shape {tuple(shape)}", fmt)
     if fmt is not None and fmt.scale_bits is not None:
         k_quant = _k_quant(fmt, shape)
         if k_quant is None:
@@ -179,6 +183,13 @@ def _no_lut(where: str, fmt: QuantFormat) -> ExportError:
     return ExportError(f"{where}: its codes index a table of {1 << fmt.bits} fitted levels, which no GGUF type "
                        f"this export writes holds (they decode integer codes); {DEQUANTIZED}, as does "
                        f"`uqcit export PACKAGE --to hf`")
+
+
+def _no_vq(where: str, fmt: QuantFormat) -> ExportError:
+    """The refusal of a vector codebook format."""
+    return ExportError(f"{where}: each code stands for {fmt.vq} weights, a point of a codebook of "
+                       f"{1 << (fmt.vq * fmt.bits)} fitted points, which no GGUF type this export writes holds (they "
+                       f"decode one weight a code); {DEQUANTIZED}, as does `uqcit export PACKAGE --to hf`")
 
 
 def gguf_formats(names) -> list[str]:
@@ -354,6 +365,8 @@ def export_gguf(package: str | os.PathLike | LoadedPackage, out_file: str | os.P
     for name, q in quantized.items():  # before anything is written
         if q.fmt.lut and not q.fmt.nl:
             raise _no_lut(f"module {name} ({q.fmt.name}) of shape {q.shape}", q.fmt)
+        if q.fmt.vq:
+            raise _no_vq(f"module {name} ({q.fmt.name}) of shape {q.shape}", q.fmt)
         if q.fmt.scale_bits is not None:
             k_quant = _k_quant(q.fmt, q.shape)
             if k_quant is None:

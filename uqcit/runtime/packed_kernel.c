@@ -318,6 +318,84 @@ int uq_matmul(const uint8_t *codes, int bits, const uint16_t *scales, const floa
     return 0;
 }
 
+/* Vector codes: nv whole vectors of d weights from vector v, against x (the first vector's first input):
+   sum of point[code][j] * x[i * d + j]. Always inlined into calls with constant widths and d, so each
+   layout gets its own loop; d accumulators, one per coordinate. */
+static inline __attribute__((always_inline)) float vq_dot(const uint8_t *codes, int cbits, int d, int64_t v,
+                                                          int64_t nv, const float *tab, const float *x) {
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    for (int64_t i = 0; i < nv; i++) {
+        const float *pt = tab + (int64_t)(cbits == 8 ? codes[v + i] : code_at(codes, cbits, v + i)) * d;
+        const float *xi = x + i * d;
+        a0 += pt[0] * xi[0];
+        a1 += pt[1] * xi[1];
+        if (d == 4) {
+            a2 += pt[2] * xi[2];
+            a3 += pt[3] * xi[3];
+        }
+    }
+    return (a0 + a1) + (a2 + a3);
+}
+
+/* Elements [e, stop) of one vector (a part cut by a row's start or end), one by one. */
+static float vq_part(const uint8_t *codes, int cbits, int d, int64_t e, int64_t stop, const float *tab,
+                     const float *x) {
+    int64_t v = e / d;
+    const float *pt = tab + (int64_t)code_at(codes, cbits, v) * d + (e - v * d);  /* pt[i]: element e + i */
+    float acc = 0.0f;
+    for (int64_t i = 0; i < stop - e; i++) acc += pt[i] * x[i];
+    return acc;
+}
+
+/* y[T, N] = x[T, K] @ W^T for W [N, K] stored as vector codes (uqcit.tensor.vq): element e is coordinate
+   e % d of point code[e / d] of a codebook of fp16 points (table, [2**cbits, d] row by row), times the
+   fp16 scale of its group; codes are cbits = d * bits wide. Vectors and groups are consecutive
+   row-major elements and may straddle rows (a group always holds whole vectors, so only a row's
+   first and last vector can be cut). Portable C: the codebook is decoded to floats once per call,
+   each code is read once per vector and input row. */
+int uq_matmul_vq(const uint8_t *codes, int cbits, int d, const uint16_t *scales, const uint16_t *table, int64_t N,
+                 int64_t K, int64_t gs, const float *x, int64_t T, float *y, int threads) {
+    int64_t npts = (int64_t)1 << cbits;
+    float *tab = (float *)malloc(sizeof(float) * npts * d);
+    if (!tab) return 1;
+    for (int64_t i = 0; i < npts * d; i++) tab[i] = HALF[table[i]];
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t f0 = n * K;
+        for (int64_t t = 0; t < T; t++) {
+            const float *xt = x + t * K;  /* xt[e - f0]: the input of element e of this row */
+            float total = 0.0f;
+            int64_t k = 0;
+            while (k < K) {
+                int64_t g, end = group_end(f0, k, K, gs, &g);
+                int64_t e = f0 + k, stop = f0 + end, acc_end;
+                float acc = 0.0f;
+                if (e % d) {  /* a vector cut by the row's start */
+                    acc_end = (e / d + 1) * d;
+                    if (acc_end > stop) acc_end = stop;
+                    acc += vq_part(codes, cbits, d, e, acc_end, tab, xt + (e - f0));
+                    e = acc_end;
+                }
+                int64_t nv = (stop - e) / d, v = e / d;
+                if (nv) {
+                    const float *xe = xt + (e - f0);
+                    acc += d == 4 ? vq_dot(codes, 8, 4, v, nv, tab, xe)
+                         : cbits == 8 ? vq_dot(codes, 8, 2, v, nv, tab, xe)
+                         : cbits == 6 ? vq_dot(codes, 6, 2, v, nv, tab, xe)
+                                      : vq_dot(codes, 4, 2, v, nv, tab, xe);
+                    e += nv * d;
+                }
+                if (e < stop) acc += vq_part(codes, cbits, d, e, stop, tab, xt + (e - f0));  /* cut by the row's end */
+                total += HALF[scales[g]] * acc;
+                k = end;
+            }
+            y[t * N + n] = total;
+        }
+    }
+    free(tab);
+    return 0;
+}
+
 /* y[T, N] = x[T, K] @ W^T for an fp16 weight W [N, K] stored as is (pass-through, e.g. a tied LM
    head): each row converted 8 values at a time (F16C) into the dot product, never as a whole. */
 int uq_matmul_f16(const uint16_t *w, int64_t N, int64_t K, const float *x, int64_t T, float *y, int threads) {

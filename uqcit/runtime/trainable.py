@@ -24,6 +24,7 @@ from uqcit.tensor.formats import FLOAT_BITS, parse_format
 from uqcit.tensor.grid import FP16_TINY, quantize_scales
 from uqcit.tensor.packing import pack, unpack
 from uqcit.tensor.quant import quantize, scales_of
+from uqcit.tensor.vq import table_index
 
 Mode = Literal["scales", "masked", "lora"]
 
@@ -33,7 +34,8 @@ class ScaleTrainableLinear(nn.Module):
 
     The weight is ``unit · stored(s0 · exp(g))`` per group, where ``unit`` is what a code decodes
     to before scaling (held as a float copy ``[groups, group_size]`` for speed): ``code − zero``
-    for integer formats, ``table[code]`` for lookup-table formats (``-lut``, ``-nl``). ``g``
+    for integer formats, ``table[code]`` for lookup-table formats (``-lut``, ``-nl``), the weight's
+    coordinate of its vector's point for vector codebooks (``-vq{d}``). ``g``
     (``log_scale``, init 0) is trained and ``stored`` rounds a scale to what the format stores:
     fp16, or for double-quantized scales (``-s<k>`` formats) the nearest k-bit code (at least 1,
     as ``quantize`` stores them) times the group's fixed fp16 super-scale. The factor ``exp(g)``
@@ -41,12 +43,13 @@ class ScaleTrainableLinear(nn.Module):
     rounding is in the forward pass (gradients pass straight through it), so the forward equals
     the stored module's. ``finish()`` writes the stored scales back and returns the ``QuantLinear``.
 
-    With ``train_table`` (the default) a fitted table (``-lut``; IQ4_NL's is fixed by the format)
-    is trained too: ``table`` starts at the stored levels, the forward uses them fp16-rounded
-    (straight through), and ``unit = table[code]`` is looked up from the codes in every forward.
-    ``finish()`` stores the fp16 levels ascending, as every table is stored: when training has
-    crossed two levels it sorts them and renumbers the codes to match, which leaves every weight
-    exactly as trained (clamping them back into order would not).
+    With ``train_table`` (the default) a fitted table (``-lut``, or the coordinates of a ``-vq{d}``
+    codebook; IQ4_NL's is fixed by the format) is trained too: ``table`` starts at the stored levels,
+    the forward uses them fp16-rounded (straight through), and ``unit = table[code]`` is looked up
+    from the codes in every forward. ``finish()`` stores the fp16 levels ascending, as every table is
+    stored: when training has crossed two levels it sorts them and renumbers the codes to match,
+    which leaves every weight exactly as trained (clamping them back into order would not). A
+    codebook has no order: it is stored as trained.
 
     >>> from uqcit.tensor.formats import parse_format
     >>> lin = QuantLinear(quantize(torch.randn(8, 64), parse_format("w4-g32-sym-s6")))
@@ -73,11 +76,13 @@ class ScaleTrainableLinear(nn.Module):
         numel, gs = math.prod(qlin.shape), fmt.group_size
         groups = math.ceil(numel / gs)
         self.numel = numel
-        if fmt.lut:
+        if fmt.lut or fmt.vq:
             s0 = qlin.scales.detach().to(torch.float32)  # signed for -nl
-            # int32: indexes a table as int64 would, at half the memory; the padding decodes level 0, cut off
+            # int32: indexes a table as int64 would, at half the memory; the padding decodes level 0, cut off.
+            # A codebook is indexed flat: code * d + the weight's coordinate.
             codes = torch.zeros(groups * gs, dtype=torch.int32, device=s0.device)
-            codes[:numel] = unpack(qlin.codes, fmt.bits, numel).to(torch.int32)
+            codes[:numel] = (table_index(qlin.codes, numel, fmt.bits, fmt.vq) if fmt.vq
+                             else unpack(qlin.codes, fmt.bits, numel)).to(torch.int32)
             codes = codes.view(groups, gs)
             table = qlin.table.detach().to(torch.float32)
             if train_table and not fmt.nl:
@@ -107,7 +112,8 @@ class ScaleTrainableLinear(nn.Module):
         fmt = self.base.fmt
         if fmt.scale_bits is None:
             stored = s.to(torch.float16).float()
-            if fmt.lut:  # a table's scales are never 0 (as quantize stores them): the smallest fp16, same sign
+            # a table's or codebook's scales are never 0 (as quantize stores them): the smallest fp16, same sign
+            if fmt.lut or fmt.vq:
                 stored = torch.where(stored == 0, torch.sign(self.s0) * FP16_TINY, stored)
             return stored, None
         codes, decoded = quantize_scales(s, self.base.super_scales, fmt.group_size, fmt.scale_bits)
@@ -136,7 +142,9 @@ class ScaleTrainableLinear(nn.Module):
             self.base.scales.copy_(decoded.to(torch.float16))
         else:
             self.base.scale_codes.copy_(pack(codes, self.base.fmt.scale_bits))
-        if self.table is not None:
+        if self.table is not None and self.base.fmt.vq:  # a codebook has no order
+            self.base.table.copy_(self.table.to(torch.float16))
+        elif self.table is not None:
             levels = self.table.to(torch.float16)
             order = torch.sort(levels.float(), stable=True).indices
             if not torch.equal(order, torch.arange(order.numel(), device=order.device)):

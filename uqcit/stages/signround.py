@@ -33,7 +33,7 @@ from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, block_output
 from uqcit.runtime.modules import QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
-from uqcit.tensor.learned import LearnedTable, LearnedWeight, learned_weight, supports
+from uqcit.tensor.learned import LearnedTable, LearnedWeight, check_learnable, learned_weight, supports
 from uqcit.tensor.quant import QuantizedTensor
 
 
@@ -69,6 +69,8 @@ def learnable_blocks(model: nn.Module, levels, plan) -> tuple[str, dict[int, dic
     pattern = levels.ruleset.block_pattern
     planned = {m.name: tuple(weight_matrix(model.get_submodule(m.name)).shape) for m in levels.modules
                if m.tied_to is None and m.kind != "embedding" and plan.format_for(m.name) is not None}
+    for n in planned:  # before any calibration work: a format learned rounding refuses stops the run here
+        check_learnable(plan.format_for(n))
     names = [n for n, shape in planned.items() if supports(plan.format_for(n), shape)]
     untiled = [n for n, shape in planned.items() if n not in names and plan.format_for(n).bits != FLOAT_BITS
                and not plan.format_for(n).mixed]

@@ -8,7 +8,10 @@ higher precision, located by a 1-bit mask. With ``lut`` (``w{b}-g{G}-lut``) the 
 per-tensor table of ``2**b`` fp16 levels instead of an integer grid: ``w = scale_g * table[code]``, one
 fp16 absmax scale per group (``uqcit.tensor.lut``; the table's bits are counted). ``nl``
 (``w4-g{G}-nl``) fixes that table to llama.cpp's IQ4_NL levels and signs and searches the scales, so
-the codes run in llama.cpp as IQ4_NL blocks. With ``scale_bits``
+the codes run in llama.cpp as IQ4_NL blocks. With ``vq`` (``w{b}-g{G}-vq{d}``) each run of ``d``
+consecutive weights is one vector: one ``d * b``-bit code into a per-tensor codebook of ``2**(d*b)``
+fp16 points in ``d`` dimensions, times the group's fp16 absmax scale (``uqcit.tensor.vq``; the codebook's
+bits are counted). With ``scale_bits``
 the group scales themselves are quantized (double quantization, as llama.cpp's K-quants): each is an
 unsigned ``scale_bits``-wide integer code times one fp16 super-scale per ``SUPER_BLOCK`` consecutive
 weights. ``bits_for`` is the exact storage cost that ``quant.quantize`` produces: the same arithmetic,
@@ -30,6 +33,8 @@ SCALE_BITS = 16  # scales and zero points are stored as fp16
 LUT_BITS = (2, 3, 4)  # code widths of lookup-table formats (a table of 2**bits fp16 levels per tensor)
 SCALE_CODE_BITS = (4, 5, 6, 7, 8)  # widths of double-quantized scale codes
 SUPER_BLOCK = 256  # weights sharing one fp16 super-scale (llama.cpp's K-quant super-block)
+VQ_DIMS = (2, 4)  # weights per vector of a vector codebook format
+VQ_CODE_BITS = 8  # most bits of one vector's code (d * bits): a codebook of at most 256 points
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,9 @@ class QuantFormat:
     5.5
     >>> QuantFormat(bits=4, group_size=32, symmetric=True, lut=True).bits_for(64 * 64)  # codes, scales, table
     18688
+    >>> fmt = QuantFormat(bits=2, group_size=64, vq=4)  # 8-bit codes of 4 weights, a codebook of 256 points
+    >>> fmt.name, fmt.symmetric, fmt.bits_for(576 * 1536) - 16 * 4 * 256, fmt.bits_per_weight(576 * 1536)
+    ('w2-g64-vq4', True, 1990656, 2.2685185185185186)
     """
 
     bits: int = 4  # 2, 3, 4, 5, 6, 8 (integer codes, INT_BITS) or 16 (fp16 pass-through)
@@ -59,12 +67,15 @@ class QuantFormat:
     scale_bits: int | None = None  # group scales as codes of this many bits under fp16 super-scales; None: fp16
     lut: bool = False  # codes index a per-tensor table of 2**bits fp16 levels (symmetric absmax scales only)
     nl: bool = False  # lut with IQ4_NL's fixed 16 levels and searched signed scales (llama.cpp's IQ4_NL)
+    vq: int | None = None  # weights per vector (VQ_DIMS) coded jointly into a per-tensor codebook; None: scalar codes
 
     def __post_init__(self) -> None:
         if self.bits not in INT_BITS + (FLOAT_BITS,):
             raise ValueError(f"bits must be one of {INT_BITS + (FLOAT_BITS,)}, got {self.bits}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.vq is not None:
+            self._check_vq()
         if self.high_bits is not None:
             if self.high_bits not in HIGH_BITS:
                 raise ValueError(f"high_bits must be one of {HIGH_BITS} or None, got {self.high_bits}")
@@ -95,6 +106,26 @@ class QuantFormat:
             raise ValueError("nl is IQ4_NL's table of 16 levels: a 4-bit lookup-table format, "
                              "QuantFormat(bits=4, group_size, symmetric=True, lut=True, nl=True)")
 
+    def _check_vq(self) -> None:
+        """A vector codebook format has absmax fp16 scales and nothing else: each refusal in one line."""
+        d, b = self.vq, self.bits
+        if isinstance(d, bool) or d not in VQ_DIMS:
+            raise ValueError(f"vq is the number of weights per vector, one of {VQ_DIMS} (or None), got {d!r}")
+        if b == FLOAT_BITS or b * d > VQ_CODE_BITS:
+            raise ValueError(f"a vq{d} code holds {d} weights of {b} bits in at most {VQ_CODE_BITS} bits: vq2 takes "
+                             f"bits 2, 3 or 4 and vq4 bits 2, got w{b}-g{self.group_size}-vq{d}")
+        for flag, why in ((self.mixed, "high-precision part (high_bits)"), (self.int_zeros, "zero points (int_zeros)"),
+                          (self.scale_bits is not None, "double-quantized scales (scale_bits)"),
+                          (self.nl, "IQ4_NL table (nl)"), (self.lut, "scalar lookup table (lut)")):
+            if flag:
+                raise ValueError(f"a vector codebook format (vq={d}) has no {why}: it stores fp16 absmax scales "
+                                 f"and its own codebook, QuantFormat(bits, group_size, vq={d})")
+        if self.group_size % d:
+            raise ValueError(f"group_size must be a multiple of vq={d} so that groups hold whole vectors, "
+                             f"got {self.group_size}")
+        # Absmax scales, no zero point: symmetric whatever was passed, so each format has one spelling.
+        object.__setattr__(self, "symmetric", True)
+
     @property
     def mixed(self) -> bool:
         return self.high_bits is not None
@@ -105,6 +136,8 @@ class QuantFormat:
             return "fp16"
         if self.lut:
             return f"w{self.bits}-g{self.group_size}-{'nl' if self.nl else 'lut'}"
+        if self.vq is not None:
+            return f"w{self.bits}-g{self.group_size}-vq{self.vq}"
         base = f"w{self.bits}-g{self.group_size}" + ("-sym" if self.symmetric else "")
         base += "-iz" if self.int_zeros else ""
         base += f"-s{self.scale_bits}" if self.scale_bits is not None else ""
@@ -122,6 +155,10 @@ class QuantFormat:
         """Exact number of bits stored for a tensor of ``numel`` weights in this format."""
         if self.bits == FLOAT_BITS:
             return FLOAT_BITS * numel
+        if self.vq is not None:  # one code per vector (the last may be short), fp16 scales, the codebook
+            codebook = self.vq * (1 << (self.vq * self.bits)) * SCALE_BITS
+            return (_packed_bits(math.ceil(numel / self.vq), self.vq * self.bits)
+                    + math.ceil(numel / self.group_size) * SCALE_BITS + codebook)
         n_high = self.high_count(numel)
         n_low = numel - n_high
         total = _int_part_bits(n_low, self.bits, self.group_size, self.symmetric, self.int_zeros, self.scale_bits)
@@ -150,6 +187,8 @@ class QuantFormat:
             del out["lut"]
         if not self.nl:
             del out["nl"]
+        if self.vq is None:
+            del out["vq"]
         return out
 
     @classmethod
@@ -180,6 +219,7 @@ def _int_part_bits(count: int, bits: int, group_size: int, symmetric: bool, int_
 
 
 _LUT_RE = re.compile(r"^w(?P<bits>\d+)-g(?P<group>\d+)-(?P<kind>lut|nl)$")
+_VQ_RE = re.compile(r"^w(?P<bits>\d+)-g(?P<group>\d+)-vq(?P<dim>\d+)$")
 _NAME_RE = re.compile(
     r"^w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?(?P<iz>-iz)?(?:-s(?P<sb>\d+))?(?:\+w(?P<high>\d+)@(?P<frac>[0-9.eE-]+))?$"
 )
@@ -187,12 +227,12 @@ _NAME_RE = re.compile(
 
 def parse_format(name: str) -> QuantFormat:
     """Read a format back from its ``name``, e.g. ``"w4-g128"``, ``"w3-g64-iz"``, ``"w4-g32-sym-s6"``,
-    ``"w2-g64-sym+w16@0.1"``, ``"w4-g32-lut"``, ``"w4-g32-nl"``, ``"fp16"``.
+    ``"w2-g64-sym+w16@0.1"``, ``"w4-g32-lut"``, ``"w4-g32-nl"``, ``"w2-g64-vq4"``, ``"fp16"``.
 
     >>> parse_format("w3-g64-iz-s6").scale_bits
     6
-    >>> parse_format("w3-g64-lut").lut, parse_format("w4-g32-nl").nl
-    (True, True)
+    >>> parse_format("w3-g64-lut").lut, parse_format("w4-g32-nl").nl, parse_format("w3-g64-vq2").vq
+    (True, True, 2)
     """
     if name == "fp16":
         return QuantFormat(bits=FLOAT_BITS)
@@ -200,11 +240,14 @@ def parse_format(name: str) -> QuantFormat:
     if m:
         return QuantFormat(bits=int(m.group("bits")), group_size=int(m.group("group")), symmetric=True, lut=True,
                            nl=m.group("kind") == "nl")
+    m = _VQ_RE.match(name.strip())
+    if m:
+        return QuantFormat(bits=int(m.group("bits")), group_size=int(m.group("group")), vq=int(m.group("dim")))
     m = _NAME_RE.match(name.strip())
     if not m:
         raise ValueError(
             f"cannot read format {name!r}; expected e.g. 'w4-g128', 'w3-g64-sym', "
-            "'w4-g32-sym-s6', 'w2-g128+w16@0.1', 'w4-g32-lut' or 'fp16'"
+            "'w4-g32-sym-s6', 'w2-g128+w16@0.1', 'w4-g32-lut', 'w2-g64-vq4' or 'fp16'"
         )
     high = m.group("high")
     return QuantFormat(

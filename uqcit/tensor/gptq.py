@@ -30,7 +30,13 @@ error feedback rounds onto the grid that is stored. Lookup-table formats (``fmt.
 absmax scales and fit their table once, on the original ``W`` with each weight's squared error
 weighted by the Hessian diagonal of its column (``quant.quant_params(table_weight=...)``); the
 loop then rounds each column to the nearest level times its group's scale (``lut.nearest``, as
-``quantize_with`` encodes it).
+``quantize_with`` encodes it). Vector codebook formats (``fmt.vq = d``) fit their codebook the same
+way; their vectors are ``d`` consecutive columns of a row, so the loop takes ``d`` columns at a time:
+it rounds each row's vector jointly to the nearest point (``vq.round_vectors``, as ``quantize_with``
+encodes it), then feeds the error back column by column as usual, the later columns of the vector
+already rounded (their error includes the update from the earlier ones). Act-order then orders whole
+vectors (by the sum of their columns' ``diag(H)``, ``vq.vector_order``), and blocks hold whole
+vectors (``block_size`` rounded down to a multiple of ``d``); the input width must be a multiple of ``d``.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -52,6 +58,7 @@ from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.grid import IntGrid
 from uqcit.tensor.lut import nearest
 from uqcit.tensor.quant import QuantizedTensor, quant_params, quantize, quantize_with
+from uqcit.tensor.vq import round_vectors, vector_order
 
 _DAMP_RETRIES = 3  # a Hessian that is still singular after damp × 10³ is a bug upstream, not noise
 
@@ -66,8 +73,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
     matter). ``importance`` picks the high-precision weights of a mixed format, as in
     ``quantize``. ``grid_search`` chooses the static grid by clipping search weighted by the
     Hessian diagonal (``quant.quant_params(search=True)``) instead of each group's min/max.
-    Lookup-table formats always fit their table weighted by the Hessian diagonal (``grid_search``
-    changes nothing for them). ``w`` and ``hessian`` are never modified. fp16 formats are stored directly.
+    Lookup-table and vector codebook formats always fit their table weighted by the Hessian diagonal
+    (``grid_search`` changes nothing for them); with a vq format ``act_order`` orders whole vectors,
+    and ``w``'s width must be a multiple of the vector length (module docstring). ``w`` and
+    ``hessian`` are never modified. fp16 formats are stored directly.
     """
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
         raise ValueError(f"w must be a 2-D floating-point [out, in] matrix, got "
@@ -84,12 +93,17 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if fmt.bits == FLOAT_BITS:
         return quantize(w, fmt)
+    step = fmt.vq or 1  # columns rounded together: a vector's
+    if n % step:
+        raise ValueError(f"GPTQ on {fmt.name} rounds vectors of {step} consecutive columns, but w has {n} columns; "
+                         "use method 'rtn' for this weight")
+    block_size = max(step, block_size - block_size % step)
 
     weight = w.detach().to(torch.float32)
     # The static grid, from the original weights.
     diag = hessian.diagonal().to(weight).clamp(min=0).expand_as(weight)
     params = quant_params(weight, fmt, importance, search=grid_search, search_weight=diag if grid_search else None,
-                          table_weight=diag if fmt.lut else None)
+                          table_weight=diag if fmt.lut or fmt.vq else None)
     grid = _ElementGrid.of(params)
 
     h = hessian.detach().to(device=weight.device, dtype=torch.float32).clone()
@@ -99,7 +113,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: QuantFormat, *, d
     wt = weight.t().clone(memory_format=torch.contiguous_format)
     perm = None
     if act_order:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        perm = (vector_order(h.diagonal(), step) if fmt.vq else
+                torch.argsort(h.diagonal(), descending=True, stable=True))
         h = h[perm][:, perm]
         wt = wt[perm]
         grid = grid.rows(perm)
@@ -188,7 +203,8 @@ class _ElementGrid:
     ``code = clamp(round(w / scale) + offset, qmin, qmax)``, ``ŵ = (code − offset) · scale``:
     the operations of ``grid.encode_int``, so the codes chosen here are the codes stored. With a
     ``table`` (lookup-table formats) ``code = nearest(w / scale)``, ``ŵ = table[code] · scale``,
-    the operations of ``lut.encode_lut`` and ``lut.dequantize_lut``.
+    the operations of ``lut.encode_lut`` and ``lut.dequantize_lut``; a ``codebook`` (vq formats:
+    ``[points, step]``) rounds ``step`` rows at a time (``round_rows``, ``vq.round_vectors``).
     """
 
     scale: torch.Tensor  # float32; 1 where fp16
@@ -197,6 +213,8 @@ class _ElementGrid:
     qmax: torch.Tensor | float
     fp16: torch.Tensor | None  # bool, True where the weight is stored as fp16 (mixed +w16)
     table: torch.Tensor | None = None  # fp16 levels, ascending (lookup-table formats); None for integer grids
+    codebook: torch.Tensor | None = None  # fp16 [points, step] (vq formats); None otherwise
+    step: int = 1  # rows rounded together: the vector length of a vq format
 
     @classmethod
     def of(cls, params) -> "_ElementGrid":
@@ -221,8 +239,10 @@ class _ElementGrid:
         def as_t(x):  # flat row-major [out*in] -> [in, out]
             return x.view(out_f, in_f).t().contiguous() if isinstance(x, torch.Tensor) else x
 
-        if fmt.lut:
+        if fmt.lut or fmt.vq:
             scales = params.low.scales.to(torch.float32)[torch.arange(numel, device=device) // fmt.group_size]
+            if fmt.vq:
+                return cls(as_t(scales), 0.0, 0.0, 0.0, None, codebook=params.low.table, step=fmt.vq)
             return cls(as_t(scales), 0.0, 0.0, 0.0, None, params.low.table)
 
         if not fmt.mixed:
@@ -251,7 +271,13 @@ class _ElementGrid:
         """The grid with its rows (W's columns) taken in ``index`` order."""
         pick = lambda x: x[index] if isinstance(x, torch.Tensor) else x  # noqa: E731
         return _ElementGrid(pick(self.scale), pick(self.offset), pick(self.qmin), pick(self.qmax), pick(self.fp16),
-                            self.table)
+                            self.table, self.codebook, self.step)
+
+    def round_rows(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        """Rows ``i .. i + step`` of Wᵀ (``w``, ``[step, out]``) rounded onto their grid together."""
+        if self.codebook is not None:
+            return round_vectors(w, self.scale[i:i + self.step], self.codebook)
+        return self.round_row(i, w[0]).unsqueeze(0)
 
     def round_row(self, i: int, w: torch.Tensor) -> torch.Tensor:
         """``w`` (row ``i`` of Wᵀ, i.e. one column of W) rounded onto its grid."""
@@ -299,22 +325,22 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def _error_feedback(wt: torch.Tensor, u: torch.Tensor, grid: _ElementGrid, block_size: int) -> torch.Tensor:
     """The GPTQ column loop on ``Wᵀ`` ``[in, out]`` (modified in place); returns ``Ŵᵀ``."""
-    n = wt.shape[0]
+    n, step = wt.shape[0], grid.step  # block_size is a multiple of step (whole vectors in a block)
     qt = torch.empty_like(wt)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         w1 = wt[i1:i2]  # a view: the in-block updates land in wt
         u1 = u[i1:i2, i1:i2]
         err = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            w = w1[i]
-            w_hat = grid.round_row(i1 + i, w)
-            qt[i1 + i] = w_hat
-            e = (w - w_hat).div_(u1[i, i])
-            err[i] = e
-            if i + 1 < i2 - i1:
-                # OBS update of the block's remaining columns by this column's error.
-                w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
+        for i0 in range(0, i2 - i1, step):
+            w_hat = grid.round_rows(i1 + i0, w1[i0:i0 + step])  # a vector's columns rounded together
+            qt[i1 + i0:i1 + i0 + step] = w_hat
+            for i in range(i0, i0 + step):  # the error fed back column by column, the vector's later columns too
+                e = (w1[i] - w_hat[i - i0]).div_(u1[i, i])
+                err[i] = e
+                if i + 1 < i2 - i1:
+                    # OBS update of the block's remaining columns by this column's error.
+                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)
         if i2 < n:
             # Lazy batch update: the whole block's errors reach the later columns at once.
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1.0)

@@ -48,6 +48,9 @@ scale; the table stays the one fitted at the start. ``learned_weight`` picks the
 >>> q = lt.quantized()
 >>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lt.forward().detach())
 (True, True)
+
+Vector codebooks (``w{b}-g{G}-vq{d}``) are refused (``check_learnable``): a vector's code has no
+"next level up or down" to move to; GPTQ's error feedback handles them.
 """
 from __future__ import annotations
 
@@ -68,8 +71,22 @@ def supports(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
     return fmt.bits != FLOAT_BITS and not fmt.mixed and numel % fmt.group_size == 0
 
 
+def check_learnable(fmt: QuantFormat) -> None:
+    """Refuse, in one line naming the way out, a format whose rounding is not learned here (vector codebooks).
+
+    >>> from uqcit.tensor.formats import parse_format
+    >>> check_learnable(parse_format("w2-g64-vq4"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: learned rounding (signround) does not handle the vector codebook format w2-g64-vq4; ...
+    """
+    if fmt.vq:
+        raise ValueError(f"learned rounding (signround) does not handle the vector codebook format {fmt.name}; "
+                         "quantize it with method 'gptq' or 'rtn'")
+
+
 def learned_weight(w: torch.Tensor, fmt: QuantFormat) -> "LearnedWeight | LearnedTable":
     """The trainable rounding of ``w`` in ``fmt``: ``LearnedTable`` for lookup tables, else ``LearnedWeight``."""
+    check_learnable(fmt)
     return LearnedTable(w, fmt) if fmt.lut else LearnedWeight(w, fmt)
 
 
@@ -93,6 +110,7 @@ class LearnedWeight(torch.nn.Module):
 
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
         super().__init__()
+        check_learnable(fmt)
         if not supports(fmt, tuple(w.shape)) or fmt.lut:
             raise ValueError(f"learned rounding needs a plain integer format whose groups tile the "
                              f"tensor; {fmt.name} on shape {tuple(w.shape)} does not (lookup tables: "
@@ -181,6 +199,7 @@ class LearnedTable(torch.nn.Module):
 
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
         super().__init__()
+        check_learnable(fmt)
         if not fmt.lut or not supports(fmt, tuple(w.shape)):
             raise ValueError(f"LearnedTable needs a lookup-table format whose groups tile the tensor; "
                              f"{fmt.name} on shape {tuple(w.shape)} is not one")

@@ -52,7 +52,9 @@ the high and low weights separately, each compacted in row-major order (``uqcit.
 (``uqcit.tensor.gptq``) can fix the grid from the original weights and encode updated ones on it.
 The integer rule above, for one part, is ``uqcit.tensor.grid``; this module assembles formats from it.
 Lookup-table formats (``fmt.lut``: absmax scales and a fitted table of levels, rounding to the
-nearest level) are ``uqcit.tensor.lut``; ``table_weight`` weights the fit of their table.
+nearest level) are ``uqcit.tensor.lut``; ``table_weight`` weights the fit of their table. Vector
+codebook formats (``fmt.vq``: one code per ``vq`` consecutive weights into a fitted codebook of points,
+absmax scales as lut) are ``uqcit.tensor.vq``; ``table_weight`` weights their codebook's fit likewise.
 
 >>> import torch
 >>> from uqcit.tensor.formats import QuantFormat
@@ -88,6 +90,7 @@ from uqcit.tensor.grid import (  # noqa: F401 (IntGrid, TensorSpec: public here 
 from uqcit.tensor.lut import LutGrid, dequantize_lut, dequantize_lut_at, encode_lut, lut_grid, lut_layout, nl_grid
 from uqcit.tensor.mask import high_mask, mask_rank, select
 from uqcit.tensor.packing import pack, packed_nbytes, unpack
+from uqcit.tensor.vq import VqGrid, dequantize_vq, dequantize_vq_at, encode_vq, vq_grid, vq_layout
 
 
 def tensor_layout(numel: int, fmt: QuantFormat) -> dict[str, TensorSpec]:
@@ -100,6 +103,8 @@ def tensor_layout(numel: int, fmt: QuantFormat) -> dict[str, TensorSpec]:
         return {"values": TensorSpec(torch.float16, numel)}
     if fmt.lut:
         return lut_layout(numel, fmt.bits, fmt.group_size)
+    if fmt.vq:
+        return vq_layout(numel, fmt.bits, fmt.group_size, fmt.vq)
     n_high = fmt.high_count(numel)
     kw = dict(int_zeros=fmt.int_zeros, scale_bits=fmt.scale_bits)
     layout = int_layout("", numel - n_high, fmt.bits, fmt.group_size, fmt.symmetric, **kw)
@@ -120,7 +125,8 @@ class QuantizedTensor:
     instead ``scale_codes``, packed, and ``super_scales``, fp16), ``zeros`` (fp16, or packed with
     ``int_zeros``; asymmetric only); mixed formats add ``mask`` (packed 1-bit, row-major) and either
     ``high_values`` (fp16) or ``high_codes``/``high_scales``/``high_zeros`` (int8 groups);
-    lookup-table formats store ``codes``, ``scales`` and ``table`` (fp16, ``2**bits`` levels);
+    lookup-table formats store ``codes``, ``scales`` and ``table`` (fp16, ``2**bits`` levels), vector
+    codebook formats the same names (``vq * bits``-bit codes, a flat ``[2**(vq*bits), vq]`` codebook);
     fp16 pass-through stores only ``values``. See ``tensor_layout``.
     """
 
@@ -207,10 +213,11 @@ def quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None 
 
     ``importance`` (same shape as ``w``) ranks weights for the high-precision part of a mixed
     format; it defaults to ``|w|`` and is ignored by other formats. ``table_weight`` (same shape,
-    non-negative) weights each weight's squared error in the table fit of a lookup-table format
-    (e.g. the input Hessian diagonal of its column); None is plain MSE; other formats ignore it.
+    non-negative) weights each weight's squared error in the table fit of a lookup-table format, or
+    the codebook fit of a vector codebook format (e.g. the input Hessian diagonal of its column); None
+    is plain MSE; other formats ignore it.
     """
-    if fmt.lut:
+    if fmt.lut or fmt.vq:
         return quantize_with(w, quant_params(w, fmt, table_weight=table_weight))
     return _quantize(w, fmt, importance, None)
 
@@ -226,8 +233,8 @@ class QuantParams:
 
     shape: tuple[int, ...]
     fmt: QuantFormat
-    low: IntGrid | LutGrid | None  # the integer part (all weights, or the low ones of a mixed format), or the
-    # scales and table of a lookup-table format; None for fp16
+    low: IntGrid | LutGrid | VqGrid | None  # the integer part (all weights, or the low ones of a mixed format), or
+    # the scales and table of a lookup-table format, or the scales and codebook of a vq format; None for fp16
     mask: torch.Tensor | None  # bool [numel], row-major, True = high precision; mixed formats only
     high: IntGrid | None  # the int8 high part of a mixed format; None otherwise (fp16 high values have no grid)
 
@@ -241,17 +248,19 @@ def quant_params(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | N
     ``search=True`` chooses each group's range by clipping search instead (``grid.searched_grid``;
     ``search_weight``, shaped like ``w``, weights the squared errors, e.g. by the input Hessian
     diagonal of each weight's column). Same format, same bits; only the scales and zeros differ.
-    Lookup-table formats have no range to search (their levels are fitted, their scales are
-    the absmax): ``search`` and ``search_weight`` leave them alone; ``table_weight`` weights
-    their table fit.
+    Lookup-table and vector codebook formats have no range to search (their levels or points are
+    fitted, their scales are the absmax): ``search`` and ``search_weight`` leave them alone;
+    ``table_weight`` weights their fit.
     """
     flat, shape = _flat(w)
     if fmt.bits == FLOAT_BITS:
         return QuantParams(shape, fmt, None, None, None)
-    if fmt.lut:
+    if fmt.lut or fmt.vq:
         tw = None if table_weight is None else table_weight.detach().reshape(-1).to(flat)
         if tw is not None and tw.numel() != flat.numel():
             raise ValueError(f"table_weight has {tw.numel()} elements, w {flat.numel()}")
+        if fmt.vq:
+            return QuantParams(shape, fmt, vq_grid(flat, fmt.bits, fmt.group_size, fmt.vq, tw), None, None)
         grid = nl_grid(flat, fmt.group_size, tw) if fmt.nl else lut_grid(flat, fmt.bits, fmt.group_size, tw)
         return QuantParams(shape, fmt, grid, None, None)
     gs, sym, sb = fmt.group_size, fmt.symmetric, fmt.scale_bits
@@ -313,6 +322,8 @@ def _quantize(w: torch.Tensor, fmt: QuantFormat, importance: torch.Tensor | None
         return QuantizedTensor(shape, fmt, {"values": flat.to(torch.float16)})
     if fmt.lut:  # params given: quantize() fits the grid through quant_params first
         return QuantizedTensor(shape, fmt, encode_lut(flat, fmt.bits, gs, params.low))
+    if fmt.vq:  # likewise
+        return QuantizedTensor(shape, fmt, encode_vq(flat, fmt.bits, gs, fmt.vq, params.low))
     if not fmt.mixed:
         return QuantizedTensor(shape, fmt, encode(flat, fmt.bits, None if params is None else params.low, ""))
 
@@ -341,6 +352,8 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     kw = dict(int_zeros=fmt.int_zeros, scale_bits=fmt.scale_bits)
     if fmt.lut:
         out = dequantize_lut(t, numel, fmt.bits, fmt.group_size)
+    elif fmt.vq:
+        out = dequantize_vq(t, numel, fmt.bits, fmt.group_size, fmt.vq)
     elif not fmt.mixed:
         out = dequantize_int(t, "", numel, fmt.bits, fmt.group_size, fmt.symmetric, **kw)
     else:
@@ -373,6 +386,8 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
     kw = dict(int_zeros=fmt.int_zeros, scale_bits=fmt.scale_bits)
     if fmt.lut:
         return dequantize_lut_at(t, numel, fmt.bits, gs, index).to(dtype)
+    if fmt.vq:
+        return dequantize_vq_at(t, numel, fmt.bits, gs, fmt.vq, index).to(dtype)
     if not fmt.mixed:
         return dequantize_int_at(t, "", numel, fmt.bits, gs, sym, index, **kw).to(dtype)
     # Locate each element in its compacted part: its rank among the mask's set bits before it.
@@ -390,10 +405,13 @@ def dequantize_at(q: QuantizedTensor, index: torch.Tensor, dtype: torch.dtype = 
 
 
 def codes_of(q: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """Unpacked uint8 codes of every packed tensor of ``q`` (``codes``, ``high_codes``, ``mask``)."""
+    """Unpacked uint8 codes of every packed tensor of ``q`` (``codes``, ``high_codes``, ``mask``; a vq
+    format's ``codes`` are one per vector)."""
     fmt, numel = q.fmt, q.numel
     if fmt.bits == FLOAT_BITS:
         return {}
+    if fmt.vq:
+        return {"codes": unpack(q.tensors["codes"], fmt.vq * fmt.bits, math.ceil(numel / fmt.vq))}
     n_high = fmt.high_count(numel)
     out = {"codes": unpack(q.tensors["codes"], fmt.bits, numel - n_high)}
     if fmt.mixed:
@@ -435,10 +453,11 @@ def scales_of(q: QuantizedTensor, prefix: str = "") -> torch.Tensor:
 
 
 def _refuse_lut(q: QuantizedTensor, what: str) -> None:
-    """Integer-grid readers decline lookup-table tensors: read as ``(code - offset) * scale``,
-    their codes would silently decode to the wrong weights."""
-    if q.fmt.lut:
-        raise ValueError(f"{q.fmt.name} decodes scale * table[code] (uqcit.tensor.lut), not (code - offset) * "
+    """Integer-grid readers decline lookup-table and vector codebook tensors: read as ``(code - offset) *
+    scale``, their codes would silently decode to the wrong weights."""
+    if q.fmt.lut or q.fmt.vq:
+        module = "uqcit.tensor.vq: one code per vector" if q.fmt.vq else "uqcit.tensor.lut"
+        raise ValueError(f"{q.fmt.name} decodes scale * table[code] ({module}), not (code - offset) * "
                          f"scale: its {what} are not an integer grid's; dequantize() reads it")
 
 
