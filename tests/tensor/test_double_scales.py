@@ -25,12 +25,10 @@ from uqcit.tensor.quant import (
     zero_points,
 )
 
+from tensor_helpers import gen as _gen
+
 FORMATS = ["w4-g32-sym-s6", "w3-g64-iz-s6", "w3-g48-iz-s6", "w2-g16-s4", "w8-g128-sym-s8", "w4-g32-s5",
            "w3-g32-s7+w8@0.1", "w2-g64-sym-s6+w16@0.05", "w5-g32-sym-s6", "w5-g64-iz-s6", "w6-g16-sym-s7"]
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def test_names_parse_and_old_metadata_stays_byte_identical():

@@ -13,9 +13,8 @@ from uqcit.export.hf import ExportError
 from uqcit.tensor.formats import QuantFormat, parse_format
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
 from uqcit.tensor.learned import LearnedWeight, supports
-from uqcit.tensor.lut import LLOYD_ITERS, absmax_scales, lloyd_max, normalized
+from uqcit.tensor.lut import absmax_scales, lloyd_max, normalized
 from uqcit.tensor.quant import (
-    QuantizedTensor,
     dequantize,
     dequantize_at,
     quant_error,
@@ -27,24 +26,9 @@ from uqcit.tensor.quant import (
     zero_points,
 )
 
+from tensor_helpers import gen as _gen, same_tensors, student_t
+
 NAMES = ["w2-g32-lut", "w3-g64-lut", "w4-g32-lut", "w4-g128-lut", "w3-g30-lut"]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def student_t(shape: tuple[int, ...], df: int, seed: int) -> torch.Tensor:
-    """Heavy-tailed weights: a normal over the root of an independent chi-squared / df."""
-    g = _gen(seed)
-    z = torch.randn(*shape, generator=g)
-    return z / (torch.randn(df, *shape, generator=g).square().sum(0) / df).sqrt()
-
-
-def same_tensors(a: QuantizedTensor, b: QuantizedTensor) -> bool:
-    bits = lambda t: t.view(torch.int16) if t.dtype == torch.float16 else t  # noqa: E731 (fp16 -0.0 vs 0.0)
-    return set(a.tensors) == set(b.tensors) and all(torch.equal(bits(a.tensors[k]), bits(b.tensors[k]))
-                                                    for k in a.tensors)
 
 
 # ------------------------------------------------------------------------------ names and bits

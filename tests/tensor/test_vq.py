@@ -13,37 +13,21 @@ from uqcit.tensor import vq
 from uqcit.tensor.formats import QuantFormat, parse_format
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
 from uqcit.tensor.learned import LearnedTable, LearnedWeight, learned_weight
-from uqcit.tensor.lut import absmax_scales, fit_table, normalized
+from uqcit.tensor.lut import absmax_scales, normalized
 from uqcit.tensor.quant import (
     codes_of,
     dequantize,
     dequantize_at,
     quant_params,
     quantize,
-    quantize_with,
     scales_of,
     tensor_layout,
     zero_points,
 )
 
+from tensor_helpers import gen as _gen, same_tensors, student_t
+
 NAMES = ["w2-g64-vq2", "w3-g32-vq2", "w4-g32-vq2", "w2-g64-vq4", "w2-g12-vq4"]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def student_t(shape: tuple[int, ...], df: int, seed: int) -> torch.Tensor:
-    """Heavy-tailed weights: a normal over the root of an independent chi-squared / df."""
-    g = _gen(seed)
-    z = torch.randn(*shape, generator=g)
-    return z / (torch.randn(df, *shape, generator=g).square().sum(0) / df).sqrt()
-
-
-def same_tensors(a, b) -> bool:
-    bits = lambda t: t.view(torch.int16) if t.dtype == torch.float16 else t  # noqa: E731 (fp16 -0.0 vs 0.0)
-    return set(a.tensors) == set(b.tensors) and all(torch.equal(bits(a.tensors[k]), bits(b.tensors[k]))
-                                                    for k in a.tensors)
 
 
 def normalized_error(w: torch.Tensor, q, weight: torch.Tensor | None = None) -> float:
