@@ -13,7 +13,7 @@ from uqcit.server.settings import ServerSettings
 # str fields of stage configs known to name no file (patterns, format names, text). A new str field
 # must be added here or to uqcit.server.checks.FILE_FIELDS: the server has to decide about it.
 NOT_FILES = {
-    ("allocate", "pins"), ("allocate", "formats"), ("clusters", "modules"), ("compensate", "modules"),
+    ("allocate", "pins"), ("allocate", "formats"), ("allocate", "predict"), ("clusters", "modules"), ("compensate", "modules"),
     ("compensate", "factor_format"), ("importance", "weights"), ("importance", "sensitivity_format"),
     ("levels", "ruleset"), ("plan", "level_patterns"), ("plan", "overrides"), ("prune", "modules"),
     ("retrain", "prompts"), ("retrain", "modules"), ("sensitivity", "formats"), ("sensitivity", "modules"),
