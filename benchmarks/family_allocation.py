@@ -43,11 +43,15 @@ FAMILIES = ["w2-g24-iz-s6", "w2-g32-iz-s6", "w2-g48-iz", "w3-g36-iz-s6", "w3-g48
             "w3-g54-lut", "w4-g32-sym-s6", "w4-g64-nl", "w4-g128-nl", "w4-g64-sym", "w5-g32-sym-s6",
             "w6-g64-sym-s6", "w8-g64-sym"]
 BUDGETS = (2.5, 3.3, 4.25)  # bits/weight over the block linears
+# Whole-model accounting: the tied embedding/LM head is a module like the others (rounded by error feedback
+# against the head's inputs, which takes any format), with these formats offered besides the families.
+WHOLE_BUDGETS = (3.25,)
+EMBEDDING_FAMILIES = ["w3-g64-iz-s6", "w4-g96-iz", "w4-g128-iz"]
 
 
-def plan_path(budget: float) -> Path:
-    """Where the plan for ``budget`` (bits/weight over the block linears) is written."""
-    return RESULTS / f"family-plan-{budget:g}.json"
+def plan_path(budget: float, whole: bool = False) -> Path:
+    """Where the plan for ``budget`` (bits/weight over the block linears, or over every weight) is written."""
+    return RESULTS / f"family-plan-{'whole-' if whole else ''}{budget:g}.json"
 
 
 def main() -> None:
@@ -57,7 +61,7 @@ def main() -> None:
     levels = analyze_levels(model)
     measured = SensitivityResult.load(TABLE)
     calib = measured.meta["settings"]["calibration"]
-    wide, errors = widen_sensitivity(model, tok, levels, measured, FAMILIES)
+    wide, errors = widen_sensitivity(model, tok, levels, measured, list(dict.fromkeys(FAMILIES + EMBEDDING_FAMILIES)))
     loo = [leave_one_out(measured, errors, f) for f in measured.formats if f != "fp16"]
     wide.save(RESULTS / "sensitivity-families-smollm2-135m.safetensors")
 
@@ -83,6 +87,24 @@ def main() -> None:
                       "by_level": _by_level(rows), "file": plan_path(budget).name})
         print(f"budget {budget}: {bpw_blocks:.4f} bits/weight over the blocks, predicted KL "
               f"{res.predicted_kl:.4f}, {mix}", flush=True)
+
+    emb_names = {e.name for e in emb}
+    for budget in WHOLE_BUDGETS:  # every weight counted; the tied matrix chooses too (error feedback rounds it)
+        res = allocate(levels, wide, AllocateConfig(target_bpw=budget, formats=tuple(dict.fromkeys(
+            FAMILIES + EMBEDDING_FAMILIES))))
+        rows = res.rows
+        mix: dict[str, int] = {}
+        for r in rows:
+            mix[r.format] = mix.get(r.format, 0) + 1
+        plan = {r.module: r.format for r in rows}
+        write_json(plan_path(budget, whole=True), {"budget": budget, "bpw": res.achieved_bpw, "plan": plan})
+        plans.append({"budget": budget, "accounting": "whole-model", "bpw": res.achieved_bpw,
+                      "bpw_blocks": sum(r.bits for r in rows if r.module not in emb_names) / n_blocks,
+                      "predicted_kl": res.predicted_kl, "embedding": [plan[n] for n in sorted(emb_names)],
+                      "mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])), "by_level": _by_level(rows),
+                      "file": plan_path(budget, whole=True).name})
+        print(f"whole-model {budget}: {res.achieved_bpw:.4f} bits/weight, embedding "
+              f"{[plan[n] for n in sorted(emb_names)]}, predicted KL {res.predicted_kl:.4f}", flush=True)
 
     out = {"model": MODEL, "table": TABLE.name, "calibration": calib, "families": FAMILIES,
            "leave_one_out": loo, "plans": plans, "seconds": time.perf_counter() - t0, "machine": machine(),
@@ -113,7 +135,8 @@ def _markdown(out: dict) -> str:
     for p in out["plans"]:
         mix = ", ".join(f"{k} x{v}" for k, v in p["mix"].items())
         lv = ", ".join(f"L{k} {v:.2f}" for k, v in p["by_level"].items())
-        lines.append(f"| {p['budget']} | {p['bpw_blocks']:.4f} | {p['predicted_kl']:.4f} | {mix} | {lv} |")
+        budget = f"{p['budget']} (whole model: {p['bpw']:.4f})" if p.get("accounting") == "whole-model" else p["budget"]
+        lines.append(f"| {budget} | {p['bpw_blocks']:.4f} | {p['predicted_kl']:.4f} | {mix} | {lv} |")
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ MODEL = "smollm2-135m"
 class Candidate:
     budget: float  # the bits/weight class it competes in (peer accounting: bpw_blocks)
     blocks: str  # format of every block linear, or "alloc-<budget>": family_allocation.py's plan for that budget
-    embedding: str  # "fp16" (peer accounting) or a format (whole-model accounting)
+    embedding: str  # "fp16" (peer accounting), a format, or "alloc": the whole-model plan's (whole-model accounting)
     method: str = "signround"
     rotation: str = "hadamard"  # "none" or a RotationConfig construction
     iters: int = 40
@@ -166,6 +166,7 @@ CANDIDATES = [
     Candidate(3.30, "alloc-3.3", "fp16", rotation="none", iters=100, calib_samples=128),
     Candidate(2.5, "alloc-2.5", "fp16", rotation="none", iters=100, calib_samples=128),
     Candidate(4.25, "alloc-4.25", "fp16", rotation="none", iters=100, calib_samples=128),
+    Candidate(3.25, "alloc-3.25", "alloc", rotation="none", iters=100, calib_samples=128),
     # Vector codebooks (GPTVQ-style, uqcit.tensor.vq): 4 or 2 consecutive weights share one code into a
     # per-tensor codebook, rounded inside GPTQ's error feedback; against the scalar rungs above.
     Candidate(2.5, "w2-g64-vq4", "fp16", method="rtn", rotation="none"),
@@ -277,13 +278,14 @@ def main() -> None:
 
 def _allocated(c: Candidate, levels) -> dict:
     """The plan ``family_allocation.py`` wrote for ``c.blocks`` (``alloc-<budget>``), the embedding as ``c`` says."""
-    path = plan_path(float(c.blocks.removeprefix("alloc-")))
+    whole = c.embedding == "alloc"  # the plan chose the tied matrix's format too
+    path = plan_path(float(c.blocks.removeprefix("alloc-")), whole=whole)
     if not path.is_file():
         raise SystemExit(f"{c.name}: {path} is missing; run benchmarks/family_allocation.py first")
     plan = json.loads(path.read_text())["plan"]
     exact = {}
     for m in levels.quantizable():
-        exact[m.name] = parse_format(plan[m.name] if m.kind != "embedding" else c.embedding)
+        exact[m.name] = parse_format(plan[m.name] if m.kind != "embedding" or whole else c.embedding)
     return exact
 
 
