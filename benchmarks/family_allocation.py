@@ -13,6 +13,8 @@ measured KL curve by its input-weighted weight error, which costs no forward pas
    the plan's format mix, its exact bits and its predicted KL. The plans are written to
    ``results/family-plan-<budget>.json`` for ``quality_per_bit.py`` (candidates ``alloc-...``), which
    rounds them by learned rounding and scores them at the full protocol.
+3. The same at 3.25 bits/weight over every weight (whole-model accounting), the tied embedding/LM head
+   choosing its format too: ``results/family-plan-whole-3.25.json``.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/family_allocation.py
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,14 +80,11 @@ def main() -> None:
                                                      pins={e.name: FLOAT for e in emb}))
         rows = [r for r in res.rows if not r.pinned]
         bpw_blocks = sum(r.bits for r in rows) / n_blocks
-        mix: dict[str, int] = {}
-        for r in rows:
-            mix[r.format] = mix.get(r.format, 0) + 1
+        mix = dict(Counter(r.format for r in rows).most_common())
         plan = {r.module: r.format for r in rows}
         write_json(plan_path(budget), {"budget": budget, "bpw_blocks": bpw_blocks, "plan": plan})
         plans.append({"budget": budget, "bpw_blocks": bpw_blocks, "predicted_kl": res.predicted_kl,
-                      "mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])),
-                      "by_level": _by_level(rows), "file": plan_path(budget).name})
+                      "mix": mix, "by_level": _by_level(rows), "file": plan_path(budget).name})
         print(f"budget {budget}: {bpw_blocks:.4f} bits/weight over the blocks, predicted KL "
               f"{res.predicted_kl:.4f}, {mix}", flush=True)
 
@@ -93,15 +93,13 @@ def main() -> None:
         res = allocate(levels, wide, AllocateConfig(target_bpw=budget, formats=tuple(dict.fromkeys(
             FAMILIES + EMBEDDING_FAMILIES))))
         rows = res.rows
-        mix: dict[str, int] = {}
-        for r in rows:
-            mix[r.format] = mix.get(r.format, 0) + 1
+        mix = dict(Counter(r.format for r in rows).most_common())
         plan = {r.module: r.format for r in rows}
         write_json(plan_path(budget, whole=True), {"budget": budget, "bpw": res.achieved_bpw, "plan": plan})
         plans.append({"budget": budget, "accounting": "whole-model", "bpw": res.achieved_bpw,
                       "bpw_blocks": sum(r.bits for r in rows if r.module not in emb_names) / n_blocks,
                       "predicted_kl": res.predicted_kl, "embedding": [plan[n] for n in sorted(emb_names)],
-                      "mix": dict(sorted(mix.items(), key=lambda kv: -kv[1])), "by_level": _by_level(rows),
+                      "mix": mix, "by_level": _by_level(rows),
                       "file": plan_path(budget, whole=True).name})
         print(f"whole-model {budget}: {res.achieved_bpw:.4f} bits/weight, embedding "
               f"{[plan[n] for n in sorted(emb_names)]}, predicted KL {res.predicted_kl:.4f}", flush=True)

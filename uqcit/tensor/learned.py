@@ -85,8 +85,8 @@ def check_learnable(fmt: QuantFormat) -> None:
 
 
 def learned_weight(w: torch.Tensor, fmt: QuantFormat) -> "LearnedWeight | LearnedTable":
-    """The trainable rounding of ``w`` in ``fmt``: ``LearnedTable`` for lookup tables, else ``LearnedWeight``."""
-    check_learnable(fmt)
+    """The trainable rounding of ``w`` in ``fmt``: ``LearnedTable`` for lookup tables, else ``LearnedWeight``
+    (each refuses a format it cannot learn)."""
     return LearnedTable(w, fmt) if fmt.lut else LearnedWeight(w, fmt)
 
 
