@@ -65,9 +65,12 @@ class Candidate:
     attention: str = ""  # another format for the attention projections (self_attn.*) than for the MLPs
     sequential: bool = False  # gptq: block by block on the quantized blocks' outputs
     asymmetric: bool = False  # gptq, sequential: toward the float model's outputs (GPTAQ)
+    recipe: str = ""  # a built-in recipe run as the CLI runs it, up to its quantize stage (the fields above unused)
 
     @property
     def name(self) -> str:
+        if self.recipe:
+            return f"recipe-{self.recipe}"
         rot = "" if self.rotation == "none" else f"rot-{self.rotation}-"
         emb = "" if self.embedding == "fp16" else f"-emb-{self.embedding}" + ("-fb" if self.head_feedback else "")
         iters = f"-i{self.iters}" if self.method == "signround" else ""
@@ -186,6 +189,14 @@ CANDIDATES = [
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True),
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True,
               asymmetric=True),
+    # The built-in allocation recipes, timed as they run from the CLI: the sensitivity table predicted from the
+    # diagonal Fisher (no forward pass per cell), the knapsack over the format families, learned rounding.
+    Candidate(3.30, "recipe", "fp16", recipe="alloc-signround-3.3-blocks"),
+    Candidate(4.25, "recipe", "fp16", recipe="alloc-signround-4.25-blocks"),
+    Candidate(2.5, "recipe", "fp16", recipe="alloc-signround-2.5-blocks"),
+    Candidate(3.25, "recipe", "recipe", recipe="alloc-signround-3.25"),
+    Candidate(4.25, "recipe", "recipe", recipe="alloc-signround-4.25"),
+    Candidate(2.5, "recipe", "recipe", recipe="alloc-signround-2.5"),
 ]
 
 
@@ -217,6 +228,12 @@ def main() -> None:
         pending: list[dict] = []
         selftext: dict[int, SelfText] = {}
         for c in todo:
+            if c.recipe:
+                pending.append(_recipe_package(c, ref, tok, workdir))
+                if not args.together or c is todo[-1]:
+                    _score(args, pending, tok, ref, eval_cfg, second_cfg)
+                    pending = []
+                continue
             t0 = time.perf_counter()
             model, prefix = ref, ""
             if c.rotation != "none":
@@ -264,16 +281,38 @@ def main() -> None:
             del q
             if not args.together or c is todo[-1]:
                 # --together: one reference pass for all candidates (it is half of each evaluation)
-                if args.second_windows:  # the packages on code: does calibration on news generalize?
-                    ev = evaluate_many({p["method"]: p["model"] for p in pending}, tok, second_cfg, reference=ref)
-                    for p in pending:
-                        e = ev[p["method"]]
-                        p["extra"]["second_text"] = {"corpus": "humaneval", "windows": e.windows, "kl": e.kl,
-                                                     "ppl": e.ppl, "top1": e.top1,
-                                                     "reference_ppl": ev["reference"].ppl}
-                score_and_merge(args.name, pending, tok, ref, eval_cfg, model=MODEL)
+                _score(args, pending, tok, ref, eval_cfg, second_cfg)
                 pending = []
     print((RESULTS / f"{args.name}.md").read_text())
+
+
+def _score(args, pending: list[dict], tok, ref, eval_cfg, second_cfg) -> None:
+    """Score packaged candidates on news (full protocol) and on code, and merge their records."""
+    if args.second_windows and pending:  # the packages on code: does calibration on news generalize?
+        ev = evaluate_many({p["method"]: p["model"] for p in pending}, tok, second_cfg, reference=ref)
+        for p in pending:
+            e = ev[p["method"]]
+            p["extra"]["second_text"] = {"corpus": "humaneval", "windows": e.windows, "kl": e.kl,
+                                         "ppl": e.ppl, "top1": e.top1, "reference_ppl": ev["reference"].ppl}
+    if pending:
+        score_and_merge(args.name, pending, tok, ref, eval_cfg, model=MODEL)
+
+
+def _recipe_package(c: Candidate, ref, tok, workdir: Path) -> dict:
+    """Built-in recipe ``c.recipe`` run as ``uqcit compress`` runs it, up to quantization, then packaged."""
+    from uqcit.pipeline import Session
+    from uqcit.recipe import builtin_recipe
+
+    recipe = builtin_recipe(c.recipe)
+    session = Session(name=MODEL, reference=ref, tokenizer=tok, progress=True)
+    session.run(recipe, skip=("eval",))
+    q, levels = session.results["quantize"], session.results["levels"]
+    blocks = {m.name for m in levels.quantizable() if m.kind != "embedding"}
+    stage_s = dict(session.seconds)
+    alloc = session.results.get("allocate")
+    return _packaged(c, q, tok, levels, workdir, blocks, 0.0, sum(stage_s.values()), stages=stage_s,
+                     plan=None if alloc is None else {"mix": alloc.format_counts(), "achieved_bpw": alloc.achieved_bpw,
+                                                      "predicted_kl": alloc.predicted_kl})
 
 
 def _allocated(c: Candidate, levels) -> dict:
@@ -290,7 +329,7 @@ def _allocated(c: Candidate, levels) -> dict:
 
 
 def _packaged(c: Candidate, q, tok, levels, workdir: Path, blocks: set[str], rotate_s: float, quant_s: float,
-              e2e: dict | None = None) -> dict:
+              e2e: dict | None = None, **extra) -> dict:
     """``q`` exported and loaded back as candidate ``c``, with the peer accounting's bits/weight."""
     block_mods = [m for m in q.stored if m.name in blocks]
     bpw_blocks = (sum(m.stored_bits for m in block_mods) + q.rotation_bits) / sum(m.numel for m in block_mods)
@@ -299,7 +338,7 @@ def _packaged(c: Candidate, q, tok, levels, workdir: Path, blocks: set[str], rot
                              seconds={"rotate": rotate_s, "quantize": quant_s},
                              budget=c.budget, bpw_blocks=bpw_blocks, recipe=dataclasses.asdict(c),
                              accounting="peer" if c.embedding == "fp16" else "whole-model",
-                             rounding=[dataclasses.asdict(r) for r in q.rounding], e2e=e2e)
+                             rounding=[dataclasses.asdict(r) for r in q.rounding], e2e=e2e, **extra)
     cand["method"] = c.name
     return cand
 

@@ -17,6 +17,7 @@ NOT_FILES = {
     ("compensate", "factor_format"), ("importance", "weights"), ("importance", "sensitivity_format"),
     ("levels", "ruleset"), ("plan", "level_patterns"), ("plan", "overrides"), ("prune", "modules"),
     ("retrain", "prompts"), ("retrain", "modules"), ("sensitivity", "formats"), ("sensitivity", "modules"),
+    ("sensitivity", "method"), ("allocate", "budget_over"),
 }
 
 

@@ -172,3 +172,29 @@ def test_pipeline_runs_sensitivity_then_allocation_into_quantize():
     quantized = s.run_stage(QuantizeConfig())
     assert quantized.bpw == pytest.approx(alloc.achieved_bpw, abs=1e-12)  # planned bits are stored bits
     assert quantized.plan.name == "alloc-4"
+
+
+def test_a_budget_over_the_free_modules_leaves_the_pins_outside_it():
+    levels = _levels([(256, 512), (512, 256), (256, 256), (128, 512)])
+    sens = _sensitivity(levels, random.Random(5))
+    pins = {"model.layers.0.mlp.up_proj": "float"}
+    free = allocate(levels, sens, AllocateConfig(target_bpw=3.0, pins=pins, budget_over="free"))
+    rows = [r for r in free.rows if not r.pinned]
+    assert free.achieved_bpw == sum(r.bits for r in rows) / sum(r.numel for r in rows) <= 3.0
+    assert free.achieved_bpw == 2.75  # the best the g128 steps allow under 3.0: the budget goes to the free modules
+    # counted over every weight, the float pin (a third of them) alone costs more than the same target
+    with pytest.raises(ValueError, match="below the cheapest plan"):
+        allocate(levels, sens, AllocateConfig(target_bpw=3.0, pins=pins))
+    assert free.to_dict()["budget_over"] == "free"
+
+
+def test_kind_pins_and_an_all_pinned_free_budget_fail_by_name():
+    levels = _levels([(256, 512), (512, 256)])
+    sens = _sensitivity(levels, random.Random(6))
+    with pytest.raises(ValueError, match="no quantizable module of kind 'embedding'"):
+        allocate(levels, sens, AllocateConfig(target_bpw=3.0, pins={"kind:embedding": "float"}))
+    with pytest.raises(ValueError, match="every module is pinned"):
+        allocate(levels, sens, AllocateConfig(target_bpw=3.0, pins={"kind:linear": "float"}, budget_over="free"))
+    from uqcit.core.config import ConfigError
+    with pytest.raises(ConfigError, match="budget_over must be 'all' or 'free'"):
+        AllocateConfig(budget_over="blocks")

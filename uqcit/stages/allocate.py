@@ -64,17 +64,22 @@ class AllocateConfig(StageConfig):
     type_tag = "allocate"
 
     target_bpw: float = 3.25  # average stored bits per weight over the quantizable modules, all overhead counted
-    pins: Mapping[str, str] = dataclasses.field(default_factory=dict)  # module or "re:..." -> format name or "float"
+    # module, "re:<pattern>" or "kind:<kind>" (e.g. "kind:embedding") -> format name or "float"
+    pins: Mapping[str, str] = dataclasses.field(default_factory=dict)
     formats: tuple[str, ...] | None = None  # candidates allowed (measured names); None: every measured format
     resolution_bpw: float = 0.005  # budget the bit grid may lose to rounding, in bits/weight (<< 0.02)
     # formats nobody measured, offered too: each module's KL placed on its measured KL-vs-error curve
     # (uqcit.stages.sensitivity_fit), e.g. ("w3-g48-iz-s6", "w4-g64-nl"); the stage widens the table
     predict: tuple[str, ...] = ()
+    # what target_bpw averages over: "all" quantizable weights, pins included, or only the "free" ones
+    # (the peers' accounting: the tied embedding/head pinned at float and the budget spent on the blocks)
+    budget_over: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check(self.target_bpw > 0, "target_bpw", "must be positive")
         self.check(self.resolution_bpw > 0, "resolution_bpw", "must be positive")
+        self.check(self.budget_over in ("all", "free"), "budget_over", "must be 'all' or 'free'")
         self.check(self.formats is None or len(self.formats) > 0, "formats",
                    "is empty: allow at least one measured format (None: all)")
         for name in self.predict:
@@ -118,6 +123,12 @@ class AllocationResult(Result):
     resolution_bpw: float  # the grid's actual rounding allowance (coarser than asked only for huge grids)
     formats: list[str]  # candidates the solver could choose from
     seconds: float
+    budget_over: str = "all"  # "free": target_bpw and achieved_bpw count the modules that were not pinned
+
+    @property
+    def counted(self) -> list[AllocationRow]:
+        """The rows the budget averages over."""
+        return [r for r in self.rows if not (self.budget_over == "free" and r.pinned)]
 
     @property
     def weight_count(self) -> int:
@@ -129,7 +140,9 @@ class AllocationResult(Result):
 
     @property
     def achieved_bpw(self) -> float:
-        return self.total_bits / max(self.weight_count, 1)
+        """Stored bits per weight over the modules the budget counts (``budget_over``)."""
+        rows = self.counted
+        return sum(r.bits for r in rows) / max(sum(r.numel for r in rows), 1)
 
     @property
     def predicted_kl(self) -> float:
@@ -171,6 +184,7 @@ class AllocationResult(Result):
             "total_bits": self.total_bits, "weight_count": self.weight_count,
             "predicted_kl": self.predicted_kl, "predicted_bytes": self.predicted_bytes,
             "resolution_bpw": self.resolution_bpw, "formats": self.formats, "seconds": self.seconds,
+            "budget_over": self.budget_over,
             "unmeasured_pins": self.unmeasured,
             "modules": [dataclasses.asdict(r) for r in self.rows],
         }
@@ -241,9 +255,15 @@ def allocate(levels, sensitivity, config: AllocateConfig = AllocateConfig()) -> 
                              "sensitivity measurement, or pin the module")
         free.append((e, cands))
 
-    weights = sum(e.numel for e in owners)
+    if config.budget_over == "free":  # the pins are outside the budget
+        weights = sum(e.numel for e, _ in free)
+        fixed_bits = 0
+        if not free:
+            raise ValueError("budget_over='free' but every module is pinned: nothing to allocate")
+    else:
+        weights = sum(e.numel for e in owners)
+        fixed_bits = sum(r.bits for r in fixed_rows.values())
     budget = math.floor(config.target_bpw * weights)
-    fixed_bits = sum(r.bits for r in fixed_rows.values())
     cheapest = fixed_bits + sum(min(b for _, b, _ in c) for _, c in free)
     if cheapest > budget:
         raise ValueError(f"target_bpw {config.target_bpw:g} is below the cheapest plan these candidates "
@@ -263,7 +283,7 @@ def allocate(levels, sensitivity, config: AllocateConfig = AllocateConfig()) -> 
             exact[m.name] = exact[m.tied_to]
     plan = BitPlan(default=None, exact=exact, name=f"alloc-{config.target_bpw:g}")
     return AllocationResult(plan=plan, rows=rows, target_bpw=config.target_bpw, resolution_bpw=resolution,
-                            formats=allowed, seconds=time.perf_counter() - t0)
+                            formats=allowed, seconds=time.perf_counter() - t0, budget_over=config.budget_over)
 
 
 def _allowed_formats(sensitivity, formats: tuple[str, ...] | None) -> list[str]:
@@ -289,6 +309,10 @@ def _expand_pins(levels, pins: dict[str, str]) -> dict[str, QuantFormat | None]:
             hits = [n for n in owned if re.fullmatch(key[3:], n)]
             if not hits:
                 raise ValueError(f"pin {key!r} matches no quantizable module")
+        elif key.startswith("kind:"):  # e.g. "kind:embedding", as plan overrides name a kind
+            hits = [e.name for e in levels.quantizable() if e.kind == key[5:]]
+            if not hits:
+                raise ValueError(f"pin {key!r}: no quantizable module of kind {key[5:]!r}")
         elif key in tied:
             raise ValueError(f"pin {key!r}: its weight is tied to {tied[key]!r}; pin that module instead")
         elif key in owned:
