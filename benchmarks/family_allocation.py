@@ -36,7 +36,11 @@ from uqcit.inputs.models import load_model  # noqa: E402
 from uqcit.stages.allocate import FLOAT, AllocateConfig, allocate  # noqa: E402
 from uqcit.stages.levels import analyze_levels  # noqa: E402
 from uqcit.stages.sensitivity import SensitivityResult  # noqa: E402
-from uqcit.stages.sensitivity_fit import leave_one_out, widen_sensitivity  # noqa: E402
+from uqcit.stages.sensitivity_fisher import fisher_sensitivity  # noqa: E402
+from uqcit.stages.sensitivity_fit import FLOOR_FACTOR, spearman, leave_one_out, widen_sensitivity  # noqa: E402
+from uqcit.recipe import builtin_recipe  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 MODEL = "smollm2-135m"
 TABLE = RESULTS / "sensitivity-smollm2-135m.safetensors"
@@ -105,11 +109,55 @@ def main() -> None:
               f"{[plan[n] for n in sorted(emb_names)]}, predicted KL {res.predicted_kl:.4f}", flush=True)
 
     out = {"model": MODEL, "table": TABLE.name, "calibration": calib, "families": FAMILIES,
-           "leave_one_out": loo, "plans": plans, "seconds": time.perf_counter() - t0, "machine": machine(),
-           "date": time.strftime("%Y-%m-%d")}
+           "leave_one_out": loo, "plans": plans, "fisher": _fisher_check(model, tok, levels, measured, wide),
+           "seconds": time.perf_counter() - t0, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     write_json(RESULTS / "family_allocation.json", out)
     atomic_write(RESULTS / "family_allocation.md", (_markdown(out) + "\n").encode())
     print(_markdown(out))
+
+
+def _fisher_check(model, tok, levels, measured: SensitivityResult, wide: SensitivityResult) -> dict:
+    """The table the ``alloc-signround-*`` recipes use (diagonal Fisher, 16 x 128 tokens) against the measured one.
+
+    Each measured g128 column against the Fisher prediction of the same cells; then, per budget, the plan
+    each table gives, both plans priced under both tables (the widened measured table is the referee
+    that the measured plan was optimal for).
+    """
+    cfg = builtin_recipe("alloc-signround-3.3-blocks").stage("sensitivity")
+    anchors = [f for f in measured.formats if f != "fp16"]
+    t0 = time.perf_counter()
+    fisher = fisher_sensitivity(model, tok, levels, list(dict.fromkeys(FAMILIES + EMBEDDING_FAMILIES + anchors)),
+                                calib_samples=cfg.calib_samples, calib_seq_len=cfg.calib_seq_len, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    floor = abs(measured.floor_kl or 0.0) * FLOOR_FACTOR
+    columns = []
+    for f in anchors:
+        pred = np.array([fisher.kl(m, f) for m in measured.modules])
+        true = measured.table[:, measured.formats.index(f)].numpy()
+        ok = (true > floor) & (pred > 0)
+        ratio = np.log(pred[ok] / true[ok])
+        columns.append({"format": f, "modules": int(ok.sum()), "spearman": spearman(pred[ok], true[ok]),
+                        "median_ratio": float(np.exp(np.median(np.abs(ratio)))),
+                        "p90_ratio": float(np.exp(np.quantile(np.abs(ratio), 0.9))),
+                        "bias": float(np.exp(np.median(ratio)))})
+    emb = [e for e in levels.quantizable() if e.kind == "embedding"]
+    plans = []
+    for budget in BUDGETS:
+        cfg_b = AllocateConfig(target_bpw=budget, formats=tuple(FAMILIES), pins={e.name: FLOAT for e in emb},
+                               budget_over="free")
+        by_fisher, by_measured = allocate(levels, fisher, cfg_b), allocate(levels, wide, cfg_b)
+
+        def price(table, res):
+            return sum(table.kl(r.module, r.format) for r in res.rows if not r.pinned)
+
+        plans.append({"budget": budget, "bpw_blocks": by_fisher.achieved_bpw,
+                      "same_format": sum(by_fisher.choices[k] == by_measured.choices[k] for k in by_fisher.choices
+                                         if k not in {e.name for e in emb}),
+                      "fisher_plan": {"fisher": price(fisher, by_fisher), "measured": price(wide, by_fisher)},
+                      "measured_plan": {"fisher": price(fisher, by_measured), "measured": price(wide, by_measured)}})
+    return {"calibration": {"samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len, "seed": cfg.seed},
+            "seconds": seconds, "seconds_fisher": fisher.meta["seconds_fisher"], "formats": len(fisher.formats),
+            "columns": columns, "plans": plans}
 
 
 def _by_level(rows) -> dict[str, float]:
@@ -135,6 +183,23 @@ def _markdown(out: dict) -> str:
         lv = ", ".join(f"L{k} {v:.2f}" for k, v in p["by_level"].items())
         budget = f"{p['budget']} (whole model: {p['bpw']:.4f})" if p.get("accounting") == "whole-model" else p["budget"]
         lines.append(f"| {budget} | {p['bpw_blocks']:.4f} | {p['predicted_kl']:.4f} | {mix} | {lv} |")
+    f = out.get("fisher")
+    if f:
+        lines += ["", f"The diagonal Fisher table of the `alloc-signround-*` recipes ({f['calibration']['samples']} x "
+                  f"{f['calibration']['seq_len']} tokens, {f['formats']} formats x every module in "
+                  f"{f['seconds']:.0f} s, {f['seconds_fisher']:.0f} s of it the backward passes) against the "
+                  "measured table, cell by cell (bias: median predicted / measured):", "",
+                  "| format | modules | Spearman | median ratio | 90th pct ratio | bias |", "|---|---:|---:|---:|---:|---:|"]
+        for r in f["columns"]:
+            lines.append(f"| {r['format']} | {r['modules']} | {r['spearman']:.3f} | {r['median_ratio']:.2f} | "
+                         f"{r['p90_ratio']:.2f} | {r['bias']:.2f} |")
+        lines += ["", "Plans from each table, priced under both (sum of per-module KLs; the measured table is the widened one):",
+                  "", "| budget | same format (of 210) | Fisher plan: Fisher / measured | measured plan: Fisher / measured |",
+                  "|---:|---:|---|---|"]
+        for p in f["plans"]:
+            lines.append(f"| {p['budget']} | {p['same_format']} | {p['fisher_plan']['fisher']:.4f} / "
+                         f"{p['fisher_plan']['measured']:.4f} | {p['measured_plan']['fisher']:.4f} / "
+                         f"{p['measured_plan']['measured']:.4f} |")
     return "\n".join(lines)
 
 

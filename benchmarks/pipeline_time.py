@@ -31,24 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, merge, record  # noqa: E402
 
-import torch  # noqa: E402
-
 from uqcit.stages.allocate import AllocateConfig, allocate  # noqa: E402
 from uqcit.stages.evaluate import EvalConfig  # noqa: E402
 from uqcit.pipeline import Session, run_job  # noqa: E402
 from uqcit.recipe import builtin_recipe  # noqa: E402
 from uqcit.stages.sensitivity import SensitivityResult  # noqa: E402
+from uqcit.stages.sensitivity_fit import spearman  # noqa: E402
 
 MODEL = "smollm2-135m"
 RECIPE = "alloc-gptq-3.25"
 FULL_TABLE = RESULTS / "sensitivity-smollm2-135m.safetensors"
 PIPELINE_STAGES = ("levels", "sensitivity", "allocate", "quantize", "export")
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def compare_tables(small: SensitivityResult, full: SensitivityResult, levels, budget: float) -> dict:
@@ -58,7 +51,7 @@ def compare_tables(small: SensitivityResult, full: SensitivityResult, levels, bu
     for j, f in enumerate(small.formats):
         if f.startswith("fp16"):
             continue  # measured jointly: one value for every module
-        out["spearman"][f] = _spearman(small.table[:, j], full.table[rows, full.formats.index(f)])
+        out["spearman"][f] = spearman(small.table[:, j].numpy(), full.table[rows, full.formats.index(f)].numpy())
     a = allocate(levels, small, AllocateConfig(target_bpw=budget)).plan
     b = allocate(levels, full, AllocateConfig(target_bpw=budget)).plan
     out["plan_modules_same_format"] = sum(a.format_for(m) == b.format_for(m) for m in small.modules)

@@ -9,7 +9,7 @@ from uqcit.stages.allocate import FLOAT, AllocateConfig
 from uqcit.stages.levels import LevelsConfig, analyze_levels
 from uqcit.stages.sensitivity import SensitivityConfig, measure_sensitivity
 from uqcit.stages.sensitivity_fisher import fisher_diagonal, fisher_sensitivity
-from uqcit.stages.sensitivity_fit import _spearman
+from uqcit.stages.sensitivity_fit import spearman
 
 FORMATS = ["w2-g32", "w3-g32", "w4-g32"]
 
@@ -30,7 +30,7 @@ def test_the_fisher_table_agrees_with_the_measured_one_in_rank_and_scale(tiny):
     pred, true = fisher.table.numpy(), measured.table.numpy()
     resolved = true > 1e-5  # above what 4 x 64 tokens resolve
     assert resolved.sum() >= 20
-    assert _spearman(pred[resolved], true[resolved]) > 0.95
+    assert spearman(pred[resolved], true[resolved]) > 0.95
     # the scale is the KL's, not a proxy's: the second-order term is the KL to first order
     ratio = np.median(pred[resolved] / true[resolved])
     assert 0.6 < ratio < 1.6

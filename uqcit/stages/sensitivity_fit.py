@@ -158,7 +158,7 @@ def leave_one_out(measured: SensitivityResult, errors: Mapping[str, Mapping[str,
     floor = abs(measured.floor_kl or 0.0) * FLOOR_FACTOR
     ok = (true > floor) & (pred > 0) & np.isfinite(pred)
     ratio = np.abs(np.log(pred[ok] / true[ok]))
-    return {"format": format_name, "modules": int(ok.sum()), "spearman": _spearman(pred[ok], true[ok]),
+    return {"format": format_name, "modules": int(ok.sum()), "spearman": spearman(pred[ok], true[ok]),
             "median_ratio": float(np.exp(np.median(ratio))), "p90_ratio": float(np.exp(np.quantile(ratio, 0.9)))}
 
 
@@ -192,7 +192,13 @@ class _Curve:
         return float(min(max(s, SLOPE_RANGE[0]), SLOPE_RANGE[1]))
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a, b) -> float:
+    """Rank correlation of two equal-length sequences (ties broken by position).
+
+    >>> spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0])
+    0.5
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2:
         return math.nan
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
