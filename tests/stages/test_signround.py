@@ -70,15 +70,20 @@ def test_learned_table_starts_at_the_nearest_level_and_stores_exactly_what_it_tr
         LearnedWeight(w, lt.fmt)
 
 
-def test_signround_on_lookup_tables_beats_rounding_to_the_nearest_level(tiny):
+@pytest.mark.parametrize("fmt", ["w3-g32-lut", "w2-g32-vq2"])
+def test_signround_on_tables_and_codebooks_beats_rounding_to_the_nearest_point(tiny, fmt):
     model, tok, levels, batch = tiny
-    sr = _run(tiny, "w3-g32-lut")
+    sr = _run(tiny, fmt)
     rtn = quantize_model(model, levels, sr.plan, progress=False)
     assert sr.stored_bits == rtn.stored_bits and {m.method for m in sr.stored} == {"signround"}
     assert all(r.mse_learned < r.mse_rtn and r.kept == "learned" for r in sr.rounding)
-    ev = evaluate_many({"rtn": rtn.model, "sr": sr.model}, tok,
-                       EvalConfig(max_windows=2, window=256, total_tokens=1024), reference=model, progress=False)
-    assert ev["sr"].kl < ev["rtn"].kl
+    if fmt.endswith("-lut"):  # codebooks: the block errors fall 3-5x, but on this random tiny model and its
+        # random-token calibration the KL of 2 windows does not follow (measured on SmolLM2 in the benchmarks)
+        ev = evaluate_many({"rtn": rtn.model, "sr": sr.model}, tok,
+                           EvalConfig(max_windows=2, window=256, total_tokens=1024), reference=model, progress=False)
+        assert ev["sr"].kl < ev["rtn"].kl
+    else:
+        assert sum(r.mse_learned for r in sr.rounding) < 0.5 * sum(r.mse_rtn for r in sr.rounding)
 
 
 def test_signround_beats_rtn_and_gptq_stores_the_planned_bits_and_repeats(tiny):

@@ -12,7 +12,7 @@ import torch
 from uqcit.tensor import vq
 from uqcit.tensor.formats import QuantFormat, parse_format
 from uqcit.tensor.gptq import gptq_quantize, hessian_error
-from uqcit.tensor.learned import LearnedTable, LearnedWeight, learned_weight
+from uqcit.tensor.learned import LearnedTable, LearnedVQ, LearnedWeight, learned_weight
 from uqcit.tensor.lut import absmax_scales, normalized
 from uqcit.tensor.quant import (
     codes_of,
@@ -259,19 +259,31 @@ def test_vector_act_order_keeps_vectors_whole():
 # ------------------------------------------------------------------------------ readers, learned rounding
 
 
-def test_integer_grid_readers_and_learned_rounding_refuse_vectors():
+def test_integer_grid_readers_refuse_vectors_and_learned_rounding_takes_them():
     w = torch.randn(8, 64, generator=_gen(0))
     q = quantize(w, parse_format("w2-g32-vq4"))
     for reader in (zero_points, scales_of):
         with pytest.raises(ValueError, match=r"scale \* table\[code\] \(uqcit.tensor.vq"):
             reader(q)
-    for make in (learned_weight, LearnedWeight, LearnedTable):
-        with pytest.raises(ValueError, match=r"^learned rounding \(signround\) does not handle the vector codebook "
-                                             r"format w2-g32-vq4; quantize it with method 'gptq' or 'rtn'$"):
+    for make in (LearnedWeight, LearnedTable):
+        with pytest.raises(ValueError, match="w2-g32-vq4 on shape"):
             make(w, q.fmt)
+    lv = learned_weight(w, q.fmt)
+    assert isinstance(lv, LearnedVQ)
+    # untrained, it stores what round to nearest stores (its distances are summed in another order: ties aside)
+    start = lv.quantized()
+    assert same_tensors(start, q) or float((dequantize(start) != dequantize(q)).float().mean()) < 0.01
+    with torch.no_grad():
+        lv.v.uniform_(-lv.reach, lv.reach, generator=_gen(1))
+    for _ in range(lv.REFRESH):
+        lv.clamp_(0.5)  # the candidates are searched anew on the moved weights
+    moved = lv.quantized()
+    assert torch.equal(dequantize(moved), lv().detach()) and not torch.equal(dequantize(moved), dequantize(start))
+    lv().square().sum().backward()  # the offsets and clipping get gradients through the codebook
+    assert float(lv.v.grad.abs().sum()) > 0 and float(lv.alpha.grad.abs().sum()) > 0
 
 
-def test_signround_refuses_a_plan_with_vectors_before_calibrating():
+def test_signround_plans_vectors_as_learnable_blocks():
     from uqcit.inputs.tiny import tiny_model
     from uqcit.stages.levels import analyze_levels
     from uqcit.stages.plan import PlanConfig, build_plan
@@ -280,11 +292,9 @@ def test_signround_refuses_a_plan_with_vectors_before_calibrating():
     model, _ = tiny_model("llama")
     levels = analyze_levels(model)
     config = PlanConfig(preset="uniform", bits=4, group_size=32)
-    assert learnable_blocks(model, levels, build_plan(levels, config)) is not None
     plan = build_plan(levels, dataclasses.replace(config, overrides={"re:.*mlp.down_proj": "w2-g32-vq4"}))
-    # quantize_model and the streamed job ask learnable_blocks first, before any calibration text is read
-    with pytest.raises(ValueError, match="w2-g32-vq4; quantize it with method 'gptq' or 'rtn'"):
-        learnable_blocks(model, levels, plan)
+    _, blocks = learnable_blocks(model, levels, plan)
+    assert any(f.vq == 4 for fmts in blocks.values() for f in fmts.values())
 
 
 # ------------------------------------------------------------------------------ packages and training

@@ -2,7 +2,8 @@
 
 For each block of the stack, in order: the float block's outputs on the float model's own
 stream are the target; the block's planned linears become ``LearnedWeight`` fake-quantized
-weights (``uqcit.tensor.learned``; ``LearnedTable`` for lookup-table formats), and ``iters``
+weights (``uqcit.tensor.learned``; ``LearnedTable`` for lookup-table formats, ``LearnedVQ`` for
+vector codebooks), and ``iters``
 signed-gradient steps on random calibration micro-batches (inputs: the outputs of the blocks already quantized, so each block learns to
 undo the error that reaches it) minimize the mean squared error of the block's output. The
 learning rate decays linearly to zero (the paper's schedule; ``lr`` defaults to ``1/iters``).
@@ -33,7 +34,7 @@ from uqcit.core.names import block_of
 from uqcit.inputs.calibration import BlockReplay, block_output
 from uqcit.runtime.modules import QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
-from uqcit.tensor.learned import LearnedTable, LearnedWeight, check_learnable, learned_weight, supports
+from uqcit.tensor.learned import LearnedTable, LearnedVQ, LearnedWeight, learned_weight, supports
 from uqcit.tensor.quant import QuantizedTensor
 
 
@@ -50,9 +51,9 @@ class BlockRounding:
 
 
 class _FakeQuantLinear(nn.Module):
-    """A linear layer whose weight is a ``LearnedWeight`` or ``LearnedTable`` (training only)."""
+    """A linear layer whose weight is a ``LearnedWeight``, ``LearnedTable`` or ``LearnedVQ`` (training only)."""
 
-    def __init__(self, learned: LearnedWeight | LearnedTable, bias: torch.Tensor | None):
+    def __init__(self, learned: LearnedWeight | LearnedTable | LearnedVQ, bias: torch.Tensor | None):
         super().__init__()
         self.learned = learned
         self.bias = None if bias is None else bias.detach()
@@ -69,8 +70,6 @@ def learnable_blocks(model: nn.Module, levels, plan) -> tuple[str, dict[int, dic
     pattern = levels.ruleset.block_pattern
     planned = {m.name: tuple(weight_matrix(model.get_submodule(m.name)).shape) for m in levels.modules
                if m.tied_to is None and m.kind != "embedding" and plan.format_for(m.name) is not None}
-    for n in planned:  # before any calibration work: a format learned rounding refuses stops the run here
-        check_learnable(plan.format_for(n))
     names = [n for n, shape in planned.items() if supports(plan.format_for(n), shape)]
     untiled = [n for n, shape in planned.items() if n not in names and plan.format_for(n).bits != FLOAT_BITS
                and not plan.format_for(n).mixed]

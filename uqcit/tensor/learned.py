@@ -49,8 +49,17 @@ scale; the table stays the one fitted at the start. ``learned_weight`` picks the
 >>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lt.forward().detach())
 (True, True)
 
-Vector codebooks (``w{b}-g{G}-vq{d}``) are refused (``check_learnable``): a vector's code has no
-"next level up or down" to move to; GPTQ's error feedback handles them.
+Vector codebooks (``w{b}-g{G}-vq{d}``) learn theirs in ``LearnedVQ``: a vector's code has no "next
+level up or down", so the offset ``v`` moves the normalized weights themselves (within half a level
+step of the format's bits, ``1 / 2**b`` of the absmax scale) and each vector is then sent to its
+nearest codebook point, the encoder's rule; the gradient passes the choice straight through to the
+moved weights. Each group learns one clipping factor of its scale; the codebook stays the one fitted
+at the start (k-means, ``uqcit.tensor.vq``).
+
+>>> lv = learned_weight(w, QuantFormat(bits=2, group_size=32, vq=2))
+>>> q = lv.quantized()
+>>> q.stored_bits == q.fmt.bits_for(w.numel()), torch.equal(dequantize(q), lv.forward().detach())
+(True, True)
 """
 from __future__ import annotations
 
@@ -58,6 +67,7 @@ import torch
 
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.grid import FP16_TINY, group_super_scales, super_index
+from uqcit.tensor.lut import TABLE_NAME
 from uqcit.tensor.packing import pack
 from uqcit.tensor.quant import QuantizedTensor, quant_params
 
@@ -71,23 +81,10 @@ def supports(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
     return fmt.bits != FLOAT_BITS and not fmt.mixed and numel % fmt.group_size == 0
 
 
-def check_learnable(fmt: QuantFormat) -> None:
-    """Refuse, in one line naming the way out, a format whose rounding is not learned here (vector codebooks).
-
-    >>> from uqcit.tensor.formats import parse_format
-    >>> check_learnable(parse_format("w2-g64-vq4"))  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ValueError: learned rounding (signround) does not handle the vector codebook format w2-g64-vq4; ...
-    """
-    if fmt.vq:
-        raise ValueError(f"learned rounding (signround) does not handle the vector codebook format {fmt.name}; "
-                         "quantize it with method 'gptq' or 'rtn'")
-
-
-def learned_weight(w: torch.Tensor, fmt: QuantFormat) -> "LearnedWeight | LearnedTable":
-    """The trainable rounding of ``w`` in ``fmt``: ``LearnedTable`` for lookup tables, else ``LearnedWeight``
-    (each refuses a format it cannot learn)."""
-    return LearnedTable(w, fmt) if fmt.lut else LearnedWeight(w, fmt)
+def learned_weight(w: torch.Tensor, fmt: QuantFormat) -> "LearnedWeight | LearnedTable | LearnedVQ":
+    """The trainable rounding of ``w`` in ``fmt``: ``LearnedTable`` for lookup tables, ``LearnedVQ`` for
+    vector codebooks, else ``LearnedWeight`` (each refuses a format it cannot learn)."""
+    return LearnedVQ(w, fmt) if fmt.vq else LearnedTable(w, fmt) if fmt.lut else LearnedWeight(w, fmt)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -110,11 +107,10 @@ class LearnedWeight(torch.nn.Module):
 
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
         super().__init__()
-        check_learnable(fmt)
-        if not supports(fmt, tuple(w.shape)) or fmt.lut:
+        if not supports(fmt, tuple(w.shape)) or fmt.lut or fmt.vq:
             raise ValueError(f"learned rounding needs a plain integer format whose groups tile the "
                              f"tensor; {fmt.name} on shape {tuple(w.shape)} does not (lookup tables: "
-                             f"LearnedTable, or learned_weight for either)")
+                             f"LearnedTable, vector codebooks: LearnedVQ, or learned_weight for any)")
         self.fmt = fmt
         self.shape = tuple(w.shape)
         self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, fmt.group_size).clone())
@@ -199,7 +195,6 @@ class LearnedTable(torch.nn.Module):
 
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
         super().__init__()
-        check_learnable(fmt)
         if not fmt.lut or not supports(fmt, tuple(w.shape)):
             raise ValueError(f"LearnedTable needs a lookup-table format whose groups tile the tensor; "
                              f"{fmt.name} on shape {tuple(w.shape)} is not one")
@@ -253,3 +248,85 @@ class LearnedTable(torch.nn.Module):
         return QuantizedTensor(self.shape, self.fmt, {"codes": pack(codes, self.fmt.bits),
                                                       "scales": scale.reshape(-1).to(torch.float16),
                                                       "table": self.table.clone()})
+
+
+class LearnedVQ(torch.nn.Module):
+    """Offsets of the normalized weights and per-group clipping of one weight ``w`` ``[out, in]`` in a
+    vector-codebook ``fmt`` (module docstring). Starts at ``quant.quantize``'s absmax scales, codebook
+    and codes (float ties aside); the codebook stays fixed.
+
+    The nearest point is searched among each vector's ``CANDIDATES`` nearest points, found by a full
+    search at the start and again every ``REFRESH`` steps (``clamp_`` counts them): a step moves a
+    vector by at most ``lr`` of a scale, so its nearest point stays among its near ones, and the full
+    search over 256 points for every step would cost more than the block's forward pass.
+    ``forward`` and ``quantized`` use the same rule, so the package stores what the training saw.
+    """
+
+    CANDIDATES = 8
+    REFRESH = 10
+
+    def __init__(self, w: torch.Tensor, fmt: QuantFormat):
+        super().__init__()
+        if not fmt.vq or not supports(fmt, tuple(w.shape)):
+            raise ValueError(f"LearnedVQ needs a vector-codebook format whose groups tile the tensor; "
+                             f"{fmt.name} on shape {tuple(w.shape)} is not one")
+        self.fmt = fmt
+        self.shape = tuple(w.shape)
+        grid = quant_params(w.detach().to(torch.float32), fmt).low
+        self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, fmt.group_size).clone())
+        self.register_buffer("table", grid.table.to(torch.float32).clone())
+        self.register_buffer("scale0", grid.scales.to(torch.float32).unsqueeze(1))
+        self.reach = 1.0 / (1 << fmt.bits)  # half a level step of a b-bit grid on [-1, 1]
+        self.v = torch.nn.Parameter(torch.zeros_like(self.w))
+        self.alpha = torch.nn.Parameter(torch.ones(self.w.shape[0], 1))
+        self.steps = 0
+        self.register_buffer("near", self._nearest_points(self._u(self.scale()).detach()))
+
+    def scale(self) -> torch.Tensor:
+        """Per-group float32 scale ``[groups, 1]``: an fp16 value, never below the smallest fp16, differentiable."""
+        return _fp16_ste(self.scale0 * self.alpha)
+
+    def _u(self, scale: torch.Tensor) -> torch.Tensor:
+        return self.w / scale + self.v
+
+    def _nearest_points(self, u: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+        """Each vector's ``CANDIDATES`` nearest points (int64 ``[vectors, k]``), by ``|c|² - 2 u·c``."""
+        vecs = u.reshape(-1, self.fmt.vq)
+        k = min(self.CANDIDATES, self.table.shape[0])
+        c2 = self.table.square().sum(1)
+        out = torch.empty(vecs.shape[0], k, dtype=torch.int64, device=vecs.device)
+        for a in range(0, vecs.shape[0], chunk):
+            dist = torch.addmm(c2, vecs[a:a + chunk], self.table.t(), alpha=-2.0)
+            out[a:a + chunk] = dist.topk(k, dim=1, largest=False, sorted=True).indices
+        return out
+
+    def codes(self, u: torch.Tensor) -> torch.Tensor:
+        """The nearest candidate point of each vector of ``d`` consecutive normalized weights (int64)."""
+        vecs = u.detach().reshape(-1, 1, self.fmt.vq)
+        dist = (vecs - self.table[self.near]).square_().sum(-1)
+        return self.near.gather(1, dist.argmin(1, keepdim=True)).squeeze(1)
+
+    def forward(self) -> torch.Tensor:
+        """The fake-quantized weight ``[out, in]``: ``scale * codebook[code]``, as ``quantized()`` decodes."""
+        scale = self.scale()
+        u = self._u(scale)
+        point = self.table[self.codes(u)].reshape(u.shape)
+        return ((point + (u - u.detach())) * scale).reshape(self.shape)  # straight through to u
+
+    @torch.no_grad()
+    def clamp_(self, clip_min: float) -> None:
+        """Keep the parameters in their ranges after a step; every ``REFRESH`` steps, search the candidates anew."""
+        self.v.clamp_(-self.reach, self.reach)
+        self.alpha.clamp_(clip_min, 1.0)
+        self.steps += 1
+        if self.steps % self.REFRESH == 0:
+            self.near = self._nearest_points(self._u(self.scale()))
+
+    @torch.no_grad()
+    def quantized(self) -> QuantizedTensor:
+        """The packed tensor of the current parameters (``fmt.bits_for(numel)`` bits)."""
+        scale = self.scale()
+        codes = self.codes(self._u(scale)).to(torch.uint8)
+        return QuantizedTensor(self.shape, self.fmt, {"codes": pack(codes, self.fmt.vq * self.fmt.bits),
+                                                      "scales": scale.reshape(-1).to(torch.float16),
+                                                      TABLE_NAME: self.table.to(torch.float16).reshape(-1)})
