@@ -189,6 +189,9 @@ CANDIDATES = [
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True),
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True,
               asymmetric=True),
+    # Learned rounding onto the vector codebooks (LearnedVQ), against GPTQ on the same formats above.
+    Candidate(2.5, "w2-g64-vq4", "fp16", rotation="none", iters=100, calib_samples=128),
+    Candidate(3.30, "w3-g64-vq2", "fp16", rotation="none", iters=100, calib_samples=128),
     # The built-in allocation recipes, timed as they run from the CLI: the sensitivity table predicted from the
     # diagonal Fisher (no forward pass per cell), the knapsack over the format families, learned rounding.
     Candidate(3.30, "recipe", "fp16", recipe="alloc-signround-3.3-blocks"),

@@ -70,6 +70,7 @@ from uqcit.tensor.grid import FP16_TINY, group_super_scales, super_index
 from uqcit.tensor.lut import TABLE_NAME
 from uqcit.tensor.packing import pack
 from uqcit.tensor.quant import QuantizedTensor, quant_params
+from uqcit.tensor.vq import nearest_k
 
 
 def supports(fmt: QuantFormat, shape: tuple[int, ...]) -> bool:
@@ -289,16 +290,9 @@ class LearnedVQ(torch.nn.Module):
     def _u(self, scale: torch.Tensor) -> torch.Tensor:
         return self.w / scale + self.v
 
-    def _nearest_points(self, u: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-        """Each vector's ``CANDIDATES`` nearest points (int64 ``[vectors, k]``), by ``|c|² - 2 u·c``."""
-        vecs = u.reshape(-1, self.fmt.vq)
-        k = min(self.CANDIDATES, self.table.shape[0])
-        c2 = self.table.square().sum(1)
-        out = torch.empty(vecs.shape[0], k, dtype=torch.int64, device=vecs.device)
-        for a in range(0, vecs.shape[0], chunk):
-            dist = torch.addmm(c2, vecs[a:a + chunk], self.table.t(), alpha=-2.0)
-            out[a:a + chunk] = dist.topk(k, dim=1, largest=False, sorted=True).indices
-        return out
+    def _nearest_points(self, u: torch.Tensor) -> torch.Tensor:
+        """Each vector's ``CANDIDATES`` nearest points (int64 ``[vectors, k]``)."""
+        return nearest_k(u.reshape(-1, self.fmt.vq), self.table, self.CANDIDATES)
 
     def codes(self, u: torch.Tensor) -> torch.Tensor:
         """The nearest candidate point of each vector of ``d`` consecutive normalized weights (int64)."""

@@ -116,6 +116,26 @@ def nearest_points(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def nearest_k(u: torch.Tensor, table: torch.Tensor, k: int = 1, chunk: int = 1 << 16) -> torch.Tensor:
+    """int64 ``[n, k]``: the ``k`` nearest points of ``table`` ``[K, d]`` for each row of float32 ``u``
+    ``[n, d]``, nearest first, by ``|c|² - 2 u·c`` (one matrix product per chunk). Its float rounding,
+    and a BLAS that differs between machines, may break near-ties the other way, so the encoder and
+    the k-means keep ``nearest_points``; learned rounding's candidate search uses this.
+
+    >>> nearest_k(torch.tensor([[0.4, 0.9], [0.5, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), 2)
+    tensor([[2, 0],
+            [0, 1]])
+    """
+    t = table.to(device=u.device, dtype=torch.float32)
+    k = min(k, t.shape[0])
+    c2 = t.square().sum(1)
+    out = torch.empty(u.shape[0], k, dtype=torch.int64, device=u.device)
+    for a in range(0, u.shape[0], chunk):
+        dist = torch.addmm(c2, u[a:a + chunk], t.t(), alpha=-2.0)
+        out[a:a + chunk] = dist.argmin(1, keepdim=True) if k == 1 else dist.topk(k, dim=1, largest=False).indices
+    return out
+
+
 def encode_vectors(u: torch.Tensor, table: torch.Tensor, d: int) -> torch.Tensor:
     """int64 codes of flat normalized values ``u`` cut into vectors of ``d`` (the last may be short:
     its nearest point by the coordinates it has)."""
