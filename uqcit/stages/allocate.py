@@ -72,7 +72,7 @@ class AllocateConfig(StageConfig):
     # (uqcit.stages.sensitivity_fit), e.g. ("w3-g48-iz-s6", "w4-g64-nl"); the stage widens the table
     predict: tuple[str, ...] = ()
     # what target_bpw averages over: "all" quantizable weights, pins included, or only the "free" ones
-    # (the peers' accounting: the tied embedding/head pinned at float and the budget spent on the blocks)
+    # (the peers' accounting: the tied embedding/head pinned at fp16 and the budget spent on the blocks)
     budget_over: str = "all"
 
     def __post_init__(self) -> None:
