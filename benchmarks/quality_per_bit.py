@@ -204,8 +204,6 @@ CANDIDATES = [
     Candidate(4.25, "recipe", "fp16", recipe="alloc-signround-4.25-blocks"),
     Candidate(2.5, "recipe", "fp16", recipe="alloc-signround-2.5-blocks"),
     Candidate(3.25, "recipe", "recipe", recipe="alloc-signround-3.25"),
-    Candidate(4.25, "recipe", "recipe", recipe="alloc-signround-4.25"),
-    Candidate(2.5, "recipe", "recipe", recipe="alloc-signround-2.5"),
 ]
 
 
