@@ -194,10 +194,16 @@ class LearnedTable(torch.nn.Module):
     ``fmt`` (module docstring). Starts at ``quant.quantize``'s grid and codes: its scales (absmax,
     or IQ4_NL's searched signed scales) and its table, which stays fixed."""
 
+    NEEDS = "a lookup-table format"  # what the constructor accepts, for its error
+
+    @staticmethod
+    def accepts(fmt: QuantFormat) -> bool:
+        return bool(fmt.lut)
+
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
         super().__init__()
-        if not fmt.lut or not supports(fmt, tuple(w.shape)):
-            raise ValueError(f"LearnedTable needs a lookup-table format whose groups tile the tensor; "
+        if not self.accepts(fmt) or not supports(fmt, tuple(w.shape)):
+            raise ValueError(f"{type(self).__name__} needs {self.NEEDS} whose groups tile the tensor; "
                              f"{fmt.name} on shape {tuple(w.shape)} is not one")
         self.fmt = fmt
         self.shape = tuple(w.shape)
@@ -251,10 +257,11 @@ class LearnedTable(torch.nn.Module):
                                                       "table": self.table.clone()})
 
 
-class LearnedVQ(torch.nn.Module):
+class LearnedVQ(LearnedTable):
     """Offsets of the normalized weights and per-group clipping of one weight ``w`` ``[out, in]`` in a
     vector-codebook ``fmt`` (module docstring). Starts at ``quant.quantize``'s absmax scales, codebook
-    and codes (float ties aside); the codebook stays fixed.
+    and codes (float ties aside); the codebook stays fixed. The parameters and the scale are
+    ``LearnedTable``'s; the codes are nearest points instead of level numbers.
 
     The nearest point is searched among each vector's ``CANDIDATES`` nearest points, found by a full
     search at the start and again every ``REFRESH`` steps (``clamp_`` counts them): a step moves a
@@ -265,27 +272,18 @@ class LearnedVQ(torch.nn.Module):
 
     CANDIDATES = 8
     REFRESH = 10
+    NEEDS = "a vector-codebook format"
+
+    @staticmethod
+    def accepts(fmt: QuantFormat) -> bool:
+        return bool(fmt.vq)
 
     def __init__(self, w: torch.Tensor, fmt: QuantFormat):
-        super().__init__()
-        if not fmt.vq or not supports(fmt, tuple(w.shape)):
-            raise ValueError(f"LearnedVQ needs a vector-codebook format whose groups tile the tensor; "
-                             f"{fmt.name} on shape {tuple(w.shape)} is not one")
-        self.fmt = fmt
-        self.shape = tuple(w.shape)
-        grid = quant_params(w.detach().to(torch.float32), fmt).low
-        self.register_buffer("w", w.detach().to(torch.float32).reshape(-1, fmt.group_size).clone())
-        self.register_buffer("table", grid.table.to(torch.float32).clone())
-        self.register_buffer("scale0", grid.scales.to(torch.float32).unsqueeze(1))
+        super().__init__(w, fmt)
+        self.table = self.table.to(torch.float32)  # fp16 values: stored back exactly
         self.reach = 1.0 / (1 << fmt.bits)  # half a level step of a b-bit grid on [-1, 1]
-        self.v = torch.nn.Parameter(torch.zeros_like(self.w))
-        self.alpha = torch.nn.Parameter(torch.ones(self.w.shape[0], 1))
         self.steps = 0
         self.register_buffer("near", self._nearest_points(self._u(self.scale()).detach()))
-
-    def scale(self) -> torch.Tensor:
-        """Per-group float32 scale ``[groups, 1]``: an fp16 value, never below the smallest fp16, differentiable."""
-        return _fp16_ste(self.scale0 * self.alpha)
 
     def _u(self, scale: torch.Tensor) -> torch.Tensor:
         return self.w / scale + self.v
