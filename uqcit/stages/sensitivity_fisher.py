@@ -20,11 +20,13 @@ format and back (round to nearest). That costs one dequantization per cell and n
 so any number of formats is affordable.
 
 What it misses: interactions inside a matrix (off-diagonal ``F``), and the curvature of the KL
-beyond second order at large errors. Both are measured, not assumed.
+beyond second order at large errors. What they cost is measured, not assumed:
 ``benchmarks/family_allocation.py`` compares this table with SmolLM2's measured 4 x 128 one,
-column by column. On 16 x 128 tokens (about 30 s on 2 cores) the ranks agree to Spearman
-0.94-0.98 and the typical cell is 12-14 % off (``family_allocation.md``). That is closer than
-the fitted-curve prediction of ``sensitivity_fit``, and the measured 2-bit column is matched too.
+column by column. On 16 x 128 tokens the ranks agree to Spearman 0.94-0.98 and the typical cell
+is 12-14 % off (``family_allocation.md``). That is closer than the fitted-curve prediction of
+``sensitivity_fit``, and the measured 2-bit column is matched too. Time on 2 cores: 18 s of
+backward passes, then about 90 s for the 14 formats of the allocation recipes (mostly IQ4_NL's
+scale search).
 
 Memory: one float32 copy of every selected weight for ``F`` and one for the gradient.
 
