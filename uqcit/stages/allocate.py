@@ -24,7 +24,9 @@ upgrade that fits would lower the predicted KL.
 
 Mixed formats (e.g. ``"w2-g128+w16@0.1"``: a top 10% of weights in fp16) are candidates like any
 other, so the high-precision fraction inside a layer is chosen by the same solver, as long as
-it was measured. ``pins`` fix modules to a format (measured or not) and the rest is re-solved.
+it was measured. ``pins`` fix modules to a format (measured or not) and the rest is re-solved;
+with ``budget_over="free"`` the target averages over the modules left free only (the peers'
+accounting: ``pins={"kind:embedding": "fp16"}`` and the budget spent on the block linears).
 
 >>> from uqcit.inputs.tiny import tiny_model
 >>> from uqcit.stages.levels import analyze_levels
