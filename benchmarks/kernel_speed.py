@@ -32,7 +32,7 @@ from uqcit.tensor.quant import dequantize, quantize  # noqa: E402
 
 SHAPES = {"mlp 1536x576": (1536, 576), "lm head 49152x576": (49152, 576)}
 FORMATS = ("w4-g64-sym", "w4-g32", "w4-g32-sym", "w4-g64-nl", "w4-g72-lut", "w3-g64-iz", "w3-g36-iz-s6",
-           "w3-g54-lut", "w2-g24-iz-s6", "w8-g32-sym", "fp16")
+           "w3-g54-lut", "w2-g24-iz-s6", "w8-g32-sym", "w2-g64-vq4", "w3-g64-vq2", "fp16")
 
 
 def best_ms(fn, calls: int, repeats: int) -> float:
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--name", default="kernel_speed", help="results/<name>.json and .md")
     args = ap.parse_args()
     if not kernel.available():
         raise SystemExit(f"the packed kernel is unavailable here: {kernel.unavailable_reason()}")
@@ -78,7 +79,7 @@ def main() -> None:
              f"{r['ratio']:.2f} | {r['max_abs_diff']:.1e} |" for r in records]
     rows += ["", f"One input row (a decode step), best of {args.repeats} x {args.calls} calls, {args.threads} threads; "
                  "ratio = kernel / float32 in the same run."]
-    write("kernel_speed", records, "\n".join(rows))
+    write(args.name, records, "\n".join(rows))
 
 
 if __name__ == "__main__":
