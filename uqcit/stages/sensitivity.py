@@ -262,7 +262,7 @@ def _sensitivity_stage(session: StageSession, cfg: SensitivityConfig) -> Sensiti
         res = fisher_sensitivity(session.working, session.tokenizer, levels, cfg.formats, group_size=cfg.group_size,
                                  calib_samples=cfg.calib_samples, calib_seq_len=cfg.calib_seq_len, seed=cfg.seed,
                                  modules=cfg.modules, progress=session.progress)
-        if cfg.path is not None:
+        if cfg.path is not None:  # a Fisher table is computed afresh in minutes: written whole, never resumed
             res.save(cfg.path)
         return res
     return measure_sensitivity(session.working, session.tokenizer, levels, cfg, progress=session.progress)
