@@ -18,3 +18,10 @@ def same_tensors(a, b) -> bool:
     bits = lambda t: t.view(torch.int16) if t.dtype == torch.float16 else t  # noqa: E731
     return set(a.tensors) == set(b.tensors) and all(torch.equal(bits(a.tensors[k]), bits(b.tensors[k]))
                                                     for k in a.tensors)
+
+
+def hessian(width: int = 128, seed: int = 5) -> torch.Tensor:
+    """An input Hessian ``XᵀX / n`` of correlated inputs (2048 rows), as GPTQ tests need."""
+    g = gen(seed)
+    x = torch.randn(2048, width, generator=g) @ torch.randn(width, width, generator=g)
+    return x.T @ x / 2048

@@ -26,7 +26,7 @@ from uqcit.tensor.quant import (
     zero_points,
 )
 
-from tensor_helpers import gen as _gen, same_tensors, student_t
+from tensor_helpers import gen as _gen, hessian as _hessian, same_tensors, student_t
 
 NAMES = ["w2-g32-lut", "w3-g64-lut", "w4-g32-lut", "w4-g128-lut", "w3-g30-lut"]
 
@@ -183,12 +183,6 @@ def test_w4_g32_lut_has_lower_error_than_w4_g32_sym(kind):
 
 
 # ------------------------------------------------------------------------------ GPTQ
-
-
-def _hessian(width: int = 128, seed: int = 5) -> torch.Tensor:
-    g = _gen(seed)
-    x = torch.randn(2048, width, generator=g) @ torch.randn(width, width, generator=g)  # correlated inputs
-    return x.T @ x / 2048
 
 
 @pytest.mark.parametrize("name", ["w4-g32-lut", "w3-g64-lut", "w2-g32-lut"])

@@ -25,7 +25,7 @@ from uqcit.tensor.quant import (
     zero_points,
 )
 
-from tensor_helpers import gen as _gen, same_tensors, student_t
+from tensor_helpers import gen as _gen, hessian as _hessian, same_tensors, student_t
 
 NAMES = ["w2-g64-vq2", "w3-g32-vq2", "w4-g32-vq2", "w2-g64-vq4", "w2-g12-vq4"]
 
@@ -208,12 +208,6 @@ def test_fit_inputs_are_checked():
 
 
 # ------------------------------------------------------------------------------ GPTQ
-
-
-def _hessian(width: int = 128, seed: int = 5) -> torch.Tensor:
-    g = _gen(seed)
-    x = torch.randn(2048, width, generator=g) @ torch.randn(width, width, generator=g)  # correlated inputs
-    return x.T @ x / 2048
 
 
 @pytest.mark.parametrize("name", ["w2-g32-vq2", "w3-g64-vq2", "w2-g32-vq4"])
