@@ -21,6 +21,7 @@ from uqcit.stages.levels import (
     block_of,
     n_late_blocks,
     ruleset_for,
+    select_modules,
 )
 from uqcit.inputs.tiny import TINY_FAMILIES, tiny_model
 
@@ -103,6 +104,19 @@ def test_gpt2_fused_qkv_and_two_c_proj(models):
     assert (r.level_of("transformer.wte"), r.entry("transformer.wpe").role) == (1, "position")
     assert r.entry("lm_head").tied_to == "transformer.wte"
     assert r.total_params == unique_matrix_params(models["gpt2"])
+
+
+def test_select_modules_by_kind_or_regex(models):
+    r = analyze_levels(models["llama"])
+    linears = select_modules(r, "kind:linear")
+    assert linears and all(e.kind == "linear" for e in linears)
+    assert [e.name for e in select_modules(r, "kind:embedding")] == ["model.embed_tokens"]
+    assert len(linears) + 1 == len(select_modules(r, None))  # the tied head is not its own module
+    assert [e.name for e in select_modules(r, r"layers\.0\.mlp\.down")] == ["model.layers.0.mlp.down_proj"]
+    with pytest.raises(ValueError, match="kind:conv1d.*kinds: embedding, linear"):
+        select_modules(r, "kind:conv1d")
+    with pytest.raises(ValueError, match="matches no quantizable module"):
+        select_modules(r, "nothing-here")
 
 
 def test_bert_roles(models):

@@ -449,9 +449,23 @@ def _unclassified_message(missing: tuple[str, ...], rules: RuleSet, model_type: 
 
 
 def select_modules(levels, pattern: str | None) -> list:
-    """The quantizable entries of ``levels`` whose name matches ``pattern`` (all when None)."""
+    """The quantizable entries of ``levels`` whose name matches ``pattern`` (all when None).
+
+    ``pattern`` is a regex searched in each name, or ``kind:<kind>`` for every module of one kind
+    (``linear``, ``conv1d``, ``embedding``), as allocation pins name a kind.
+
+    >>> from uqcit.inputs.tiny import tiny_model
+    >>> levels = analyze_levels(tiny_model("gpt2")[0])
+    >>> [e.name for e in select_modules(levels, "kind:embedding")]
+    ['transformer.wte', 'transformer.wpe']
+    """
     entries = levels.quantizable()
-    if pattern is not None:
+    if pattern is not None and pattern.startswith("kind:"):
+        kinds = sorted({e.kind for e in entries})
+        entries = [e for e in entries if e.kind == pattern[5:]]
+        if not entries:
+            raise ValueError(f"modules {pattern!r}: no quantizable module of that kind (kinds: {', '.join(kinds)})")
+    elif pattern is not None:
         try:
             rx = re.compile(pattern)
         except re.error as exc:

@@ -91,7 +91,7 @@ class SensitivityConfig(StageConfig):
     calib_seq_len: int = 128  # tokens per sequence; kl_sem shows what the small sample costs in noise
     batch_size: int = 4  # sequences per forward: bounds the vocabulary-wide logits in memory
     seed: int = 0  # picks the calibration sequences
-    modules: str | None = None  # regex (re.search) on module names; None: every quantizable module
+    modules: str | None = None  # regex (re.search) on module names, or "kind:<kind>"; None: every quantizable module
     path: str | None = None  # resumable measurement file (.safetensors); None: keep in memory only
     flush_every: int = 4  # rewrite the file after this many modules (a restart loses at most these)
     replay: bool = True  # replay recorded block outputs instead of recomputing unperturbed blocks
