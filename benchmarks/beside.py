@@ -20,8 +20,10 @@ BASELINES = [
     ("baselines.json", "preset-binary-concentration", "seed preset (002 §2.2.2.2 patterns), round to nearest"),
     ("baselines.json", "rtn-w4-g128", "uniform 4-bit, round to nearest"),
     ("baselines.json", "rtn-w3-g128", "uniform 3-bit, round to nearest"),
-    ("quality_per_bit.json", "signround-i40-w3-g96-iz-emb-w3-g64-iz-fb", "recipe signround-3.25 (learned rounding)"),
-    ("quality_per_bit.json", "signround-i40-w4-g64-sym-emb-w4-g128-iz-fb", "recipe signround-4.25 (learned rounding)"),
+    ("quality_per_bit.json", "signround-i100-w3-g96-iz-emb-w3-g64-iz-fb-n128", "recipe signround-3.25 (learned rounding)"),
+    ("quality_per_bit.json", "recipe-alloc-signround-3.25", "recipe alloc-signround-3.25 (allocation, learned rounding)"),
+    ("quality_per_bit.json", "signround-i100-w4-g32-sym-s6-emb-w4-g96-iz-fb-n128",
+     "recipe signround-4.25 (learned rounding, 100 steps, 12 min)"),
 ]
 
 
