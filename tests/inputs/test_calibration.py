@@ -119,7 +119,7 @@ def test_channel_importance_ranks_the_loud_channel_first():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_block_replay_reproduces_the_model_block_by_block(family):
-    from uqcit.inputs.calibration import BlockReplay
+    from uqcit.inputs.replay import BlockReplay
 
     model, _ = tiny_model(family)
     stack, down = ("model.layers", "mlp.down_proj") if family == "llama" else ("transformer.h", "mlp.c_proj")

@@ -9,7 +9,7 @@ Two rounding methods: ``rtn`` (round to nearest) and ``gptq`` (error-feedback ro
 one-shot: every Hessian comes from the float model in a single calibration pass. With
 ``sequential=True`` (the paper's way) the block stack runs one block at a time and each
 block's Hessians are collected on the outputs of the blocks before it, already quantized
-(``calibration.BlockReplay``); modules outside the stack (an untied LM head), and all modules
+(``uqcit.inputs.replay.BlockReplay``); modules outside the stack (an untied LM head), and all modules
 of models with several stacks, still get one-shot Hessians, and block inputs start from the
 float embeddings. ``asymmetric=True`` (with ``sequential``) carries the float model's block
 inputs too and rounds each block linear toward the float model's outputs rather than toward its
@@ -27,11 +27,12 @@ import torch
 
 from uqcit.core.config import StageConfig, StageSession, register_config, stage_handler
 from uqcit.core.names import block_of
-from uqcit.inputs.calibration import BlockReplay, InputStats, channel_importance, collect_input_stats
+from uqcit.inputs.calibration import InputStats, channel_importance, collect_input_stats
+from uqcit.inputs.replay import BlockReplay
 from uqcit.inputs.corpus import stage_calibration
 from uqcit.inputs.selftext import self_generate
 from uqcit.stages.clusters import apply_clusters_to_importance
-from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
+from uqcit.tensor.formats import FLOAT_BITS, QuantFormat  # noqa: F401 (the doctests use it)
 from uqcit.tensor.gptq import asymmetric_target, gptq_quantize, hessian_error
 from uqcit.stages.signround import learnable_blocks, signround_blocks
 from uqcit.stages.importance import activation_source
@@ -313,16 +314,22 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
     by_name = {e.name: e for e in entries}
     if replay is not None:
         # Sequential GPTQ: each block's Hessians come from the outputs of the blocks before it,
-        # already quantized, so every layer compensates the error that reaches it.
+        # already quantized, so every layer compensates the error that reaches it. Asymmetric
+        # targets are fitted group by group inside the block too (q/k/v, then o on the rounded
+        # q/k/v, ...): fitted all at once, o and down would undo again the input error that q/k/v
+        # and gate/up already undo (on SmolLM2 that overcorrection made it 4-5x worse; docs/mechanisms.md).
         last = max(block_index.values())
         for b in tqdm(range(last + 1), desc="gptq blocks", unit="block", disable=not progress):
             names = [e.name for e in entries if block_index.get(e.name) == b]
-            if names:
+            groups = replay.input_groups(b, names) if names and config.asymmetric else [names] if names else []
+            originals: dict[str, torch.nn.Module] = {}  # the float modules of the block's rounded groups
+            for g, group in enumerate(groups):
                 t0 = time.perf_counter()
-                block_stats = replay.collect(b, names)
+                block_stats = replay.collect(b, group, floats_from=originals, last=g == len(groups) - 1)
                 seconds["calibration"] += time.perf_counter() - t0
-                for n in names:
+                for n in group:
                     st = block_stats.pop(n)
+                    originals[n] = out.get_submodule(n)
                     quantize_one(by_name[n], st.hessian, cross=st.cross)
             if b < last:
                 t0 = time.perf_counter()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uqcit.core.names import block_of
-from uqcit.inputs.calibration import BlockReplay, block_output
+from uqcit.inputs.replay import BlockReplay, block_output
 from uqcit.runtime.modules import QuantLinear, block_stack, linear_weight, replace_module, weight_matrix
 from uqcit.tensor.formats import FLOAT_BITS, QuantFormat
 from uqcit.tensor.learned import LearnedTable, LearnedVQ, LearnedWeight, learned_weight, supports

@@ -53,7 +53,6 @@ from __future__ import annotations
 import copy
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +62,8 @@ import torch
 from uqcit.core.keys import ConfigError
 from uqcit.core.names import layer_dir
 from uqcit.core.record import module_records
-from uqcit.inputs.calibration import InputStatsCollector, block_output, channel_importance
+from uqcit.inputs.calibration import InputStatsCollector, channel_importance
+from uqcit.inputs.replay import block_output
 from uqcit.inputs.corpus import stage_calibration
 from uqcit.package.canonical import created_stamp
 from uqcit.package.export import layer_parts, link_or_copy, stage_with, write_config, write_layer, write_rest
