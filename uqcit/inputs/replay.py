@@ -39,7 +39,8 @@ class BlockReplay:
 
     ``floats=True`` (asymmetric GPTQ, twice the memory) keeps the float model's block inputs too:
     ``collect`` pairs each module's inputs on both (``InputStats.cross``) and moves ``floats`` past
-    the block, which must still be float (collect a block's modules at once, before modifying it).
+    the block, which must still be float: collect a block's modules at once before modifying it, or
+    group by group (``input_groups``) with the float originals of the rounded groups standing in.
 
     The blocks must run one after the other on the hidden state, as in every HF decoder or
     encoder stack (``for layer in self.layers: hidden = layer(hidden, ...)``).
@@ -130,13 +131,21 @@ class BlockReplay:
 
     def input_groups(self, index: int, modules: Iterable[str]) -> list[list[str]]:
         """``modules`` of block ``index`` in the order the block calls them, those fed the very same
-        input tensor in one group (a llama block: q/k/v, o, gate/up, down), from one micro-batch."""
+        input tensor in one group (a llama block: q/k/v, o, gate/up, down), from one micro-batch.
+
+        >>> from uqcit.inputs.tiny import tiny_model
+        >>> model, _ = tiny_model("llama")
+        >>> replay = BlockReplay(model, model.model.layers, torch.randint(0, 256, (2, 16)), progress=False)
+        >>> linears = [n for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)]
+        >>> [[n.rsplit(".", 1)[1] for n in g] for g in replay.input_groups(0, linears)]
+        [['q_proj', 'k_proj', 'v_proj'], ['o_proj'], ['gate_proj', 'up_proj'], ['down_proj']]
+        """
         self._check(index)
         wanted = set(modules)
         # The inputs themselves, not their ids: a freed tensor's id can come back for a new one.
         order: list[tuple[str, torch.Tensor]] = []
         hooks = [self.model.get_submodule(n).register_forward_pre_hook(
-            lambda mod, args, kwargs, n=n: order.append((n, args[0] if args else next(iter(kwargs.values())))),
+            lambda mod, args, kwargs, n=n: order.append((n, args[0] if args else kwargs.get("input", kwargs.get("x")))),
             with_kwargs=True) for n in wanted]
         try:
             with torch.no_grad():

@@ -13,7 +13,8 @@ block's Hessians are collected on the outputs of the blocks before it, already q
 of models with several stacks, still get one-shot Hessians, and block inputs start from the
 float embeddings. ``asymmetric=True`` (with ``sequential``) carries the float model's block
 inputs too and rounds each block linear toward the float model's outputs rather than toward its
-own float weights on the quantized inputs (``gptq.asymmetric_target``, after GPTAQ). Embeddings
+own float weights on the quantized inputs (``gptq.asymmetric_target``, after GPTAQ), group by
+group inside each block in the order the block calls its linears (``BlockReplay.input_groups``). Embeddings
 have no input Hessian and are always rounded to nearest (so is an LM head tied to one).
 """
 from __future__ import annotations
@@ -321,7 +322,12 @@ def quantize_model(model: torch.nn.Module, levels, plan: BitPlan,
         last = max(block_index.values())
         for b in tqdm(range(last + 1), desc="gptq blocks", unit="block", disable=not progress):
             names = [e.name for e in entries if block_index.get(e.name) == b]
-            groups = replay.input_groups(b, names) if names and config.asymmetric else [names] if names else []
+            if not names:
+                groups = []
+            elif config.asymmetric:
+                groups = replay.input_groups(b, names)
+            else:
+                groups = [names]
             originals: dict[str, torch.nn.Module] = {}  # the float modules of the block's rounded groups
             for g, group in enumerate(groups):
                 t0 = time.perf_counter()
