@@ -195,6 +195,13 @@ CANDIDATES = [
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True),
     Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True,
               asymmetric=True),
+    # The same pair at the other two budgets, on the ladder's one-shot formats.
+    Candidate(4.25, "w4-g64-sym", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True),
+    Candidate(4.25, "w4-g64-sym", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True,
+              asymmetric=True),
+    Candidate(2.5, "w2-g48-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True),
+    Candidate(2.5, "w2-g48-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True,
+              asymmetric=True),
     # Learned rounding onto the vector codebooks (LearnedVQ), against GPTQ on the same formats above.
     Candidate(2.5, "w2-g64-vq4", "fp16", rotation="none", iters=100, calib_samples=128),
     Candidate(3.30, "w3-g64-vq2", "fp16", rotation="none", iters=100, calib_samples=128),
