@@ -186,22 +186,15 @@ CANDIDATES = [
     # 36 with 6-bit scale codes in the MLPs (3.3125) and of 48 in attention (3.25): 3.2969 over the blocks.
     Candidate(3.30, "w3-g36-iz-s6", "fp16", rotation="none", iters=100, calib_samples=128,
               attention="w3-g48-iz-s6"),
-    # Error feedback block by block, and toward the float model's outputs (GPTAQ's asymmetric calibration).
-    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True),
-    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=16, sequential=True,
-              asymmetric=True),
-    # GPTAQ's asymmetric target is a least-squares fit of the float outputs from the quantized inputs over
-    # 576-1536 input channels: on 16 x 256 tokens it may fit the calibration text's noise. 8x the tokens.
-    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True),
-    Candidate(3.30, "w3-g64-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True,
-              asymmetric=True),
-    # The same pair at the other two budgets, on the ladder's one-shot formats.
-    Candidate(4.25, "w4-g64-sym", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True),
-    Candidate(4.25, "w4-g64-sym", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True,
-              asymmetric=True),
-    Candidate(2.5, "w2-g48-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True),
-    Candidate(2.5, "w2-g48-iz", "fp16", method="gptq", rotation="none", calib_samples=128, sequential=True,
-              asymmetric=True),
+    # Error feedback block by block (sequential GPTQ), and toward the float model's outputs (GPTAQ's
+    # asymmetric calibration). The target is a least-squares fit of the float outputs from the quantized
+    # inputs over 576-1536 input channels: 16 x 256 tokens may fit the calibration text's noise, so 8x
+    # the tokens too, and then at the other two budgets on the ladder's one-shot formats.
+    *[Candidate(budget, blocks, "fp16", method="gptq", rotation="none", calib_samples=n, sequential=True,
+                asymmetric=asymmetric)
+      for budget, blocks, n in ((3.30, "w3-g64-iz", 16), (3.30, "w3-g64-iz", 128), (4.25, "w4-g64-sym", 128),
+                                (2.5, "w2-g48-iz", 128))
+      for asymmetric in (False, True)],
     # Learned rounding onto the vector codebooks (LearnedVQ), against GPTQ on the same formats above.
     Candidate(2.5, "w2-g64-vq4", "fp16", rotation="none", iters=100, calib_samples=128),
     Candidate(3.30, "w3-g64-vq2", "fp16", rotation="none", iters=100, calib_samples=128),
